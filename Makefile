@@ -1,0 +1,79 @@
+# Megalith developer commands. Each target creates or reuses the virtual environment in .venv and says what
+# it does. Override on the command line or in the environment, e.g. `make test PYTEST_ARGS="-k data"`.
+#
+#   make demo    set everything up, then run the end-to-end demo on the embedded data
+#   make test    set everything up, then run the test suite
+#   make lint    ruff over the whole repository
+#   make build   rebuild the compiled module after editing cpp/ or cmake/
+#   make wheels  build a wheel of each of the five distributions into dist/
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# Which torch to install when the environment has none: the normal PyPI build by default. CI pins the CPU
+# wheel (TORCH_SPEC=torch==2.13.0).
+TORCH_SPEC ?= torch
+# Build the CUDA kernels: AUTO (when nvcc is found), ON (fail without it) or OFF.
+MEGALITH_CUDA ?= AUTO
+export MEGALITH_CUDA
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+PACKAGES := packages/data packages/core packages/training packages/export
+EDITABLES := -e . $(foreach p,$(PACKAGES),-e "$(p)[dev]")
+STAMP := $(VENV)/.megalith-setup
+SETUP_INPUTS := pyproject.toml CMakeLists.txt $(wildcard packages/*/pyproject.toml) $(wildcard requirements/*.txt) \
+	$(shell find cpp cmake -type f 2>/dev/null)
+
+.PHONY: setup demo test lint build wheels clean
+
+setup: $(STAMP)
+
+$(PY):
+	@echo "==> Creating the virtual environment $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) $(SETUP_INPUTS)
+	@echo "==> Installing build tools and test tools into $(VENV)"
+	@$(PIP) install -q --upgrade pip
+	@$(PIP) install -q -r requirements/build.txt -r requirements/dev.txt
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "==> torch $$($(PY) -c 'import torch; print(torch.__version__)') is already installed"; \
+	else \
+		echo "==> Installing torch ($(TORCH_SPEC))"; $(PIP) install -q "$(TORCH_SPEC)"; \
+	fi
+	@echo "==> Building megalith-kernels (MEGALITH_CUDA=$(MEGALITH_CUDA)) and installing all five packages (editable)"
+	@$(PIP) install -q --no-build-isolation $(EDITABLES)
+	@$(PY) -m megalith.kernels
+	@touch $(STAMP)
+	@echo "==> $(VENV) is ready"
+
+demo: setup
+	@echo "==> Running the demo"
+	@$(PY) examples/demo.py
+
+test: setup
+	@echo "==> Running the test suite"
+	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit code 5); that is a failure"; fi; \
+	exit $$status
+
+lint: setup
+	@echo "==> ruff check"
+	@$(VENV)/bin/ruff check .
+	@echo "==> ruff format --check"
+	@$(VENV)/bin/ruff format --check .
+
+build: $(PY)
+	@echo "==> Rebuilding the compiled module (incremental, build/ is reused)"
+	@$(PIP) install -q --no-build-isolation --no-deps -e .
+	@$(PY) -m megalith.kernels
+
+wheels: setup
+	@echo "==> Building wheels into dist/"
+	@$(PIP) wheel -q --no-deps --no-build-isolation -w dist . $(PACKAGES)
+	@ls -1 dist
+
+clean:
+	rm -rf build dist $(VENV)

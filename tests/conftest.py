@@ -1,0 +1,35 @@
+"""Shared pytest configuration: the `cuda` marker skips tests when no GPU can run Megalith's CUDA kernels."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _cuda_skip_reason() -> str | None:
+    try:
+        import megalith.kernels as kernels
+    except ImportError as exc:  # pragma: no cover - the package is always installed by `make test`
+        return f"megalith.kernels cannot be imported: {exc}"
+    if not kernels.build_info()["cuda"]:
+        return "megalith-kernels was built without CUDA"
+    if not kernels.cuda_available():
+        return f"no CUDA GPU: {kernels.cuda_unavailable_reason()}"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "torch cannot see a CUDA device"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if "cuda" in item.keywords]
+    if not cuda_items:
+        return
+    reason = _cuda_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU ({reason})")
+    for item in cuda_items:
+        item.add_marker(skip)
