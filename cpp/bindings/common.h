@@ -24,5 +24,6 @@ void check_vector(const py::array& array, const char* name) {
 }
 
 void bind_data(py::module_& m);
+void bind_kernels(py::module_& m);
 
 }  // namespace megalith::bindings

@@ -67,4 +67,6 @@ PYBIND11_MODULE(_C, m) {
         "(number of usable CUDA devices, reason when zero) as seen by the statically linked runtime.");
   py::module_ data = m.def_submodule("data", "Dataset index builders.");
   megalith::bindings::bind_data(data);
+  py::module_ kernels = m.def_submodule("kernels", "Fused kernels (torch-free; see megalith.kernels.ops).");
+  megalith::bindings::bind_kernels(kernels);
 }
