@@ -1,0 +1,108 @@
+"""Plain-PyTorch references of the fused kernels: the tests' ground truth and the fallback on CUDA tensors
+when megalith-kernels was built without CUDA.
+
+Every function computes in the dtype of its inputs (call it with float64 tensors for a float64 reference)
+and has the same signature and semantics as its counterpart in `megalith.kernels.ops`.
+Shapes: B batch, S sequence, N heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, zero_centered_weight: bool = False):
+    scale = weight + 1 if zero_centered_weight else weight
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    zero_centered_weight: bool = False,
+):
+    scale = weight + 1 if zero_centered_weight else weight
+    return F.layer_norm(x, (x.shape[-1],), scale, bias, eps)
+
+
+def scaled_softmax(x: torch.Tensor, scale: float = 1.0, causal: bool = False, mask: torch.Tensor | None = None):
+    sq, sk = x.shape[-2], x.shape[-1]
+    hidden = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if causal:
+        # Key j is hidden from query i when j > i + (sk - sq): bottom-right aligned, as in the kernels.
+        hidden = hidden | torch.ones(sq, sk, dtype=torch.bool, device=x.device).triu(sk - sq + 1)
+    if mask is not None:
+        hidden = hidden | mask
+    scores = (x * scale).masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return probs.masked_fill(hidden.all(-1, keepdim=True), 0.0)
+
+
+def rope(x_BSND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False):
+    half = cos.shape[-1]
+    rot = 2 * half
+    cos = cos.to(x_BSND.dtype)[None, :, None, :]
+    sin = sin.to(x_BSND.dtype)[None, :, None, :]
+    x_rot, x_pass = x_BSND[..., :rot], x_BSND[..., rot:]
+    if interleaved:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+        y = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x_rot[..., :half], x_rot[..., half:]
+        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((y, x_pass), dim=-1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor):
+    return F.silu(gate) * up
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "tanh"):
+    return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+def cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
+    return loss.reshape(target.shape)
+
+
+def cross_entropy_partials(logits: torch.Tensor, target: torch.Tensor, vocab_start: int = 0):
+    local_max = logits.max(-1).values
+    local_sumexp = torch.exp(logits - local_max[..., None]).sum(-1)
+    local = target - vocab_start
+    inside = (local >= 0) & (local < logits.shape[-1])
+    picked = logits.gather(-1, local.clamp(0, logits.shape[-1] - 1)[..., None])[..., 0]
+    target_logit = torch.where(inside, picked, torch.zeros_like(picked))
+    return local_max, local_sumexp, target_logit, logits.sum(-1)
+
+
+def attention(
+    q_BSND: torch.Tensor,
+    k_BSND: torch.Tensor,
+    v_BSND: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    group = q_BSND.shape[2] // k_BSND.shape[2]
+    scale = 1.0 / math.sqrt(q_BSND.shape[-1]) if scale is None else scale
+    q = q_BSND.transpose(1, 2)
+    k = k_BSND.repeat_interleave(group, dim=2).transpose(1, 2)
+    v = v_BSND.repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        s = q.shape[2]
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
