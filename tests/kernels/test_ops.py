@@ -5,6 +5,8 @@ The same tests run on CPU (float32, bfloat16) and, marked `cuda`, on a GPU (floa
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -120,9 +122,7 @@ def test_bias_gelu(device, dtype, shape, approximate, with_bias):
         b = randn(shape[-1], device=device, dtype=dtype)
         compare(ops.bias_gelu, ref.bias_gelu, [x, b], [0, 1], approximate)
     else:
-        compare(
-            lambda x, a: ops.bias_gelu(x, None, a), lambda x, a: ref.bias_gelu(x, None, a), [x], [0], approximate
-        )
+        compare(lambda x, a: ops.bias_gelu(x, None, a), lambda x, a: ref.bias_gelu(x, None, a), [x], [0], approximate)
 
 
 def _targets(rows_shape, vocab, device):
@@ -156,7 +156,7 @@ def test_vocab_parallel_pieces_combine_to_the_full_loss(device, dtype, label_smo
     rows, vocab, bounds = 13, 301, [0, 90, 200, 301]
     logits = randn(rows, vocab, device=device, dtype=dtype, scale=3.0)
     target = _targets((rows,), vocab, device)
-    shards = [logits[:, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    shards = [logits[:, a:b] for a, b in itertools.pairwise(bounds)]
     parts = [ops.cross_entropy_partials(s, target, a) for s, a in zip(shards, bounds, strict=False)]
     local_max = torch.stack([p[0] for p in parts])
     global_max = local_max.max(0).values
@@ -200,7 +200,7 @@ def test_attention_custom_scale_and_saved_lse(device, dtype):
     from megalith.kernels._loss_attention import _attn_fwd
 
     q, k, v = (randn(1, 20, 2, 64, device=device, dtype=dtype) for _ in range(3))
-    out, lse = _attn_fwd(q, k, v, 0.3, True)
+    _, lse = _attn_fwd(q, k, v, 0.3, True)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 0.3
     scores = scores.masked_fill(torch.ones(20, 20, dtype=torch.bool, device=device).triu(1), float("-inf"))
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)

@@ -50,13 +50,14 @@ void norm_backward_impl(const NormBackwardParams& p) {
   auto* dx = static_cast<T*>(p.dx);
   const int64_t rows = p.rows, cols = p.cols;
   const float shift = p.zero_centered ? 1.0f : 0.0f;
-  // Each chunk of rows accumulates its own dweight/dbias partials; they are summed in order afterwards, so
-  // the result does not depend on thread timing.
-  const int64_t num_chunks = std::min<int64_t>(rows, std::max(1, num_threads()));
-  std::vector<float> partial_w(static_cast<size_t>(std::max<int64_t>(num_chunks, 1) * cols), 0.0f);
+  // Each chunk of kRowsPerChunk rows accumulates its own dweight/dbias partials; they are summed in a fixed
+  // order afterwards, so the result does not depend on the thread count or timing.
+  constexpr int64_t kRowsPerChunk = 32;
+  const int64_t per_chunk = kRowsPerChunk;
+  const int64_t num_chunks = (rows + per_chunk - 1) / per_chunk;
+  std::vector<float> partial_w(static_cast<size_t>(num_chunks * cols), 0.0f);
   std::vector<float> partial_b(p.dbias != nullptr ? partial_w.size() : 0, 0.0f);
-  const int64_t per_chunk = num_chunks > 0 ? (rows + num_chunks - 1) / num_chunks : 0;
-  parallel_for(num_chunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(num_chunks, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols * per_chunk)), [&](int64_t c0, int64_t c1) {
     std::vector<float> xhat(static_cast<size_t>(cols));
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       float* pw = partial_w.data() + chunk * cols;
