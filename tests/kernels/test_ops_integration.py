@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -177,3 +180,20 @@ def test_set_num_threads_keeps_results_identical():
             assert torch.equal(a, c), "results depend on the number of CPU threads"
     with pytest.raises(ValueError, match="num_threads must be >= 1"):
         ops.set_num_threads(0)
+
+
+def test_cpu_attention_memory_does_not_grow_with_seq_squared():
+    """An 8k-token causal attention would need 256 MiB for one S x S float32 score matrix; the tiled kernel
+    must stay far below that (measured as the peak RSS growth of a fresh process)."""
+    code = (
+        "import resource, torch\n"
+        "from megalith.kernels import ops\n"
+        "q, k, v = (torch.randn(1, 8192, 1, 16) for _ in range(3))\n"
+        "ops.attention(q[:, :64], k[:, :64], v[:, :64])\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = ops.attention(q, k, v, True)\n"
+        "assert torch.isfinite(out).all()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    grown_mib = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert grown_mib < 64, f"peak memory grew by {grown_mib} MiB during an 8k-token attention"
