@@ -89,19 +89,22 @@ void check_code(const Tensor& t, int code) {
   if (t.code != code) fail(t.name, " must have dtype ", code_name(code), ", got ", code_name(t.code));
 }
 
+std::string device_str(int device) { return device < 0 ? "cpu" : "cuda:" + std::to_string(device); }
+
+// Same device as `ref` (any dtype).
+void check_device(const Tensor& a, const Tensor& ref) {
+  if (a.present && a.device != ref.device) {
+    fail(a.name, " must be on the device of ", ref.name, " (", device_str(ref.device), "), got ", device_str(a.device));
+  }
+}
+
+// Same dtype and device as `ref`.
 void check_same(const Tensor& a, const Tensor& ref) {
   if (!a.present) return;
   if (a.code != ref.code) {
     fail(a.name, " must have the same dtype as ", ref.name, " (", code_name(ref.code), "), got ", code_name(a.code));
   }
-  if (a.device != ref.device) {
-    fail(a.name, " must be on the same device as ", ref.name, " (", ref.device < 0 ? "cpu" : "cuda", "), got ",
-         a.device < 0 ? "cpu" : "cuda:" + std::to_string(a.device));
-  }
-}
-
-void check_device(const Tensor& a, const Tensor& ref) {
-  if (a.present && a.device != ref.device) check_same(Tensor{a.name, 0, ref.code, {}, {}, a.device, true}, ref);
+  check_device(a, ref);
 }
 
 void check_shape(const Tensor& t, const std::vector<int64_t>& shape) {
