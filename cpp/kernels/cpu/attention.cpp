@@ -37,19 +37,36 @@ void store_tile(const float* tile, const Bshd& l, int64_t b, int64_t h, int64_t 
   }
 }
 
-// s[i, j] = scale * a[i] . b[j] for a [na, dim], b [nb, dim]; causally masked entries (key after query)
-// become -inf. q0/k0 are the sequence positions of the first rows.
-void score_tile(const float* a, int64_t na, const float* bt, int64_t nb, int64_t dim, float scale, bool causal,
-                int64_t q0, int64_t k0, float* s) {
+// out[i, j] = a[i] . b[j] for a [na, dim] and bT = b transposed, [dim, kTile]; the j loop is contiguous so
+// the compiler vectorises it.
+void matmul_bt(const float* a, int64_t na, const float* bT, int64_t nb, int64_t dim, float* out) {
   for (int64_t i = 0; i < na; ++i) {
-    for (int64_t j = 0; j < nb; ++j) {
-      if (causal && k0 + j > q0 + i) {
-        s[i * kTile + j] = kNegInf;
-        continue;
-      }
-      float dot = 0.0f;
-      for (int64_t d = 0; d < dim; ++d) dot += a[i * dim + d] * bt[j * dim + d];
-      s[i * kTile + j] = dot * scale;
+    float* oi = out + i * kTile;
+    std::fill(oi, oi + nb, 0.0f);
+    for (int64_t d = 0; d < dim; ++d) {
+      const float av = a[i * dim + d];
+      const float* bd = bT + d * kTile;
+      for (int64_t j = 0; j < nb; ++j) oi[j] += av * bd[j];
+    }
+  }
+}
+
+// Transposes a dense tile [n, dim] into [dim, kTile].
+void transpose(const float* tile, int64_t n, int64_t dim, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < dim; ++d) out[d * kTile + j] = tile[j * dim + d];
+  }
+}
+
+// s[i, j] = scale * q[i] . k[j] (kT: k transposed); causally masked entries (key after query) become -inf.
+// q0/k0 are the sequence positions of the first rows.
+void score_tile(const float* q, int64_t nq, const float* kT, int64_t nk, int64_t dim, float scale, bool causal,
+                int64_t q0, int64_t k0, float* s) {
+  matmul_bt(q, nq, kT, nk, dim, s);
+  for (int64_t i = 0; i < nq; ++i) {
+    for (int64_t j = 0; j < nk; ++j) {
+      float& sij = s[i * kTile + j];
+      sij = (causal && k0 + j > q0 + i) ? kNegInf : sij * scale;
     }
   }
 }
@@ -60,8 +77,8 @@ void forward_impl(const AttentionParams& p) {
   const int64_t group = p.heads_q / p.heads_kv, dim = p.dim;
   const int64_t num_tiles = (p.seq + kTile - 1) / kTile;
   parallel_for(p.batch * p.heads_q * num_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> q(kTile * dim), k(kTile * dim), v(kTile * dim), acc(kTile * dim), s(kTile * kTile);
-    std::vector<float> m(kTile), l(kTile);
+    std::vector<float> q(kTile * dim), k(kTile * dim), kT(kTile * dim), v(kTile * dim), acc(kTile * dim);
+    std::vector<float> s(kTile * kTile), m(kTile), l(kTile);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t qt = task % num_tiles, h = (task / num_tiles) % p.heads_q, b = task / (num_tiles * p.heads_q);
       const int64_t q0 = qt * kTile, nq = std::min(kTile, p.seq - q0), hk = h / group;
@@ -74,7 +91,8 @@ void forward_impl(const AttentionParams& p) {
         const int64_t nk = std::min(kTile, k_end - k0);
         load_tile(static_cast<const T*>(p.k), kl, b, hk, k0, nk, k.data());
         load_tile(static_cast<const T*>(p.v), kl, b, hk, k0, nk, v.data());
-        score_tile(q.data(), nq, k.data(), nk, dim, p.scale, p.causal, q0, k0, s.data());
+        transpose(k.data(), nk, dim, kT.data());
+        score_tile(q.data(), nq, kT.data(), nk, dim, p.scale, p.causal, q0, k0, s.data());
         for (int64_t i = 0; i < nq; ++i) {
           float* si = s.data() + i * kTile;
           float tile_max = kNegInf;
@@ -106,18 +124,18 @@ void forward_impl(const AttentionParams& p) {
   });
 }
 
-// Per (query tile, key tile): P = exp(S - lse), dP = dO V^T, dS = P (dP - delta). Fills p_tile and ds_tile.
-void grad_tiles(const float* q, const float* dout, const float* k, const float* v, const float* lse,
+// Per (query tile, key tile): P = exp(S - lse), dP = dO V^T, dS = P (dP - delta). kT/vT are the key and value
+// tiles transposed. Fills p_tile and ds_tile.
+void grad_tiles(const float* q, const float* dout, const float* kT, const float* vT, const float* lse,
                 const float* delta, int64_t nq, int64_t nk, int64_t dim, const AttentionBackwardParams& p,
                 int64_t q0, int64_t k0, float* p_tile, float* ds_tile) {
-  score_tile(q, nq, k, nk, dim, p.scale, p.causal, q0, k0, p_tile);
+  score_tile(q, nq, kT, nk, dim, p.scale, p.causal, q0, k0, p_tile);
+  matmul_bt(dout, nq, vT, nk, dim, ds_tile);  // dP
   for (int64_t i = 0; i < nq; ++i) {
     for (int64_t j = 0; j < nk; ++j) {
       float& pij = p_tile[i * kTile + j];
       pij = pij == kNegInf ? 0.0f : std::exp(pij - lse[i]);
-      float dp = 0.0f;
-      for (int64_t d = 0; d < dim; ++d) dp += dout[i * dim + d] * v[j * dim + d];
-      ds_tile[i * kTile + j] = pij * (dp - delta[i]);
+      ds_tile[i * kTile + j] = pij * (ds_tile[i * kTile + j] - delta[i]);
     }
   }
 }
@@ -143,13 +161,15 @@ void backward_impl(const AttentionBackwardParams& p) {
   auto delta_at = [&](int64_t b, int64_t h, int64_t s0) { return p.delta + (b * p.heads_q + h) * seq + s0; };
   // Pass 1: dK and dV per (batch, kv head, key tile), summing over the query heads of the group.
   parallel_for(p.batch * p.heads_kv * num_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> q(kTile * dim), o(kTile * dim), k(kTile * dim), v(kTile * dim);
-    std::vector<float> dk(kTile * dim), dv(kTile * dim), pt(kTile * kTile), ds(kTile * kTile);
+    std::vector<float> q(kTile * dim), o(kTile * dim), k(kTile * dim), v(kTile * dim), kT(kTile * dim);
+    std::vector<float> vT(kTile * dim), dk(kTile * dim), dv(kTile * dim), pt(kTile * kTile), ds(kTile * kTile);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t kt = task % num_tiles, hk = (task / num_tiles) % p.heads_kv, b = task / (num_tiles * p.heads_kv);
       const int64_t k0 = kt * kTile, nk = std::min(kTile, seq - k0);
       load_tile(static_cast<const T*>(p.k), kl, b, hk, k0, nk, k.data());
       load_tile(static_cast<const T*>(p.v), kl, b, hk, k0, nk, v.data());
+      transpose(k.data(), nk, dim, kT.data());
+      transpose(v.data(), nk, dim, vT.data());
       std::fill(dk.begin(), dk.end(), 0.0f);
       std::fill(dv.begin(), dv.end(), 0.0f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -157,8 +177,8 @@ void backward_impl(const AttentionBackwardParams& p) {
           const int64_t nq = std::min(kTile, seq - q0);
           load_tile(static_cast<const T*>(p.q), ql, b, h, q0, nq, q.data());
           load_tile(dout, ql, b, h, q0, nq, o.data());
-          grad_tiles(q.data(), o.data(), k.data(), v.data(), lse_at(b, h, q0), delta_at(b, h, q0), nq, nk, dim, p,
-                     q0, k0, pt.data(), ds.data());
+          grad_tiles(q.data(), o.data(), kT.data(), vT.data(), lse_at(b, h, q0), delta_at(b, h, q0), nq, nk, dim,
+                     p, q0, k0, pt.data(), ds.data());
           for (int64_t i = 0; i < nq; ++i) {
             for (int64_t j = 0; j < nk; ++j) {
               const float pij = pt[i * kTile + j], dsij = ds[i * kTile + j] * p.scale;
@@ -177,7 +197,7 @@ void backward_impl(const AttentionBackwardParams& p) {
   // Pass 2: dQ per (batch, query head, query tile); kept separate so no two threads write the same row.
   parallel_for(p.batch * p.heads_q * num_tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> q(kTile * dim), o(kTile * dim), k(kTile * dim), v(kTile * dim), dq(kTile * dim);
-    std::vector<float> pt(kTile * kTile), ds(kTile * kTile);
+    std::vector<float> kT(kTile * dim), vT(kTile * dim), pt(kTile * kTile), ds(kTile * kTile);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t qt = task % num_tiles, h = (task / num_tiles) % p.heads_q, b = task / (num_tiles * p.heads_q);
       const int64_t q0 = qt * kTile, nq = std::min(kTile, seq - q0), hk = h / group;
@@ -189,8 +209,10 @@ void backward_impl(const AttentionBackwardParams& p) {
         const int64_t nk = std::min(kTile, k_end - k0);
         load_tile(static_cast<const T*>(p.k), kl, b, hk, k0, nk, k.data());
         load_tile(static_cast<const T*>(p.v), kl, b, hk, k0, nk, v.data());
-        grad_tiles(q.data(), o.data(), k.data(), v.data(), lse_at(b, h, q0), delta_at(b, h, q0), nq, nk, dim, p, q0,
-                   k0, pt.data(), ds.data());
+        transpose(k.data(), nk, dim, kT.data());
+        transpose(v.data(), nk, dim, vT.data());
+        grad_tiles(q.data(), o.data(), kT.data(), vT.data(), lse_at(b, h, q0), delta_at(b, h, q0), nq, nk, dim, p,
+                   q0, k0, pt.data(), ds.data());
         for (int64_t i = 0; i < nq; ++i) {
           for (int64_t j = 0; j < nk; ++j) {
             const float dsij = ds[i * kTile + j] * p.scale;
