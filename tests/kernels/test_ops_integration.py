@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -197,3 +198,36 @@ def test_cpu_attention_memory_does_not_grow_with_seq_squared():
     )
     grown_mib = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert grown_mib < 64, f"peak memory grew by {grown_mib} MiB during an 8k-token attention"
+
+
+def _gradcheck_cases():
+    g = torch.Generator().manual_seed(11)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    angles = r(5, 3)
+    mask = torch.rand(1, 1, 1, 6, generator=g) < 0.3
+    target = torch.tensor([3, -100, 0, 8])
+    return [
+        pytest.param(lambda x, w: ops.rms_norm(x, w, 1e-5, True), (r(3, 12), r(12)), id="rms_norm"),
+        pytest.param(lambda x, w, b: ops.layer_norm(x, w, b), (r(3, 12), r(12), r(12)), id="layer_norm"),
+        pytest.param(lambda x: ops.scaled_softmax(x, 0.5, True, mask), (r(1, 2, 4, 6),), id="scaled_softmax"),
+        pytest.param(lambda x: ops.rope(x, angles.cos(), angles.sin(), True), (r(1, 5, 2, 10),), id="rope"),
+        pytest.param(ops.swiglu, (r(4, 6), r(4, 6)), id="swiglu"),
+        pytest.param(lambda x, b: ops.bias_gelu(x, b, "none"), (r(4, 6), r(6)), id="bias_gelu"),
+        pytest.param(lambda x: ops.cross_entropy(x, target, -100, 0.1), (r(4, 9),), id="cross_entropy"),
+        pytest.param(
+            lambda q, k, v: ops.attention(q, k, v, True), (r(1, 6, 2, 4), r(1, 6, 1, 4), r(1, 6, 1, 4)), id="attention"
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("fn", "inputs"), _gradcheck_cases())
+def test_gradcheck_float32(fn, inputs):
+    """Finite differences of the kernel's own forward against its backward. The kernels take no float64, so
+    this runs in float32 with a step and tolerance sized for it."""
+    inputs = tuple(t.clone().requires_grad_() for t in inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # gradcheck warns about non-double inputs
+        assert torch.autograd.gradcheck(fn, inputs, eps=2e-3, atol=2e-3, rtol=2e-2, fast_mode=False)
