@@ -120,7 +120,7 @@ def run(device: str, dtype: torch.dtype, tokens: int, hidden: int, attn, repeats
             compiled = _time(_fwd_bwd(torch.compile(reference), tensors, extra), device, repeats)
             line += f"{compiled * 1e3:>13.3f}"
         if name == "attention":
-            line += f"{'':>15}{'':>10}{attn_flops / ours / 1e12:>9.1f}"
+            line += f"{'':>15}{'':>10}{attn_flops / ours / 1e12:>9.3f}"
         else:
             gbs = nbytes[name] / ours
             line += f"{gbs / 1e9:>15.1f}{100 * gbs / copy_bw:>9.0f}%"
@@ -128,7 +128,7 @@ def run(device: str, dtype: torch.dtype, tokens: int, hidden: int, attn, repeats
         if name == "attention" and device == "cuda":
             sdpa = _time(_fwd_bwd(_sdpa, tensors, extra), device, repeats)
             print(f"{'  sdpa':<14}{sdpa * 1e3:>12.3f}{'':>10}{sdpa / ours:>8.2f}x (megalith vs SDPA)"
-                  f"{'':>13}{'':>15}{'':>10}{attn_flops / sdpa / 1e12:>9.1f}")  # fmt: skip
+                  f"{'':>13}{'':>15}{'':>10}{attn_flops / sdpa / 1e12:>9.3f}")  # fmt: skip
 
 
 def main() -> None:
