@@ -75,6 +75,15 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return out
 
 
+def _check_sequence(x: torch.Tensor, seq_dim: int, group) -> None:
+    size = group_size(group)
+    if x.shape[seq_dim] % size:
+        raise ValueError(
+            f"sequence parallelism: the sequence length ({x.shape[seq_dim]}, dim {seq_dim}) is not divisible "
+            f"by tp ({size})"
+        )
+
+
 class _CopyToTP(torch.autograd.Function):
     """Forward: identity. Backward: all-reduce (sum) of the gradient over the tp group."""
 
@@ -132,6 +141,7 @@ class _ScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, seq_dim):
         ctx.group, ctx.seq_dim = group, seq_dim
+        _check_sequence(x, seq_dim, group)
         return _split(x, seq_dim, group)
 
     @staticmethod
@@ -162,6 +172,7 @@ class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, seq_dim):
         ctx.group, ctx.seq_dim = group, seq_dim
+        _check_sequence(x, seq_dim, group)
         return _reduce_scatter(x, seq_dim, group)
 
     @staticmethod
