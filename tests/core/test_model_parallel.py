@@ -36,7 +36,9 @@ def _compare_model(config, dims, sequence_parallel):
     logits, loss = _run(par, ids, labels)
     reduce_sequence_parallel_grads(par, dims.tp_group)
     group = dims.tp_group
-    torch.testing.assert_close(gather_vocab_logits(logits, config.vocab_size, group), ref_logits[..., : config.vocab_size])
+    torch.testing.assert_close(
+        gather_vocab_logits(logits, config.vocab_size, group), ref_logits[..., : config.vocab_size]
+    )
     torch.testing.assert_close(loss, ref_loss)
     assert (loss[0, :3] == 0).all()
     ref_params = dict(ref.named_parameters())
