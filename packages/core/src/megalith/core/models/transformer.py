@@ -229,6 +229,8 @@ class Transformer(nn.Module):
         """Final norm and output projection: logits [B, S, V] (padding columns are -inf, never predicted)."""
         h_BSH = self.final_norm(h_BSH)
         logits_BSV = self.output(h_BSH) if self.output is not None else self.embed.attend(h_BSH)
+        if self.vocab_offset + logits_BSV.shape[-1] <= self.config.vocab_size:
+            return logits_BSV  # no padding columns on this rank
         columns = torch.arange(logits_BSV.shape[-1], device=logits_BSV.device) + self.vocab_offset
         return logits_BSV.masked_fill(columns >= self.config.vocab_size, float("-inf"))
 
