@@ -15,6 +15,7 @@ from megalith.core import (
     vocab_parallel_cross_entropy,
 )
 from megalith.core.parallel import mappings
+from megalith.core.parallel.cross_entropy import _VocabParallelCrossEntropy
 from tests.core.parallel_checks import gather_canonical
 from tests.harness import run_distributed
 
@@ -181,3 +182,20 @@ def test_cross_entropy_is_stable_for_huge_logits():
     logits = torch.tensor([[1e4, 0.0, -1e4]], dtype=torch.float32)
     loss = vocab_parallel_cross_entropy(logits, torch.tensor([1]))
     torch.testing.assert_close(loss, torch.tensor([1e4]))
+    # The split-vocabulary path itself, in one process (tp > 1 worlds check it against F.cross_entropy too).
+    loss = _VocabParallelCrossEntropy.apply(logits, torch.tensor([1]), None, 0, 3, 0.0, -100)
+    torch.testing.assert_close(loss, torch.tensor([1e4]))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_split_vocabulary_cross_entropy_in_one_process(smoothing):
+    logits = _rand(3, 5, 10, seed=20).requires_grad_(True)
+    labels = torch.tensor([[1, 2, -100, 4, 6]] * 3)
+    loss = _VocabParallelCrossEntropy.apply(logits, labels, None, 0, 7, smoothing, -100)  # 3 padding columns
+    loss.sum().backward()
+    ref_in = logits.detach()[..., :7].clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_in.transpose(1, 2), labels, reduction="none", label_smoothing=smoothing)
+    ref.sum().backward()
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(logits.grad[..., :7], ref_in.grad)
+    assert (logits.grad[..., 7:] == 0).all()

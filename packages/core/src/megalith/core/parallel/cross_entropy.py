@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megalith.core.parallel.mappings import group_size
 
@@ -102,6 +103,14 @@ def vocab_parallel_cross_entropy(
         raise ValueError(
             f"labels out of range [0, {vocab_size}) (ignore_index {ignore_index}): e.g. {labels[bad][0].item()}"
         )
+    if group_size(group) == 1 and vocab_start == 0:
+        # Everything is local: PyTorch's fused kernel has the same semantics on the true-vocabulary columns.
+        flat = logits[..., :vocab_size].flatten(0, -2)
+        flat = flat if flat.dtype == torch.float64 else flat.float()
+        loss = F.cross_entropy(
+            flat, labels.flatten(), reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
+        return loss.view(labels.shape)
     return _VocabParallelCrossEntropy.apply(
         logits, labels, group, vocab_start, vocab_size, float(label_smoothing), ignore_index
     )
