@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megalith.core import ParallelDims, Transformer, reduce_sequence_parallel_grads
+from megalith.core import ParallelDims, Transformer, parallelize, reduce_sequence_parallel_grads
 from megalith.core.parallel.layers import canonical_from_local
 from tests.core.parallel_checks import gather_canonical, gather_vocab_logits, gpt_config, llama_config
 from tests.harness import run_distributed
@@ -60,6 +60,14 @@ def _models_match(rank, world_size, tp):
     for config in (gpt_config(), llama_config()):
         for sp in (False, True):
             _compare_model(config, dims, sp)
+    # parallelize() applied from outside to a built single-device model keeps its weights and matches.
+    config = llama_config()
+    outside = parallelize(Transformer(config, seed=SEED), dims, sequence_parallel=True)
+    built = Transformer(config, dims, sequence_parallel=True, seed=SEED)
+    for (name, a), b in zip(outside.named_parameters(), built.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    ids, labels = _batch(config)
+    torch.testing.assert_close(outside(ids, labels), built(ids, labels))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
