@@ -41,6 +41,7 @@ def _compare_model(config, dims, sequence_parallel):
     )
     torch.testing.assert_close(loss, ref_loss)
     assert (loss[0, :3] == 0).all()
+    _check_attributes(par, dims.tp, sequence_parallel)
     ref_params = dict(ref.named_parameters())
     names = [name for name, _ in par.named_parameters()]
     assert sorted(names) == sorted(ref_params), "parameter names must be canonical whatever tp"
@@ -53,6 +54,21 @@ def _compare_model(config, dims, sequence_parallel):
         assert p.grad is not None and r.grad is not None, name
         got = gather_canonical(p.grad, spec, group)
         torch.testing.assert_close(got, canonical_from_local(r.grad, r_spec), msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _check_attributes(model, tp, sequence_parallel):
+    """The parameter attributes DDP, grad clipping and checkpointing read (see CONTRACT.md)."""
+    params = dict(model.named_parameters())
+    qkv = params["layers.0.attn.qkv.weight"]
+    assert getattr(qkv, "megalith_tp_sharded", False) == (tp > 1)
+    if tp > 1:  # at tp=1 block parameters are full tensors and carry no ShardSpec
+        assert len(qkv.megalith_shard.pieces) == 3 and qkv.megalith_shard.dim == 0
+        assert params["layers.1.mlp.fc2.weight"].megalith_shard.dim == 1
+    embed = params["embed.weight"].megalith_shard
+    assert embed.global_shape == (model.config.vocab_size, model.config.hidden_size)
+    for name in ("layers.0.attn_norm.weight", "final_norm.weight"):
+        assert getattr(params[name], "megalith_sequence_parallel", False) == (sequence_parallel and tp > 1), name
+        assert not hasattr(params[name], "megalith_shard")
 
 
 def _models_match(rank, world_size, tp):
