@@ -50,21 +50,32 @@ class TorchOps:
     def gelu(x):
         return F.gelu(x, approximate="tanh")
 
+    @staticmethod
+    def cross_entropy(logits, target, *, ignore_index: int = -100, label_smoothing: float = 0.0):
+        """Per-token loss [...] (float32, or float64 for float64 logits) over the last dim of `logits`."""
+        flat = logits.flatten(0, -2)
+        flat = flat if flat.dtype == torch.float64 else flat.float()
+        loss = F.cross_entropy(
+            flat, target.flatten(), reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
+        return loss.view(target.shape)
+
 
 class FusedOps:
-    """Megalith's compiled kernels (megalith.kernels.ops), imported on first use."""
+    """Megalith's compiled kernels (megalith.kernels.ops), imported on first use.
+
+    The module is looked up on each call rather than stored, so models using these ops still deep-copy and
+    pickle.
+    """
 
     name = "fused"
 
     def __init__(self):
-        try:
-            from megalith.kernels import ops
-        except ImportError as exc:
-            raise RuntimeError(
-                "ModelConfig.kernels='fused' needs megalith.kernels.ops, which cannot be imported "
-                f"({exc}); install a megalith-kernels build with the fused ops or use kernels='torch'"
-            ) from exc
-        self._ops = ops
+        _kernel_ops()  # fail at model construction, with the reason, rather than in the first forward
+
+    @property
+    def _ops(self):
+        return _kernel_ops()
 
     def attention(self, q_BSND, k_BSKD, v_BSKD, *, causal: bool = True, dropout_p: float = 0.0):
         if dropout_p:
@@ -85,6 +96,22 @@ class FusedOps:
 
     def gelu(self, x):
         return self._ops.bias_gelu(x, None, approximate="tanh")
+
+    def cross_entropy(self, logits, target, *, ignore_index: int = -100, label_smoothing: float = 0.0):
+        return self._ops.cross_entropy(
+            logits.contiguous(), target, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
+
+
+def _kernel_ops():
+    try:
+        from megalith.kernels import ops
+    except ImportError as exc:
+        raise RuntimeError(
+            "ModelConfig.kernels='fused' needs megalith.kernels.ops, which cannot be imported "
+            f"({exc}); install a megalith-kernels build with the fused ops or use kernels='torch'"
+        ) from exc
+    return ops
 
 
 def get_ops(kernels: str):

@@ -195,7 +195,7 @@ class Transformer(nn.Module):
         self.rng = RNGTracker(seed, device=device or "cpu")
         # Parallel state read by head/loss; `parallelize` sets them (tp group, first column of this rank).
         self.tp_group, self.vocab_offset = None, 0
-        ops = get_ops(config.kernels)
+        self.ops = ops = get_ops(config.kernels)
         h, vp = config.hidden_size, padded_vocab_size(config.vocab_size)
         with torch.device("meta"):
             self.embed = Embedding(vp, h) if first_stage or (last_stage and config.tie_embeddings) else None
@@ -236,6 +236,11 @@ class Transformer(nn.Module):
 
     def loss(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [B, S]; labels equal to -100 give 0."""
+        if self.tp_group is None:  # the whole vocabulary is on this rank; padding columns are dropped
+            return self.ops.cross_entropy(
+                logits_BSV[..., : self.config.vocab_size], labels_BS, ignore_index=IGNORE_INDEX,
+                label_smoothing=self.config.label_smoothing,
+            )  # fmt: skip
         return vocab_parallel_cross_entropy(
             logits_BSV, labels_BS, group=self.tp_group, vocab_start=self.vocab_offset,
             vocab_size=self.config.vocab_size, label_smoothing=self.config.label_smoothing,
