@@ -17,7 +17,6 @@ from megalith.core.parallel import (
 )
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.parallelize import parallelize, reduce_sequence_parallel_grads
-from megalith.core.recompute import checkpoint
 
 __version__ = _metadata.version("megalith-core")
 
@@ -31,7 +30,6 @@ __all__ = [
     "Transformer",
     "VocabParallelEmbedding",
     "__version__",
-    "checkpoint",
     "count_parameters",
     "flops_per_token",
     "get_preset",
