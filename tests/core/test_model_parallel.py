@@ -171,3 +171,17 @@ def test_pipeline_stage_slices_are_the_full_model():
     for layer in list(first.layers.values()) + list(last.layers.values()):
         h = layer(h)
     torch.testing.assert_close(last.head(h), full(ids))
+
+
+def _bf16(rank, world_size):
+    dims = ParallelDims.from_env(tp=2)
+    config = llama_config()
+    ids, labels = _batch(config)
+    ref = Transformer(config, seed=SEED, dtype=torch.bfloat16)(ids, labels)
+    par = Transformer(config, dims, sequence_parallel=True, seed=SEED, dtype=torch.bfloat16)(ids, labels)
+    assert par.dtype == torch.float32 and torch.isfinite(par).all()
+    torch.testing.assert_close(par, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_bfloat16_tensor_parallel_matches_one_process():
+    run_distributed(_bf16, 2)
