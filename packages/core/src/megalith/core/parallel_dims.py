@@ -1,0 +1,202 @@
+"""The parallel topology: degrees of tp, cp, ep, dp, pp, each rank's coordinates, and the process groups.
+
+Rank order (fastest-varying first): tp, cp, ep, dp, pp. A rank's coordinates are
+
+    rank = tp_rank + tp * (cp_rank + cp * (ep_rank + ep * (dp_rank + dp * pp_rank)))
+
+so the ranks of one tensor-parallel group are consecutive (on one node when tp <= GPUs per node) and pipeline
+stages are the slowest-varying dimension (they talk least). Expert parallelism is a data-like dimension: ranks
+that differ only in ep_rank hold the same dense (non-expert) parameters and see different data, so dense
+gradients are reduced over `group("ep", "dp")` (and `"cp"` too under context parallelism), expert gradients
+over `group("dp")`.
+
+Groups are created once, when the object is built, and passed explicitly to whatever needs them; nothing
+here is stored at module level.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+DIM_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
+"""Dimension names, fastest-varying first (the rank order)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelDims:
+    """Degrees of each parallelism; their product is the world size.
+
+    Build with `ParallelDims.from_env(...)` inside a torchrun (or `tests/harness.py`) world, or
+    `ParallelDims.single_process()` for one process. The constructor itself works too: it validates the degrees
+    against the current world and, when torch.distributed is initialised, builds every process group.
+    """
+
+    tp: int = 1
+    """Tensor parallelism: weights of each layer split over this many ranks."""
+    cp: int = 1
+    """Context parallelism: the sequence of each sample split over this many ranks."""
+    ep: int = 1
+    """Expert parallelism: experts split over this many ranks (a data-like dimension for dense layers)."""
+    dp: int = 1
+    """Data parallelism (for expert parameters; dense parameters are replicated over ep * dp ranks)."""
+    pp: int = 1
+    """Pipeline parallelism: layers split into this many stages."""
+    rank: int = field(init=False)
+    world_size: int = field(init=False)
+    _groups: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in DIM_NAMES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ParallelDims.{name} must be a positive integer, got {value!r}")
+        initialized = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if initialized else 1
+        product = self.tp * self.cp * self.ep * self.dp * self.pp
+        if product != world_size:
+            formula = " * ".join(f"{n}({getattr(self, n)})" for n in DIM_NAMES)
+            raise ValueError(f"ParallelDims: {formula} = {product} does not match the world size ({world_size})")
+        object.__setattr__(self, "rank", dist.get_rank() if initialized else 0)
+        object.__setattr__(self, "world_size", world_size)
+        object.__setattr__(self, "_groups", _build_groups(self) if initialized else {})
+
+    @classmethod
+    def single_process(cls) -> ParallelDims:
+        """All degrees 1; needs no torch.distributed (but works inside a world of size 1 too)."""
+        return cls()
+
+    @classmethod
+    def from_env(
+        cls, *, tp: int = 1, cp: int = 1, ep: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None
+    ) -> ParallelDims:
+        """Joins the torchrun world described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT and builds the dims.
+
+        Initialises the default process group when it is not yet initialised (NCCL when CUDA is available,
+        else gloo, unless `backend` says otherwise). Without WORLD_SIZE in the environment this is one process.
+
+        Args:
+            tp, cp, ep, pp: degrees of those dimensions.
+            dp: data-parallel degree; None means whatever the world size leaves.
+            backend: process-group backend override.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and not dist.is_initialized():
+            if backend is None:
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
+        if dist.is_initialized():
+            world_size = dist.get_world_size()
+        if dp is None:
+            others = tp * cp * ep * pp
+            if others < 1 or world_size % others:
+                raise ValueError(
+                    f"ParallelDims.from_env: world size {world_size} is not divisible by "
+                    f"tp({tp}) * cp({cp}) * ep({ep}) * pp({pp}) = {others}"
+                )
+            dp = world_size // others
+        return cls(tp=tp, cp=cp, ep=ep, dp=dp, pp=pp)
+
+    def coordinate(self, name: str, rank: int | None = None) -> int:
+        """This rank's (or `rank`'s) index along dimension `name`."""
+        rank = self.rank if rank is None else rank
+        for dim_name in DIM_NAMES:
+            if dim_name == name:
+                return rank % getattr(self, dim_name)
+            rank //= getattr(self, dim_name)
+        raise ValueError(f"ParallelDims: unknown dimension {name!r}; expected one of {DIM_NAMES}")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coordinate("tp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coordinate("cp")
+
+    @property
+    def ep_rank(self) -> int:
+        return self.coordinate("ep")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coordinate("dp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coordinate("pp")
+
+    def group(self, *names: str) -> dist.ProcessGroup | None:
+        """The process group of ranks that differ only along `names` (e.g. `group("ep", "dp")`).
+
+        Returns None in a single process (no torch.distributed); a dimension of degree 1 still has a real
+        one-rank group when distributed, so the result is always safe to pass to a collective.
+        """
+        unknown = [n for n in names if n not in DIM_NAMES]
+        if unknown or not names:
+            raise ValueError(f"ParallelDims.group: expected names from {DIM_NAMES}, got {names}")
+        if not self._groups:
+            return None
+        return self._groups[_key(self, names)]
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        return self.group("tp")
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        return self.group("cp")
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        return self.group("ep")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self.group("dp")
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self.group("pp")
+
+    def group_ranks(self, *names: str) -> list[int]:
+        """Global ranks of this rank's group along `names`, in group-rank order."""
+        return _members(self, _key(self, names), self.rank)
+
+
+def _key(dims: ParallelDims, names) -> tuple[str, ...]:
+    # Dimensions of degree 1 do not change a group, so groups are keyed by the non-trivial ones only.
+    return tuple(n for n in DIM_NAMES if n in names and getattr(dims, n) > 1)
+
+
+def _members(dims: ParallelDims, key: tuple[str, ...], rank: int) -> list[int]:
+    """Ranks equal to `rank` in every coordinate outside `key`, ordered with the fastest dimension first."""
+    coords = {n: dims.coordinate(n, rank) for n in DIM_NAMES}
+    ranges = [range(getattr(dims, n)) if n in key else [coords[n]] for n in reversed(DIM_NAMES)]
+    members = []
+    for values in itertools.product(*ranges):  # slowest dimension first, so the fastest varies fastest
+        rank_of = 0
+        for n, v in zip(reversed(DIM_NAMES), values, strict=True):
+            rank_of = rank_of * getattr(dims, n) + v
+        members.append(rank_of)
+    return members
+
+
+def _build_groups(dims: ParallelDims) -> dict:
+    """Creates one group per (set of non-trivial dimensions, member set); every rank calls new_group alike."""
+    nontrivial = [n for n in DIM_NAMES if getattr(dims, n) > 1]
+    groups: dict = {}
+    for size in range(len(nontrivial) + 1):
+        for key in itertools.combinations(nontrivial, size):
+            partition = sorted({tuple(_members(dims, key, r)) for r in range(dims.world_size)})
+            for members in partition:
+                group = dist.new_group(list(members))
+                if dims.rank in members:
+                    groups[key] = group
+    return groups

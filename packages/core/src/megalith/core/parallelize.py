@@ -1,0 +1,124 @@
+"""Applies tensor and sequence parallelism to a single-device Transformer, from outside the model code.
+
+Order: validate the layout against the config, swap each block's linears for column/row-parallel ones,
+swap the embedding and output projection for vocabulary-parallel ones, mark the parameters whose gradients
+need a tp reduction under sequence parallelism, and give the model its per-rank RNG streams.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megalith.core.config import ModelConfig
+from megalith.core.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    padded_vocab_size,
+)
+from megalith.core.parallel.mappings import group_size, scatter_to_sequence_parallel_region
+
+
+def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
+    """Raises ValueError when `config` cannot be split over `tp` ranks."""
+    rules = [
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_kv_heads", config.num_kv_heads),
+        ("ffn_hidden_size", config.ffn_hidden_size),
+    ]
+    for name, value in rules:
+        if value % tp:
+            hint = " (key/value heads are not replicated; use tp <= num_kv_heads)" if name == "num_kv_heads" else ""
+            raise ValueError(f"ModelConfig.{name} ({value}) is not divisible by tp ({tp}){hint}")
+
+
+class SequenceShardedEmbedding(nn.Module):
+    """A replicated embedding (learned positions) whose output keeps only this rank's sequence chunk."""
+
+    def __init__(self, embedding: nn.Embedding, group):
+        super().__init__()
+        self.weight, self.group = embedding.weight, group
+
+    def forward(self, positions_S: torch.Tensor) -> torch.Tensor:
+        # The backward all-gathers the gradient, so every rank gets the full, identical weight gradient.
+        out_SH = nn.functional.embedding(positions_S, self.weight)
+        return scatter_to_sequence_parallel_region(out_SH, self.group, seq_dim=0)
+
+
+def parallelize(model: nn.Module, dims, *, sequence_parallel: bool = False) -> nn.Module:
+    """Applies tp (and sequence parallelism) of `dims` to `model` in place; weights are kept (sliced).
+
+    Works on a materialised model and on one still on the meta device. Returns the model.
+    """
+    group = dims.tp_group
+    model.rng.reset(model.rng.seed, tp_rank=dims.tp_rank, pp_rank=dims.pp_rank, dp_rank=dims.dp_rank)
+    if dims.tp == 1:
+        return model
+    check_tensor_parallel(model.config, dims.tp)
+    for layer in model.layers.values():
+        apply_tensor_parallel_layer(layer, model.config, group, sequence_parallel)
+    apply_vocab_parallel(model, group, sequence_parallel)
+    return model
+
+
+def apply_tensor_parallel_layer(layer: nn.Module, config: ModelConfig, group, sequence_parallel: bool) -> None:
+    """qkv and fc1 column-parallel (split per part), proj and fc2 row-parallel, local head counts."""
+    tp = group_size(group)
+    attn, mlp = layer.attn, layer.mlp
+    q, kv = config.num_attention_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    attn.qkv = ColumnParallelLinear.from_module(
+        attn.qkv, group=group, parts=[q, kv, kv], sequence_parallel=sequence_parallel
+    )
+    attn.proj = RowParallelLinear.from_module(attn.proj, group=group, sequence_parallel=sequence_parallel)
+    attn.num_heads, attn.num_kv_heads = config.num_attention_heads // tp, config.num_kv_heads // tp
+    f = config.ffn_hidden_size
+    parts = [f, f] if config.activation == "swiglu" else [f]
+    mlp.fc1 = ColumnParallelLinear.from_module(mlp.fc1, group=group, parts=parts, sequence_parallel=sequence_parallel)
+    mlp.fc2 = RowParallelLinear.from_module(mlp.fc2, group=group, sequence_parallel=sequence_parallel)
+    if sequence_parallel:
+        _mark_sequence_parallel(layer.attn_norm, layer.mlp_norm)
+        layer.dropout.stream = "tp"  # the residual stream is sharded: each rank draws its own mask
+
+
+def apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> None:
+    """Embedding and output projection split over the (re-padded) vocabulary; positions scattered under SP."""
+    config = model.config
+    tp = group_size(group)
+    rank = torch.distributed.get_rank(group)
+    if model.embed is not None:
+        model.embed = VocabParallelEmbedding.from_module(
+            model.embed, config.vocab_size, group=group, sequence_parallel=sequence_parallel
+        )
+    if model.output is not None:
+        model.output = ColumnParallelLinear.from_module(
+            model.output, group=group, padded_out_features=padded_vocab_size(config.vocab_size, tp),
+            sequence_parallel=sequence_parallel,
+        )  # fmt: skip
+    if sequence_parallel:
+        if model.pos_embed is not None:
+            model.pos_embed = SequenceShardedEmbedding(model.pos_embed, group)
+        model.embed_dropout.stream = "tp"
+        if model.final_norm is not None:
+            _mark_sequence_parallel(model.final_norm)
+    model.tp_group = group
+    model.vocab_offset = rank * padded_vocab_size(config.vocab_size, tp) // tp
+
+
+def _mark_sequence_parallel(*norms: nn.Module) -> None:
+    # Each rank sees only its sequence chunk, so these replicated parameters' gradients are partial sums.
+    for norm in norms:
+        for p in norm.parameters():
+            p.megalith_sequence_parallel = True
+
+
+def reduce_sequence_parallel_grads(model: nn.Module, group) -> None:
+    """Sums over tp the gradients of parameters marked `megalith_sequence_parallel` (after backward).
+
+    Data-parallel wrappers do this as part of their reduction; call it directly when there is none.
+    """
+    if group_size(group) == 1:
+        return
+    for p in model.parameters():
+        if getattr(p, "megalith_sequence_parallel", False) and p.grad is not None:
+            torch.distributed.all_reduce(p.grad, group=group)
