@@ -1,0 +1,227 @@
+"""Pipeline schedules: no pipelining, 1F1B and interleaved 1F1B, run by one executor over per-rank action lists.
+
+A schedule is the order in which this rank runs forward (F) and backward (B) passes of (chunk, micro-batch)
+pairs. The executor receives a pass's input just before running it, sends its output with the next receive,
+frees an output's storage once it is sent (its autograd graph stays), scales each micro-batch's loss by
+1 / num_microbatches (and the fp16 loss scale), enables gradient reduction only for each chunk's last
+backward, and finally finishes the data-parallel reduction and sums the tied-embedding gradients.
+
+Micro-batches are dicts with `input_ids` [B, S] (read on the first stage) and `labels` [B, S] (read on the
+last; -100 marks ignored tokens). A micro-batch's loss is the mean per-token loss over its non-ignored tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalith.core.distributed.ddp import DistributedDataParallel
+from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.pipeline.p2p import PipeComm
+from megalith.core.pipeline.stages import allreduce_shared_embedding_grads, unwrap
+
+__all__ = [
+    "Action",
+    "schedule_order",
+    "forward_backward",
+    "finalize_grads",
+    "stage_forward",
+    "microbatch_loss",
+]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One pass: `kind` "F" or "B" of model chunk `chunk` on micro-batch `mb`."""
+
+    kind: str
+    chunk: int
+    mb: int
+
+
+def _one_f_one_b(pp: int, pp_rank: int, m: int) -> list[Action]:
+    # Stage r first runs pp - r - 1 forwards so the pipeline fills, then alternates, then drains.
+    warmup = min(pp - pp_rank - 1, m)
+    order = [Action("F", 0, i) for i in range(warmup)]
+    for i in range(m - warmup):
+        order += [Action("F", 0, warmup + i), Action("B", 0, i)]
+    order += [Action("B", 0, i) for i in range(m - warmup, m)]
+    return order
+
+
+def _interleaved(pp: int, pp_rank: int, m: int, vp: int) -> list[Action]:
+    # Virtual micro-batch k runs pp micro-batches through one chunk, then the same pp through the next chunk;
+    # backward walks the chunks in reverse. Warmup fills the deeper virtual pipeline (Megatron's count).
+    total = m * vp
+
+    def action(kind: str, k: int) -> Action:
+        chunk = (k // pp) % vp
+        return Action(kind, chunk if kind == "F" else vp - 1 - chunk, (k // (pp * vp)) * pp + k % pp)
+
+    warmup = min((pp - pp_rank - 1) * 2 + (vp - 1) * pp, total)
+    order = [action("F", k) for k in range(warmup)]
+    for i in range(total - warmup):
+        order += [action("F", warmup + i), action("B", i)]
+    order += [action("B", k) for k in range(total - warmup, total)]
+    return order
+
+
+def schedule_order(pp: int, pp_rank: int, num_microbatches: int, virtual_stages: int = 1) -> list[Action]:
+    """This rank's order of passes (1F1B when virtual_stages == 1, which for pp == 1 is plain accumulation)."""
+    m, vp = num_microbatches, virtual_stages
+    if m < 1:
+        raise ValueError(f"the number of micro-batches must be >= 1, got {m}")
+    if vp == 1:
+        return _one_f_one_b(pp, pp_rank, m)
+    if pp == 1:
+        raise ValueError(f"interleaving (virtual_stages={vp}) needs pp > 1")
+    if m % pp:
+        raise ValueError(
+            f"the interleaved schedule needs the number of micro-batches ({m}) to be a multiple of pp ({pp})"
+        )
+    return _interleaved(pp, pp_rank, m, vp)
+
+
+def stage_forward(model: nn.Module, x: torch.Tensor | None, batch: dict, first: bool, last: bool) -> torch.Tensor:
+    """One stage's forward: embed (first stage), its layers in global order, head (last stage) -> logits."""
+    h = model.embed_tokens(batch["input_ids"]) if first else x
+    for key in sorted(model.layers.keys(), key=int):
+        h = model.layers[key](h)
+    return model.head(h) if last else h
+
+
+def microbatch_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean per-token loss over the tokens whose label is not -100 (fp32 scalar)."""
+    per_token = model.loss(logits, labels).float()
+    count = (labels != -100).sum().clamp(min=1)
+    return per_token.sum() / count
+
+
+def _release(t: torch.Tensor) -> None:
+    # Frees the activation's memory but keeps its autograd node: backward then runs from the node with the
+    # received gradient (which carries the real shape). Only for tensors that own their storage.
+    if t._base is None and t.grad_fn is not None:
+        t.data = torch.empty((1,), dtype=t.dtype, device=t.device)
+
+
+def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+    if grad is None:
+        torch.autograd.backward(output)
+        return
+    # The engine call skips the shape check torch.autograd.backward does, which a released output would fail.
+    torch.autograd.Variable._execution_engine.run_backward(
+        tensors=(output,),
+        grad_tensors=(grad,),
+        keep_graph=False,
+        create_graph=False,
+        inputs=(),
+        allow_unreachable=True,
+        accumulate_grad=True,
+    )
+
+
+def finalize_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
+    """Completes the dp reduction of every DDP chunk, then sums the tied embedding over first/last stage."""
+    for chunk in chunks:
+        if isinstance(chunk, DistributedDataParallel):
+            chunk.finish_grad_sync()
+    allreduce_shared_embedding_grads(chunks, groups)
+
+
+def forward_backward(
+    chunks: Sequence[nn.Module],
+    microbatches: Sequence[dict],
+    groups: ParallelGroups,
+    *,
+    hidden_shape: Sequence[int],
+    dtype: torch.dtype,
+    loss_scale: float = 1.0,
+    forward_only: bool = False,
+    release_outputs: bool = True,
+) -> float:
+    """Runs every micro-batch forward and backward through this rank's chunks and returns the mean loss.
+
+    Args:
+        chunks: this rank's model chunks in virtual-stage order (DDP-wrapped or plain modules).
+        microbatches: the step's micro-batches (every pipeline rank passes the same list).
+        groups: the topology (pp, pp_rank, pp_group, dp, dp_group).
+        hidden_shape: shape of the activation passed between stages, e.g. (B, S, H) ((B, S/tp, H) with
+            sequence parallelism).
+        dtype: dtype of that activation (the parameter dtype).
+        loss_scale: multiplies each loss before backward (fp16 dynamic loss scale).
+        forward_only: run forwards only, without gradients (evaluation).
+        release_outputs: free each sent activation's storage right after its send.
+
+    Returns:
+        The loss averaged over micro-batches and dp ranks, on every rank of the pipeline.
+    """
+    vp, pp, m = len(chunks), groups.pp, len(microbatches)
+    order = schedule_order(pp, groups.pp_rank, m, vp)
+    if forward_only:
+        order = [a for a in order if a.kind == "F"]
+    num_stages = pp * vp
+    last_backward = {a.chunk: i for i, a in enumerate(order) if a.kind == "B"}
+    comm = PipeComm(groups)
+    inputs: dict[tuple[int, int], torch.Tensor | None] = {}
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    losses: list[torch.Tensor] = []
+
+    def tag(stage: int, mb: int, backward: bool) -> int:
+        return (mb * num_stages + stage) * 2 + int(backward)
+
+    for index, action in enumerate(order):
+        c, mb = action.chunk, action.mb
+        stage = c * pp + groups.pp_rank
+        first, last = stage == 0, stage == num_stages - 1
+        recv = None
+        if action.kind == "F" and not first:
+            buffer = torch.empty(tuple(hidden_shape), dtype=dtype)
+            recv = (buffer, False, tag(stage, mb, False))
+        elif action.kind == "B" and not last:
+            buffer = torch.empty(tuple(hidden_shape), dtype=dtype)
+            recv = (buffer, True, tag(stage, mb, True))
+        comm.flush(recv)
+        if action.kind == "F":
+            x = None
+            if not first:
+                x = buffer.requires_grad_(not forward_only)
+            with torch.set_grad_enabled(not forward_only):
+                model = unwrap(chunks[c])
+                y = stage_forward(model, x, microbatches[mb], first, last)
+                if last:
+                    loss = microbatch_loss(model, y, microbatches[mb]["labels"]) / m
+                    losses.append(loss.detach())
+                    y = loss * loss_scale if loss_scale != 1.0 else loss
+            if not last:
+                release = functools.partial(_release, y) if release_outputs and not forward_only else None
+                comm.send(y.detach(), True, tag(stage + 1, mb, False), on_sent=release)
+            if not forward_only:
+                inputs[(c, mb)], outputs[(c, mb)] = x, y
+        else:
+            if isinstance(chunks[c], DistributedDataParallel):
+                chunks[c].set_grad_sync(index == last_backward[c])
+            x, y = inputs.pop((c, mb)), outputs.pop((c, mb))
+            _backward(y, None if last else buffer)
+            del y
+            if not first:
+                comm.send(x.grad, False, tag(stage - 1, mb, True))
+    comm.finish()
+    if not forward_only:
+        finalize_grads(chunks, groups)
+    return _reduce_loss(losses, groups)
+
+
+def _reduce_loss(losses: list[torch.Tensor], groups: ParallelGroups) -> float:
+    # Only the last stage has losses; summing over pp hands its value to every stage, the dp sum averages.
+    total = torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64)
+    if groups.pp > 1:
+        dist.all_reduce(total, group=groups.pp_group)
+    if groups.dp > 1:
+        dist.all_reduce(total, group=groups.dp_group)
+        total /= groups.dp
+    return float(total.item())
