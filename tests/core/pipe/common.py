@@ -47,33 +47,71 @@ def grads_worker(rank, world, cfg: TinyConfig, pp: int, vp: int, m: int, layers_
     groups = build_groups(pp=pp, dp=world // pp)
     chunks = build(cfg, groups, vp=vp, layers_per_stage=layers_per_stage)
     batches = step_batches(cfg, 0, m, groups.dp)[groups.dp_rank]
-    loss = forward_backward(chunks, batches, groups, hidden_shape=(MICRO_BATCH, cfg.max_seq_len, cfg.hidden_size),
-                            dtype=torch.float32)
+    loss = forward_backward(
+        chunks, batches, groups, hidden_shape=(MICRO_BATCH, cfg.max_seq_len, cfg.hidden_size), dtype=torch.float32
+    )
     return loss, named(chunks, "main_grad")
 
 
-def train_worker(rank, world, cfg: TinyConfig, pp: int, m: int, steps: int, *, vp=1, zero=False, clip=None,
-                 precision="fp32", inject_inf_step=None, initial_scale=2.0**16, bucket_size=300):
+def train_worker(
+    rank,
+    world,
+    cfg: TinyConfig,
+    pp: int,
+    m: int,
+    steps: int,
+    *,
+    vp=1,
+    zero=False,
+    clip=None,
+    precision="fp32",
+    inject_inf_step=None,
+    initial_scale=2.0**16,
+    bucket_size=300,
+    overlap=True,
+):
     """`steps` AdamW steps; returns losses, step results, final parameters and optimizer state bytes."""
     groups = build_groups(pp=pp, dp=world // pp)
     pcfg = PrecisionConfig(dtype=precision, initial_loss_scale=initial_scale, hysteresis=1)
-    chunks = build(cfg, groups, vp=vp, ddp_config=DDPConfig(bucket_size=bucket_size, use_distributed_optimizer=zero),
-                   dtype=pcfg.param_dtype)
+    chunks = build(
+        cfg,
+        groups,
+        vp=vp,
+        ddp_config=DDPConfig(bucket_size=bucket_size, use_distributed_optimizer=zero, overlap_grad_reduce=overlap),
+        dtype=pcfg.param_dtype,
+    )
     scaler = make_loss_scaler(pcfg)
     opt = AdamW(chunks, groups, OptimizerConfig(**OPT, clip_grad=clip), loss_scaler=scaler)
-    losses, results, scales = [], [], []
+    losses, results, scales, history = [], [], [], []
     for step in range(steps):
         opt.zero_grad()
         batches = step_batches(cfg, step, m, groups.dp)[groups.dp_rank]
         scales.append(scaler.scale)
-        losses.append(forward_backward(chunks, batches, groups, dtype=pcfg.param_dtype, loss_scale=scaler.scale,
-                                       hidden_shape=(MICRO_BATCH, cfg.max_seq_len, cfg.hidden_size)))
+        losses.append(
+            forward_backward(
+                chunks,
+                batches,
+                groups,
+                dtype=pcfg.param_dtype,
+                loss_scale=scaler.scale,
+                hidden_shape=(MICRO_BATCH, cfg.max_seq_len, cfg.hidden_size),
+            )
+        )
         if step == inject_inf_step and groups.dp_rank == groups.dp - 1 and groups.pp_rank == 0:
-            chunks[0].grad_buffer[0] = float("inf")  # one rank's gradient overflows
+            chunks[0].grad_buffer[opt.ranges[0].lo] = float("inf")  # one rank's (reduced) gradient overflows
         results.append(opt.step())
+        history.append(named(chunks))
     state = [(r.lo, r.hi, r.master.numel(), r.exp_avg.numel(), r.exp_avg_sq.numel()) for r in opt.ranges]
-    return {"losses": losses, "results": results, "scales": scales, "params": named(chunks), "state": state,
-            "state_bytes": opt.state_bytes(), "buffer_numel": sum(c.grad_buffer.numel() for c in chunks)}
+    return {
+        "losses": losses,
+        "results": results,
+        "scales": scales,
+        "params": named(chunks),
+        "state": state,
+        "history": history,
+        "state_bytes": opt.state_bytes(),
+        "buffer_numel": sum(c.grad_buffer.numel() for c in chunks),
+    }
 
 
 def reference_grads(cfg: TinyConfig, m: int, dp: int):
@@ -81,7 +119,7 @@ def reference_grads(cfg: TinyConfig, m: int, dp: int):
     batches = [b for rank_batches in step_batches(cfg, 0, m, dp) for b in rank_batches]
     loss = reference_loss(model, batches)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def reference_training(cfg: TinyConfig, m: int, dp: int, steps: int, clip=None, skip_steps=()):
@@ -97,7 +135,7 @@ def reference_training(cfg: TinyConfig, m: int, dp: int, steps: int, clip=None, 
         opt.zero_grad()
         batches = [b for rank_batches in step_batches(cfg, step, m, dp) for b in rank_batches]
         loss = reference_loss(model, batches)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step in skip_steps:
             norms.append(float("nan"))
             continue

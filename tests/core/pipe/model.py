@@ -30,7 +30,7 @@ class Layer(nn.Module):
         super().__init__()
         self.attn_norm = nn.LayerNorm(h)
         self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(h, 3 * h)
+        self.attn.qkv = nn.Linear(h, 3 * h, bias=False)  # a key bias gets a zero gradient (softmax shift)
         self.attn.proj = nn.Linear(h, h)
         self.mlp_norm = nn.LayerNorm(h)
         self.mlp = nn.Module()

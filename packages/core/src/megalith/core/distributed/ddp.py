@@ -117,6 +117,7 @@ class DistributedDataParallel(nn.Module):
                 self.param_index[p] = (offset, bucket)
                 offset += n
         self._grad_sync = True
+        self._synced = False  # finish_grad_sync ran since the last zero_grad_buffer
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
 
     def _make_buckets(self, params: list[nn.Parameter]) -> list[Bucket]:
@@ -169,6 +170,8 @@ class DistributedDataParallel(nn.Module):
             self._grad_sync = previous
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
+        if self._synced:
+            raise RuntimeError("a backward ran after finish_grad_sync; call zero_grad_buffer() first")
         p.main_grad.add_(p.grad)
         p.grad = None
         if not (self._grad_sync and self.config.overlap_grad_reduce):
@@ -197,8 +200,12 @@ class DistributedDataParallel(nn.Module):
         """Waits for every bucket's collective, launching those backward did not (unused params, no overlap).
 
         Afterwards `main_grad` holds the dp-averaged gradient (all of it, or this rank's shard of each
-        bucket under the distributed optimizer: see `local_range`).
+        bucket under the distributed optimizer: see `local_range`). Calling it again before
+        `zero_grad_buffer` does nothing (the schedule finishes the sync; the optimizer step makes sure).
         """
+        if self._synced:
+            return
+        self._synced = True
         for bucket in self.buckets:
             if bucket.handle is None:
                 self._launch(bucket, async_op=True)
@@ -222,6 +229,7 @@ class DistributedDataParallel(nn.Module):
     def zero_grad_buffer(self) -> None:
         """Clears the accumulated gradients before the next step's micro-batches."""
         self.grad_buffer.zero_()
+        self._synced = False
         for bucket in self.buckets:
             if bucket.handle is not None:
                 raise RuntimeError("zero_grad_buffer called while a gradient reduction is in flight")

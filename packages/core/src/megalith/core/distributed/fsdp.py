@@ -49,9 +49,7 @@ def apply_fsdp2(
     device_type = next(model.parameters()).device.type
     mesh = DeviceMesh.from_group(groups.dp_group, device_type=device_type)
     compute = (precision or PrecisionConfig()).param_dtype
-    policy = MixedPrecisionPolicy(
-        param_dtype=None if compute == torch.float32 else compute, reduce_dtype=torch.float32
-    )
+    policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute, reduce_dtype=torch.float32)
     for layer in model.layers.values():
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

@@ -41,7 +41,9 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.lr < 0 or self.eps <= 0 or self.weight_decay < 0:
-            raise ValueError(f"OptimizerConfig: bad lr ({self.lr}), eps ({self.eps}) or weight_decay ({self.weight_decay})")
+            raise ValueError(
+                f"OptimizerConfig: bad lr ({self.lr}), eps ({self.eps}) or weight_decay ({self.weight_decay})"
+            )
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"OptimizerConfig.betas must lie in [0, 1), got {self.betas}")
 
@@ -131,7 +133,9 @@ class AdamW:
                 for s in segments:
                     master[s.lo - lo : s.hi - lo].copy_(s.param.detach().reshape(-1)[s.plo : s.plo + s.hi - s.lo])
                 self.ranges.append(
-                    _Range(ddp, bucket.index, lo, hi, segments, master, torch.zeros_like(master), torch.zeros_like(master))
+                    _Range(
+                        ddp, bucket.index, lo, hi, segments, master, torch.zeros_like(master), torch.zeros_like(master)
+                    )
                 )
 
     def _segments(self, ddp, bucket, lo, hi, names, no_decay) -> list[_Segment]:
