@@ -73,7 +73,7 @@ def _clip_worker(rank, world, max_norm):
     groups = build_groups(tp=2, pp=2)
     full = _clip_grads()
     params = []
-    for name, (grad, sharded) in full[groups.pp_rank].items():
+    for grad, sharded in full[groups.pp_rank].values():
         local = grad.chunk(2)[groups.tp_rank].clone() if sharded else grad.clone()
         p = torch.nn.Parameter(torch.zeros_like(local))
         p.grad = local

@@ -15,16 +15,15 @@ import torch.distributed as dist
 
 from megalith.core.distributed.groups import ParallelGroups
 
-__all__ = ["param_is_counted", "global_norm", "any_nonfinite", "clip_grad_norm_"]
+__all__ = ["any_nonfinite", "clip_grad_norm_", "global_norm", "param_is_counted"]
 
 
 def param_is_counted(p: torch.Tensor, groups: ParallelGroups) -> bool:
     """Whether this rank's copy of `p` contributes to the global norm (read from the parameter attributes)."""
     if not getattr(p, "megalith_tp_sharded", False) and groups.tp_rank != 0:
         return False
-    if getattr(p, "megalith_shared_embedding", False) and groups.pp_rank != 0:
-        return False
-    return True
+    # The tied copy on the last stage carries the same (summed) gradient as the first stage's embedding.
+    return not (getattr(p, "megalith_shared_embedding", False) and groups.pp_rank != 0)
 
 
 def _sum_over(value: torch.Tensor, groups: ParallelGroups, dp_sharded: bool, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PrecisionConfig", "DynamicLossScaler", "ConstantLossScaler", "make_loss_scaler"]
+__all__ = ["ConstantLossScaler", "DynamicLossScaler", "PrecisionConfig", "make_loss_scaler"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

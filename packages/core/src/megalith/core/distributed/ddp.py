@@ -21,7 +21,7 @@ from torch import nn
 
 from megalith.core.distributed.groups import ParallelGroups
 
-__all__ = ["DDPConfig", "DistributedDataParallel", "Bucket", "all_gather_into", "reduce_scatter_into"]
+__all__ = ["Bucket", "DDPConfig", "DistributedDataParallel", "all_gather_into", "reduce_scatter_into"]
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 import torch.distributed as dist
 
-__all__ = ["ParallelGroups", "Groups", "build_groups", "single_process_groups"]
+__all__ = ["Groups", "ParallelGroups", "build_groups", "single_process_groups"]
 
 
 @runtime_checkable

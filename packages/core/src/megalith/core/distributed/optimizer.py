@@ -21,7 +21,7 @@ from megalith.core.distributed.groups import ParallelGroups
 from megalith.core.grad_clip import any_nonfinite, global_norm, param_is_counted
 from megalith.core.precision import ConstantLossScaler, DynamicLossScaler
 
-__all__ = ["OptimizerConfig", "AdamW", "StepResult"]
+__all__ = ["AdamW", "OptimizerConfig", "StepResult"]
 
 
 @dataclass(kw_only=True)

@@ -27,11 +27,11 @@ from megalith.core.pipeline.stages import allreduce_shared_embedding_grads, unwr
 
 __all__ = [
     "Action",
-    "schedule_order",
-    "forward_backward",
     "finalize_grads",
-    "stage_forward",
+    "forward_backward",
     "microbatch_loss",
+    "schedule_order",
+    "stage_forward",
 ]
 
 

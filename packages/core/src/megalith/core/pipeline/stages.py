@@ -18,11 +18,11 @@ from torch import nn
 from megalith.core.distributed.groups import ParallelGroups
 
 __all__ = [
-    "split_layers",
+    "allreduce_shared_embedding_grads",
     "build_stages",
     "shared_embedding_param",
+    "split_layers",
     "sync_shared_embedding_weights",
-    "allreduce_shared_embedding_grads",
     "unwrap",
 ]
 
