@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from megalith.core.distributed import DDPConfig, build_groups
 from megalith.core.grad_clip import clip_grad_norm_
-from megalith.core.pipeline import forward_backward
+from megalith.core.pipeline import finalize_grads, forward_backward
 from megalith.core.precision import DynamicLossScaler, PrecisionConfig
 from tests.core.pipe.common import MICRO_BATCH, OPT, build, reference_training, step_batches
 from tests.core.pipe.model import TinyConfig, TinyTransformer, reference_loss
@@ -165,3 +165,27 @@ def test_precision_config_errors_name_the_field():
         PrecisionConfig(dtype="fp16", initial_loss_scale=2.0, min_loss_scale=4.0)
     with pytest.raises(ValueError, match=r"bucket_size must be a positive element count or None, got 0"):
         DDPConfig(bucket_size=0)
+
+
+def _sequence_parallel_worker(rank, world):
+    from megalith.core.distributed import DistributedDataParallel
+
+    groups = build_groups(tp=2, dp=2)
+    model = torch.nn.Linear(3, 2)
+    model.weight.megalith_tp_sharded = True  # stays per-rank
+    model.bias.megalith_sequence_parallel = True  # replicated, each tp rank saw half the sequence
+    ddp = DistributedDataParallel(model, groups)
+    x = torch.full((4, 3), float(rank + 1))
+    ddp(x).sum().backward()
+    finalize_grads([ddp], groups)
+    return model.weight.main_grad.clone(), model.bias.main_grad.clone()
+
+
+def test_sequence_parallel_grads_are_summed_over_tp_and_averaged_over_dp():
+    results = run_distributed(_sequence_parallel_worker, 4, timeout=120)
+    # rank = tp_rank + 2 * dp_rank; each rank's weight grad is 4 * (rank + 1) per element, its bias grad 4.
+    for rank, (w, b) in enumerate(results):
+        tp_rank = rank % 2
+        w_expected = sum(4.0 * (tp_rank + 2 * d + 1) for d in range(2)) / 2
+        torch.testing.assert_close(w, torch.full((2, 3), w_expected))
+        torch.testing.assert_close(b, torch.full((2,), 4.0 * 2))

@@ -3,6 +3,7 @@
 from megalith.core.pipeline.p2p import PipeComm
 from megalith.core.pipeline.schedules import (
     Action,
+    allreduce_sequence_parallel_grads,
     finalize_grads,
     forward_backward,
     microbatch_loss,
@@ -21,6 +22,7 @@ from megalith.core.pipeline.stages import (
 __all__ = [
     "Action",
     "PipeComm",
+    "allreduce_sequence_parallel_grads",
     "allreduce_shared_embedding_grads",
     "build_stages",
     "finalize_grads",

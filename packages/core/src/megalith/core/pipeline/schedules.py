@@ -27,6 +27,7 @@ from megalith.core.pipeline.stages import allreduce_shared_embedding_grads, unwr
 
 __all__ = [
     "Action",
+    "allreduce_sequence_parallel_grads",
     "finalize_grads",
     "forward_backward",
     "microbatch_loss",
@@ -126,11 +127,38 @@ def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
 
 
 def finalize_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
-    """Completes the dp reduction of every DDP chunk, then sums the tied embedding over first/last stage."""
+    """Makes the gradients final before the optimizer step (the schedule calls it; call it yourself otherwise).
+
+    Completes the dp reduction of every DDP chunk, sums over tp the gradients of parameters marked
+    `megalith_sequence_parallel` (replicated weights that each tp rank saw only part of the sequence for), then
+    sums the tied embedding over the first and last stage.
+    """
     for chunk in chunks:
         if isinstance(chunk, DistributedDataParallel):
             chunk.finish_grad_sync()
+    allreduce_sequence_parallel_grads(chunks, groups)
     allreduce_shared_embedding_grads(chunks, groups)
+
+
+def allreduce_sequence_parallel_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
+    """Sums the `megalith_sequence_parallel` parameters' gradients over tp in one flat all-reduce."""
+    if groups.tp == 1:
+        return
+    grads = []
+    for chunk in chunks:
+        for p in dict.fromkeys(unwrap(chunk).parameters()):
+            grad = getattr(p, "main_grad", None)
+            grad = p.grad if grad is None else grad
+            if getattr(p, "megalith_sequence_parallel", False) and grad is not None:
+                grads.append(grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=groups.tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def forward_backward(
