@@ -102,6 +102,15 @@ def train_worker(
         results.append(opt.step())
         history.append(named(chunks))
     state = [(r.lo, r.hi, r.master.numel(), r.exp_avg.numel(), r.exp_avg_sq.numel()) for r in opt.ranges]
+    dtypes = {
+        "params": {str(p.dtype) for c in chunks for p in c.module.parameters()},
+        "main_grads": {str(p.main_grad.dtype) for c in chunks for p in c.module.parameters()},
+        "masters": {str(r.master.dtype) for r in opt.ranges},
+    }
+    # Under ZeRO-1 the parameters in the owned shards are exactly the fp32 masters rounded to the param dtype.
+    rounded = not zero or all(
+        torch.equal(r.ddp.param_buffer[r.lo : r.hi], r.master.to(pcfg.param_dtype)) for r in opt.ranges
+    )
     return {
         "losses": losses,
         "results": results,
@@ -109,6 +118,8 @@ def train_worker(
         "params": named(chunks),
         "state": state,
         "history": history,
+        "dtypes": dtypes,
+        "rounded": rounded,
         "state_bytes": opt.state_bytes(),
         "buffer_numel": sum(c.grad_buffer.numel() for c in chunks),
     }

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from tests.core.pipe.common import reference_training, train_worker
+from tests.core.pipe.common import OPT, reference_training, train_worker
 from tests.core.pipe.model import TinyConfig
 from tests.harness import run_distributed
 
 STEPS = 3
+OPT_LR = OPT["lr"]
 
 
 def _check_params(results, ref_params, atol=2e-5):
@@ -95,12 +96,19 @@ def test_fp16_overflow_skips_exactly_that_step_and_lowers_the_scale():
     _check_params(fp32, ref_params)
 
 
-def test_bf16_training_tracks_fp32_one_process():
+def test_bf16_keeps_fp32_main_grads_and_masters_and_tracks_fp32():
     cfg = TinyConfig(num_layers=2)
     results = run_distributed(train_worker, 2, cfg, 1, 2, STEPS, zero=True, precision="bf16", timeout=120)
     ref_losses, _, ref_params = reference_training(cfg, 2, 2, STEPS)
     for out in results:
-        assert out["losses"] == pytest.approx(ref_losses, rel=2e-2)
-        for name, value in out["params"].items():
-            # bf16 parameters are rounded fp32 masters: within bf16 resolution of the fp32 run.
-            torch.testing.assert_close(value, ref_params[name], rtol=2e-2, atol=2e-2, msg=name)
+        assert out["dtypes"] == {
+            "params": {"torch.bfloat16"},
+            "main_grads": {"torch.float32"},
+            "masters": {"torch.float32"},
+        }
+        assert out["rounded"], "bf16 parameters are the fp32 masters rounded"
+        assert out["losses"] == pytest.approx(ref_losses, rel=1e-2)
+        # Adam moves each element by about lr per step, so bf16 noise can flip a tiny gradient's update; on
+        # average the bf16 run stays far closer to the fp32 one than a single step's movement.
+        diffs = torch.cat([(v - ref_params[n]).abs().reshape(-1) for n, v in out["params"].items()])
+        assert diffs.mean() < 0.25 * OPT_LR * STEPS, float(diffs.mean())
