@@ -69,3 +69,29 @@ def test_pipeline_loss_and_grads_match_one_process(pp, vp, m, tied, layers_per_s
     assert seen == set(ref_grads), "every parameter of the model is held by some stage"
     if tied:
         assert "embed.weight" in results[-1][1] and "output.weight" not in results[-1][1]
+
+
+def _release_worker(rank, world, release: bool):
+    from megalith.core.distributed import build_groups
+    from megalith.core.pipeline import forward_backward
+    from tests.core.pipe.common import MICRO_BATCH, build, step_batches
+
+    cfg = TinyConfig(num_layers=4)
+    groups = build_groups(pp=world)
+    chunks = build(cfg, groups)
+    outputs = []
+    last_layer = chunks[0].module.layers[max(chunks[0].module.layers.keys(), key=int)]
+    last_layer.register_forward_hook(lambda module, args, out: outputs.append(out))
+    batches = step_batches(cfg, 0, 3, 1)[0]
+    loss = forward_backward(chunks, batches, groups, hidden_shape=(MICRO_BATCH, 8, 16), dtype=torch.float32,
+                            release_outputs=release)  # fmt: skip
+    return loss, [tuple(o.shape) for o in outputs]
+
+
+def test_sent_activations_are_released_and_backward_still_works():
+    released = run_distributed(_release_worker, 2, True, timeout=120)
+    kept = run_distributed(_release_worker, 2, False, timeout=120)
+    assert released[0][1] == [(1,)] * 3, "stage 0 freed each activation it sent"
+    assert kept[0][1] == [(2, 8, 16)] * 3
+    assert released[1][1] == kept[1][1] == [(2, 8, 16)] * 3, "the last stage sends no activations"
+    assert released[0][0] == kept[0][0]

@@ -62,16 +62,17 @@ def clip_grad_norm_(
     Returns:
         The global norm before clipping (identical on every rank).
     """
+    params = list(dict.fromkeys(params))
     grads = []
-    squares = torch.zeros((), dtype=torch.float64)
-    for p in dict.fromkeys(params):
+    squares = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+    for p in params:
         grad = getattr(p, "main_grad", None)
         grad = p.grad if grad is None else grad
         if grad is None:
             continue
         grads.append(grad)
         if param_is_counted(p, groups):
-            squares = squares.to(grad.device) + grad.detach().double().pow(2).sum()
+            squares = squares + grad.detach().double().pow(2).sum()
     norm = global_norm(squares, groups, dp_sharded=dp_sharded)
     if max_norm is not None and max_norm > 0:
         coef = max_norm / (float(norm) + 1e-6)

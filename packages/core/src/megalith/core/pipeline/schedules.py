@@ -193,6 +193,7 @@ def forward_backward(
     if forward_only:
         order = [a for a in order if a.kind == "F"]
     num_stages = pp * vp
+    device = next(unwrap(chunks[0]).parameters()).device
     last_backward = {a.chunk: i for i, a in enumerate(order) if a.kind == "B"}
     comm = PipeComm(groups)
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -208,10 +209,10 @@ def forward_backward(
         first, last = stage == 0, stage == num_stages - 1
         recv = None
         if action.kind == "F" and not first:
-            buffer = torch.empty(tuple(hidden_shape), dtype=dtype)
+            buffer = torch.empty(tuple(hidden_shape), dtype=dtype, device=device)
             recv = (buffer, False, tag(stage, mb, False))
         elif action.kind == "B" and not last:
-            buffer = torch.empty(tuple(hidden_shape), dtype=dtype)
+            buffer = torch.empty(tuple(hidden_shape), dtype=dtype, device=device)
             recv = (buffer, True, tag(stage, mb, True))
         comm.flush(recv)
         if action.kind == "F":
@@ -241,12 +242,14 @@ def forward_backward(
     comm.finish()
     if not forward_only:
         finalize_grads(chunks, groups)
-    return _reduce_loss(losses, groups)
+    return _reduce_loss(losses, groups, device)
 
 
-def _reduce_loss(losses: list[torch.Tensor], groups: ParallelGroups) -> float:
+def _reduce_loss(losses: list[torch.Tensor], groups: ParallelGroups, device: torch.device) -> float:
     # Only the last stage has losses; summing over pp hands its value to every stage, the dp sum averages.
-    total = torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64)
+    total = (
+        torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64, device=device)
+    )
     if groups.pp > 1:
         dist.all_reduce(total, group=groups.pp_group)
     if groups.dp > 1:
