@@ -95,3 +95,24 @@ def test_sent_activations_are_released_and_backward_still_works():
     assert kept[0][1] == [(2, 8, 16)] * 3
     assert released[1][1] == kept[1][1] == [(2, 8, 16)] * 3, "the last stage sends no activations"
     assert released[0][0] == kept[0][0]
+
+
+def _eval_worker(rank, world, cfg):
+    from megalith.core.distributed import build_groups
+    from megalith.core.pipeline import forward_backward
+    from tests.core.pipe.common import MICRO_BATCH, build, step_batches
+
+    groups = build_groups(pp=world)
+    chunks = build(cfg, groups, vp=2)
+    batches = step_batches(cfg, 0, 4, 1)[0]
+    loss = forward_backward(chunks, batches, groups, hidden_shape=(MICRO_BATCH, 8, 16), dtype=torch.float32,
+                            forward_only=True)  # fmt: skip
+    return loss, all(float(c.grad_buffer.abs().sum()) == 0 for c in chunks)
+
+
+def test_forward_only_interleaved_gives_the_loss_and_no_gradients():
+    cfg = TinyConfig(num_layers=4)
+    ref_loss, _ = reference_grads(cfg, 4, dp=1)
+    for loss, no_grads in run_distributed(_eval_worker, 2, cfg, timeout=120):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert no_grads

@@ -188,61 +188,84 @@ def forward_backward(
     Returns:
         The loss averaged over micro-batches and dp ranks, on every rank of the pipeline.
     """
-    vp, pp, m = len(chunks), groups.pp, len(microbatches)
-    order = schedule_order(pp, groups.pp_rank, m, vp)
+    run = _Executor(chunks, microbatches, groups, hidden_shape, dtype, loss_scale, forward_only, release_outputs)
+    order = schedule_order(groups.pp, groups.pp_rank, len(microbatches), len(chunks))
     if forward_only:
         order = [a for a in order if a.kind == "F"]
-    num_stages = pp * vp
-    device = next(unwrap(chunks[0]).parameters()).device
     last_backward = {a.chunk: i for i, a in enumerate(order) if a.kind == "B"}
-    comm = PipeComm(groups)
-    inputs: dict[tuple[int, int], torch.Tensor | None] = {}
-    outputs: dict[tuple[int, int], torch.Tensor] = {}
-    losses: list[torch.Tensor] = []
-
-    def tag(stage: int, mb: int, backward: bool) -> int:
-        return (mb * num_stages + stage) * 2 + int(backward)
-
     for index, action in enumerate(order):
-        c, mb = action.chunk, action.mb
-        stage = c * pp + groups.pp_rank
-        first, last = stage == 0, stage == num_stages - 1
-        recv = None
-        if action.kind == "F" and not first:
-            buffer = torch.empty(tuple(hidden_shape), dtype=dtype, device=device)
-            recv = (buffer, False, tag(stage, mb, False))
-        elif action.kind == "B" and not last:
-            buffer = torch.empty(tuple(hidden_shape), dtype=dtype, device=device)
-            recv = (buffer, True, tag(stage, mb, True))
-        comm.flush(recv)
         if action.kind == "F":
-            x = None
-            if not first:
-                x = buffer.requires_grad_(not forward_only)
-            with torch.set_grad_enabled(not forward_only):
-                model = unwrap(chunks[c])
-                y = stage_forward(model, x, microbatches[mb], first, last)
-                if last:
-                    loss = microbatch_loss(model, y, microbatches[mb]["labels"]) / m
-                    losses.append(loss.detach())
-                    y = loss * loss_scale if loss_scale != 1.0 else loss
-            if not last:
-                release = functools.partial(_release, y) if release_outputs and not forward_only else None
-                comm.send(y.detach(), True, tag(stage + 1, mb, False), on_sent=release)
-            if not forward_only:
-                inputs[(c, mb)], outputs[(c, mb)] = x, y
+            run.forward(action.chunk, action.mb)
         else:
-            if isinstance(chunks[c], DistributedDataParallel):
-                chunks[c].set_grad_sync(index == last_backward[c])
-            x, y = inputs.pop((c, mb)), outputs.pop((c, mb))
-            _backward(y, None if last else buffer)
-            del y
-            if not first:
-                comm.send(x.grad, False, tag(stage - 1, mb, True))
-    comm.finish()
+            run.backward(action.chunk, action.mb, sync_grads=index == last_backward[action.chunk])
+    run.comm.finish()
     if not forward_only:
         finalize_grads(chunks, groups)
-    return _reduce_loss(losses, groups, device)
+    return _reduce_loss(run.losses, groups, run.device)
+
+
+class _Executor:
+    """Runs single passes for `forward_backward`, keeping each micro-batch's stage input and output until its
+    backward. Virtual stage `chunk * pp + pp_rank` receives from the stage before it and sends to the next."""
+
+    def __init__(self, chunks, microbatches, groups, hidden_shape, dtype, loss_scale, forward_only, release):
+        self.chunks, self.microbatches, self.groups = chunks, microbatches, groups
+        self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
+        self.loss_scale, self.forward_only, self.release = loss_scale, forward_only, release
+        self.num_stages = groups.pp * len(chunks)
+        self.device = next(unwrap(chunks[0]).parameters()).device
+        self.comm = PipeComm(groups)
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.losses: list[torch.Tensor] = []
+
+    def _stage(self, chunk: int) -> tuple[int, bool, bool]:
+        stage = chunk * self.groups.pp + self.groups.pp_rank
+        return stage, stage == 0, stage == self.num_stages - 1
+
+    def _tag(self, stage: int, mb: int, backward: bool) -> int:
+        # Names the receiving virtual stage, the micro-batch and the direction.
+        return (mb * self.num_stages + stage) * 2 + int(backward)
+
+    def _receive(self, stage: int, mb: int, backward: bool) -> torch.Tensor:
+        buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
+        self.comm.flush((buffer, backward, self._tag(stage, mb, backward)))
+        return buffer
+
+    def forward(self, chunk: int, mb: int) -> None:
+        stage, first, last = self._stage(chunk)
+        x = None
+        if first:
+            self.comm.flush()
+        else:
+            x = self._receive(stage, mb, backward=False).requires_grad_(not self.forward_only)
+        batch = self.microbatches[mb]
+        with torch.set_grad_enabled(not self.forward_only):
+            model = unwrap(self.chunks[chunk])
+            y = stage_forward(model, x, batch, first, last)
+            if last:
+                loss = microbatch_loss(model, y, batch["labels"]) / len(self.microbatches)
+                self.losses.append(loss.detach())
+                y = loss * self.loss_scale if self.loss_scale != 1.0 else loss
+        if not last:
+            on_sent = functools.partial(_release, y) if self.release and not self.forward_only else None
+            self.comm.send(y.detach(), True, self._tag(stage + 1, mb, False), on_sent=on_sent)
+        if not self.forward_only:
+            self.saved[(chunk, mb)] = (x, y)
+
+    def backward(self, chunk: int, mb: int, sync_grads: bool) -> None:
+        stage, first, last = self._stage(chunk)
+        grad = None
+        if last:
+            self.comm.flush()
+        else:
+            grad = self._receive(stage, mb, backward=True)
+        if isinstance(self.chunks[chunk], DistributedDataParallel):
+            self.chunks[chunk].set_grad_sync(sync_grads)  # reduce only during the chunk's last backward
+        x, y = self.saved.pop((chunk, mb))
+        _backward(y, grad)
+        del y
+        if not first:
+            self.comm.send(x.grad, False, self._tag(stage - 1, mb, True))
 
 
 def _reduce_loss(losses: list[torch.Tensor], groups: ParallelGroups, device: torch.device) -> float:
