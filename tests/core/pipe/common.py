@@ -111,7 +111,18 @@ def train_worker(
     rounded = not zero or all(
         torch.equal(r.ddp.param_buffer[r.lo : r.hi], r.master.to(pcfg.param_dtype)) for r in opt.ranges
     )
+    # Which elements of each parameter this rank's optimizer owns, and whether its master copy equals them.
+    owned = [
+        (
+            name,
+            start,
+            length,
+            bool(torch.equal(state["master"], p.detach().float().reshape(-1)[start : start + length])),
+        )
+        for name, p, start, length, state in opt.param_segments()
+    ]
     return {
+        "owned": owned,
         "losses": losses,
         "results": results,
         "scales": scales,

@@ -42,6 +42,16 @@ def test_data_parallel_adamw_matches_one_process(dp, zero):
         assert all(master == a == b for _, _, master, a, b in out["state"])
         assert owned * (dp if zero else 1) == out["buffer_numel"]
         assert out["state_bytes"] == 12 * owned
+    # param_segments: over the dp ranks every element of every parameter is owned exactly once (ZeRO-1) or
+    # by every rank (replicated), and the fp32 master equals the parameter.
+    for name, ref in ref_params.items():
+        counts = torch.zeros(ref.numel())
+        for out in results:
+            for seg_name, start, length, master_matches in out["owned"]:
+                if seg_name == name:
+                    counts[start : start + length] += 1
+                    assert master_matches, name
+        assert bool((counts == (1 if zero else dp)).all()), name
     if zero:
         ranges = sorted((lo, hi) for out in results for lo, hi, *_ in out["state"])
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges)), "shards are disjoint"

@@ -152,6 +152,27 @@ class AdamW:
         """Bytes of optimizer state on this rank: fp32 master weights and both moments of the owned ranges."""
         return sum(3 * r.master.numel() * r.master.element_size() for r in self.ranges)
 
+    def param_segments(self):
+        """This rank's optimizer state per parameter piece, for checkpointing in canonical (per-parameter) form.
+
+        Yields:
+            `(name, param, start, length, state)`: elements `start:start + length` of `param.view(-1)` (named
+            `name` in its chunk) are owned here; `state` maps "master", "exp_avg", "exp_avg_sq" to views of
+            the fp32 state tensors for exactly those elements (write into them to load; then call
+            `sync_params_from_master()`).
+        """
+        for r in self.ranges:
+            names = {p: n for n, p in r.ddp.module.named_parameters()}
+            for seg in r.segments:
+                a, b = seg.lo - r.lo, seg.hi - r.lo
+                state = {"master": r.master[a:b], "exp_avg": r.exp_avg[a:b], "exp_avg_sq": r.exp_avg_sq[a:b]}
+                yield names[seg.param], seg.param, seg.plo, seg.hi - seg.lo, state
+
+    @torch.no_grad()
+    def sync_params_from_master(self) -> None:
+        """Writes the fp32 master weights into the parameters (and all-gathers them under ZeRO-1)."""
+        self._write_back()
+
     def zero_grad(self) -> None:
         """Clears every chunk's gradient buffer."""
         for ddp in self.chunks:
@@ -235,4 +256,4 @@ class AdamW:
         for r, saved in zip(self.ranges, state["ranges"], strict=True):
             for key in ("master", "exp_avg", "exp_avg_sq"):
                 getattr(r, key).copy_(saved[key])
-        self._write_back()
+        self.sync_params_from_master()
