@@ -1,0 +1,245 @@
+"""Data parallelism: contiguous fp32 main-gradient buffers reduced per bucket while backward is still running.
+
+Each parameter gets `p.main_grad`, a view into one flat fp32 buffer; a post-accumulate hook adds `p.grad` into
+it and frees `p.grad`, so low-precision gradients are accumulated in fp32 across micro-batches. Parameters are
+grouped into buckets (in reverse registration order, roughly the order backward produces them). While
+gradient sync is enabled (the schedule enables it only for the last micro-batch's backward), a bucket's
+collective is launched asynchronously as soon as every parameter in it has its gradient: an all-reduce, or a
+reduce-scatter when a distributed optimizer owns 1/dp of each bucket. Gradients are pre-divided by dp so the
+summing collective yields the dp average. Earlier micro-batches trigger no communication at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalith.core.distributed.groups import ParallelGroups
+
+__all__ = ["Bucket", "DDPConfig", "DistributedDataParallel", "all_gather_into", "reduce_scatter_into"]
+
+
+@dataclass(kw_only=True)
+class DDPConfig:
+    """How gradients are bucketed and reduced over the data-parallel group."""
+
+    bucket_size: int | None = 40_000_000
+    """Elements per bucket (a bucket closes once it reaches this size); None puts everything in one bucket."""
+    use_distributed_optimizer: bool = False
+    """Reduce-scatter instead of all-reduce, and keep parameters in one contiguous buffer per module so the
+    distributed optimizer can all-gather updated shards straight into them (ZeRO-1)."""
+    overlap_grad_reduce: bool = True
+    """Launch each bucket's collective during backward as soon as it is complete; False waits for
+    `finish_grad_sync` and reduces every bucket there."""
+
+    def __post_init__(self) -> None:
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ValueError(f"DDPConfig.bucket_size must be a positive element count or None, got {self.bucket_size}")
+
+
+def reduce_scatter_into(output: torch.Tensor, data: torch.Tensor, group, async_op: bool):
+    """Sum-reduce-scatter `data` over `group` into `output` (torch renamed the op; accept both names)."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, data, group=group, async_op=async_op)
+
+
+def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
+    """All-gather equal `shard`s of every rank of `group` into `output` in rank order."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, shard, group=group, async_op=async_op)
+
+
+@dataclass(eq=False)
+class Bucket:
+    """A contiguous range [start, end) of the flat buffers and the parameters that live in it."""
+
+    index: int
+    start: int
+    end: int
+    params: list[nn.Parameter]
+    ready: set[int] = field(default_factory=set)
+    handle: object | None = None
+    scatter_out: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+
+class DistributedDataParallel(nn.Module):
+    """Wraps one model chunk; its gradients land in `p.main_grad` (fp32) and are averaged over dp.
+
+    Args:
+        module: the model chunk (all its trainable parameters must share one dtype and device).
+        groups: any `ParallelGroups`; only `dp_group`, `dp` and `dp_rank` are used here.
+        config: bucket size and reduction mode.
+
+    Usage per optimizer step: `zero_grad_buffer()`, then the schedule runs micro-batches with
+    `set_grad_sync(i == last)` before each backward, then `finish_grad_sync()` before the optimizer step.
+    """
+
+    def __init__(self, module: nn.Module, groups: ParallelGroups, config: DDPConfig | None = None) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config or DDPConfig()
+        self.dp_group, self.dp, self.dp_rank = groups.dp_group, groups.dp, groups.dp_rank
+        params = [p for p in dict.fromkeys(module.parameters()) if p.requires_grad]
+        if not params:
+            raise ValueError("DistributedDataParallel: the module has no trainable parameters")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(f"DistributedDataParallel: parameters must share one dtype/device, got {dtypes} {devices}")
+        self.param_dtype = params[0].dtype
+        self.buckets = self._make_buckets(list(reversed(params)))
+        total = self.buckets[-1].end
+        device = params[0].device
+        self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        # ZeRO-1 all-gathers updated parameter shards straight into this buffer, so parameters live in it.
+        self.param_buffer = (
+            torch.zeros(total, dtype=self.param_dtype, device=device) if self.config.use_distributed_optimizer else None
+        )
+        self.param_index: dict[nn.Parameter, tuple[int, Bucket]] = {}
+        for bucket in self.buckets:
+            offset = bucket.start
+            for p in bucket.params:
+                n = p.numel()
+                p.main_grad = self.grad_buffer[offset : offset + n].view_as(p)
+                if self.param_buffer is not None:
+                    view = self.param_buffer[offset : offset + n].view_as(p)
+                    view.copy_(p.data)
+                    p.data = view
+                self.param_index[p] = (offset, bucket)
+                offset += n
+        self._grad_sync = True
+        self._synced = False  # finish_grad_sync ran since the last zero_grad_buffer
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+
+    def _make_buckets(self, params: list[nn.Parameter]) -> list[Bucket]:
+        # Shared (tied) embeddings get a bucket of their own: then their layout, and so their reduce-scatter
+        # shards, are the same on the first and the last pipeline stage, whose gradients are summed elementwise.
+        align = self.dp if self.config.use_distributed_optimizer else 1
+        limit = self.config.bucket_size
+        buckets: list[Bucket] = []
+        current: list[nn.Parameter] = []
+        start = 0
+
+        def close() -> None:
+            nonlocal start, current
+            if current:
+                numel = sum(p.numel() for p in current)
+                padded = -(-numel // align) * align
+                buckets.append(Bucket(len(buckets), start, start + padded, current))
+                start += padded
+                current = []
+
+        for p in params:
+            if getattr(p, "megalith_shared_embedding", False):
+                close()
+                current = [p]
+                close()
+                continue
+            current.append(p)
+            if limit is not None and sum(q.numel() for q in current) >= limit:
+                close()
+        close()
+        return buckets
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    # -- gradient sync control -------------------------------------------------------------------------------
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Whether the coming backward is the last one before the optimizer step (launches the collectives)."""
+        self._grad_sync = enabled
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (no communication) inside the block."""
+        previous = self._grad_sync
+        self._grad_sync = False
+        try:
+            yield
+        finally:
+            self._grad_sync = previous
+
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        if self._synced:
+            raise RuntimeError("a backward ran after finish_grad_sync; call zero_grad_buffer() first")
+        p.main_grad.add_(p.grad)
+        p.grad = None
+        if not (self._grad_sync and self.config.overlap_grad_reduce):
+            return
+        _, bucket = self.param_index[p]
+        bucket.ready.add(id(p))
+        if len(bucket.ready) == len(bucket.params) and bucket.handle is None:
+            self._launch(bucket, async_op=True)
+
+    def _launch(self, bucket: Bucket, async_op: bool) -> None:
+        data = self.grad_buffer[bucket.start : bucket.end]
+        if self.dp == 1:
+            bucket.handle = _Done()
+            return
+        data.mul_(1.0 / self.dp)
+        if self.config.use_distributed_optimizer:
+            # A separate output tensor: not every backend accepts an output that aliases the input.
+            bucket.scatter_out = torch.empty(bucket.numel // self.dp, dtype=data.dtype, device=data.device)
+            bucket.handle = reduce_scatter_into(bucket.scatter_out, data, self.dp_group, async_op=async_op)
+        else:
+            bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=async_op)
+        if bucket.handle is None:
+            bucket.handle = _Done()
+
+    def finish_grad_sync(self) -> None:
+        """Waits for every bucket's collective, launching those backward did not (unused params, no overlap).
+
+        Afterwards `main_grad` holds the dp-averaged gradient (all of it, or this rank's shard of each
+        bucket under the distributed optimizer: see `local_range`). Calling it again before
+        `zero_grad_buffer` does nothing (the schedule finishes the sync; the optimizer step makes sure).
+        """
+        if self._synced:
+            return
+        self._synced = True
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                self._launch(bucket, async_op=True)
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            if bucket.scatter_out is not None:
+                lo, hi = self.local_range(bucket)
+                self.grad_buffer[lo:hi].copy_(bucket.scatter_out)
+                bucket.scatter_out = None
+            bucket.handle = None
+            bucket.ready.clear()
+
+    def local_range(self, bucket: Bucket) -> tuple[int, int]:
+        """The [lo, hi) buffer range whose reduced gradient this rank holds (and whose optimizer state it owns)."""
+        if not self.config.use_distributed_optimizer:
+            return bucket.start, bucket.end
+        shard = bucket.numel // self.dp
+        lo = bucket.start + self.dp_rank * shard
+        return lo, lo + shard
+
+    def zero_grad_buffer(self) -> None:
+        """Clears the accumulated gradients before the next step's micro-batches."""
+        self.grad_buffer.zero_()
+        self._synced = False
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                raise RuntimeError("zero_grad_buffer called while a gradient reduction is in flight")
+            bucket.ready.clear()
+        for p in self.param_index:
+            p.grad = None
+
+
+class _Done:
+    """A finished work handle (dp == 1, or a backend that returned None for a synchronous call)."""
+
+    def wait(self) -> bool:
+        return True

@@ -1,0 +1,82 @@
+"""Global gradient-norm clipping that is correct across tensor, pipeline and data parallelism.
+
+Every gradient element of the full model must be counted exactly once. Parameters replicated over tp (norm
+weights, row-parallel biases: no `megalith_tp_sharded`) are counted on tp rank 0 only; the tied embedding held
+by both the first and the last pipeline stage (`megalith_shared_embedding`) on the first stage only. Squares
+are summed over tp and pp, and over dp too when each dp rank holds only a shard of the gradients (ZeRO-1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from megalith.core.distributed.groups import ParallelGroups
+
+__all__ = ["any_nonfinite", "clip_grad_norm_", "global_norm", "param_is_counted"]
+
+
+def param_is_counted(p: torch.Tensor, groups: ParallelGroups) -> bool:
+    """Whether this rank's copy of `p` contributes to the global norm (read from the parameter attributes)."""
+    if not getattr(p, "megalith_tp_sharded", False) and groups.tp_rank != 0:
+        return False
+    # The tied copy on the last stage carries the same (summed) gradient as the first stage's embedding.
+    return not (getattr(p, "megalith_shared_embedding", False) and groups.pp_rank != 0)
+
+
+def _sum_over(value: torch.Tensor, groups: ParallelGroups, dp_sharded: bool, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    # Reducing over tp, then pp, then dp covers the whole tp x pp x dp grid (the groups are orthogonal).
+    for size, group in ((groups.tp, groups.tp_group), (groups.pp, groups.pp_group)):
+        if size > 1:
+            dist.all_reduce(value, op=op, group=group)
+    if dp_sharded and groups.dp > 1:
+        dist.all_reduce(value, op=op, group=groups.dp_group)
+    return value
+
+
+def global_norm(local_squares: torch.Tensor, groups: ParallelGroups, *, dp_sharded: bool) -> torch.Tensor:
+    """The global L2 norm from this rank's sum of squared (counted) gradient elements (an fp32 scalar)."""
+    total = local_squares.detach().to(torch.float64).reshape(1).clone()
+    return _sum_over(total, groups, dp_sharded).sqrt().to(torch.float32)[0]
+
+
+def any_nonfinite(local_flag: bool, device, groups: ParallelGroups) -> bool:
+    """True on every rank if any rank of the tp x pp x dp grid saw an inf/NaN gradient."""
+    flag = torch.tensor([1.0 if local_flag else 0.0], device=device)
+    return bool(_sum_over(flag, groups, dp_sharded=True, op=dist.ReduceOp.MAX).item() > 0)
+
+
+def clip_grad_norm_(
+    params: Iterable[torch.Tensor], max_norm: float | None, groups: ParallelGroups, *, dp_sharded: bool = False
+) -> torch.Tensor:
+    """Scales the gradients (`p.main_grad` when present, else `p.grad`) so their global norm is <= max_norm.
+
+    Args:
+        params: this rank's parameters (all model chunks).
+        max_norm: clipping threshold; None or <= 0 only measures.
+        groups: the topology (tp/pp/dp groups and ranks).
+        dp_sharded: the gradients differ across dp ranks and their norms must be summed over dp too.
+
+    Returns:
+        The global norm before clipping (identical on every rank).
+    """
+    params = list(dict.fromkeys(params))
+    grads = []
+    squares = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+    for p in params:
+        grad = getattr(p, "main_grad", None)
+        grad = p.grad if grad is None else grad
+        if grad is None:
+            continue
+        grads.append(grad)
+        if param_is_counted(p, groups):
+            squares = squares + grad.detach().double().pow(2).sum()
+    norm = global_norm(squares, groups, dp_sharded=dp_sharded)
+    if max_norm is not None and max_norm > 0:
+        coef = max_norm / (float(norm) + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+    return norm

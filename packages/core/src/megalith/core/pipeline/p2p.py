@@ -1,0 +1,73 @@
+"""Point-to-point transfers between neighbouring pipeline ranks, batched with torch.distributed.batch_isend_irecv.
+
+Sends are deferred and posted in one batch together with the next receive (Megatron's combined
+"send forward, receive backward" pattern), so that two neighbours exchanging in opposite directions post
+matching operations in one group, which NCCL needs. Only the receive is waited for: a send completes in the
+background (waiting for it would make the interleaved schedule wait on a peer that is itself waiting), and
+its activation is released once it has. Tags name the receiving virtual stage, the micro-batch and the
+direction (gloo matches on them; NCCL relies on both sides posting in the same order, as the schedules do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from megalith.core.distributed.groups import ParallelGroups
+
+__all__ = ["PipeComm"]
+
+
+class PipeComm:
+    """Activation/gradient exchange with the previous and next rank of the pipeline ring."""
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.pp, self.pp_rank = groups.pp, groups.pp_rank
+        if self.pp > 1:
+            self.prev = dist.get_global_rank(groups.pp_group, (self.pp_rank - 1) % self.pp)
+            self.next = dist.get_global_rank(groups.pp_group, (self.pp_rank + 1) % self.pp)
+        self._pending: list[tuple[torch.Tensor, int, int, Callable[[], None] | None]] = []
+        self._inflight: list[tuple[object, torch.Tensor, Callable[[], None] | None]] = []
+
+    def send(self, tensor: torch.Tensor, to_next: bool, tag: int, on_sent: Callable[[], None] | None = None) -> None:
+        """Queues `tensor` for the next flush; `on_sent` runs once the transfer has completed."""
+        self._pending.append((tensor, self.next if to_next else self.prev, tag, on_sent))
+
+    def flush(self, recv: tuple[torch.Tensor, bool, int] | None = None) -> None:
+        """Posts the queued sends and the optional receive `(buffer, from_next, tag)` as one batch and waits
+        for the receive."""
+        ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag, _ in self._pending]
+        if recv is not None:
+            buffer, from_next, tag = recv
+            ops.append(dist.P2POp(dist.irecv, buffer, self.next if from_next else self.prev, tag=tag))
+        if ops:
+            works = dist.batch_isend_irecv(ops)
+            if len(works) == len(ops):
+                if recv is not None:
+                    works.pop().wait()
+                self._inflight += [(w, t, cb) for w, (t, _, _, cb) in zip(works, self._pending, strict=True)]
+            else:  # one work for the coalesced group (NCCL): its wait only orders the compute stream after it
+                for w in works:
+                    w.wait()
+                self._inflight += [(None, t, cb) for t, _, _, cb in self._pending]
+        self._pending = []
+        self._retire(block=False)
+
+    def _retire(self, block: bool) -> None:
+        still = []
+        for work, tensor, on_sent in self._inflight:
+            if work is not None and not work.is_completed():
+                if not block:
+                    still.append((work, tensor, on_sent))
+                    continue
+                work.wait()
+            if on_sent is not None:
+                on_sent()
+        self._inflight = still
+
+    def finish(self) -> None:
+        """Flushes what is queued and waits for every send to complete."""
+        self.flush()
+        self._retire(block=True)

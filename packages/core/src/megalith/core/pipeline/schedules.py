@@ -1,0 +1,281 @@
+"""Pipeline schedules: no pipelining, 1F1B and interleaved 1F1B, run by one executor over per-rank action lists.
+
+A schedule is the order in which this rank runs forward (F) and backward (B) passes of (chunk, micro-batch)
+pairs. The executor receives a pass's input just before running it, sends its output with the next receive,
+frees an output's storage once it is sent (its autograd graph stays), scales each micro-batch's loss by
+1 / num_microbatches (and the fp16 loss scale), enables gradient reduction only for each chunk's last
+backward, and finally finishes the data-parallel reduction and sums the tied-embedding gradients.
+
+Micro-batches are dicts with `input_ids` [B, S] (read on the first stage) and `labels` [B, S] (read on the
+last; -100 marks ignored tokens). A micro-batch's loss is the mean per-token loss over its non-ignored tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalith.core.distributed.ddp import DistributedDataParallel
+from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.pipeline.p2p import PipeComm
+from megalith.core.pipeline.stages import allreduce_shared_embedding_grads, unwrap
+
+__all__ = [
+    "Action",
+    "allreduce_sequence_parallel_grads",
+    "finalize_grads",
+    "forward_backward",
+    "microbatch_loss",
+    "schedule_order",
+    "stage_forward",
+]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One pass: `kind` "F" or "B" of model chunk `chunk` on micro-batch `mb`."""
+
+    kind: str
+    chunk: int
+    mb: int
+
+
+def _one_f_one_b(pp: int, pp_rank: int, m: int) -> list[Action]:
+    # Stage r first runs pp - r - 1 forwards so the pipeline fills, then alternates, then drains.
+    warmup = min(pp - pp_rank - 1, m)
+    order = [Action("F", 0, i) for i in range(warmup)]
+    for i in range(m - warmup):
+        order += [Action("F", 0, warmup + i), Action("B", 0, i)]
+    order += [Action("B", 0, i) for i in range(m - warmup, m)]
+    return order
+
+
+def _interleaved(pp: int, pp_rank: int, m: int, vp: int) -> list[Action]:
+    # Virtual micro-batch k runs pp micro-batches through one chunk, then the same pp through the next chunk;
+    # backward walks the chunks in reverse. Warmup fills the deeper virtual pipeline (Megatron's count).
+    total = m * vp
+
+    def action(kind: str, k: int) -> Action:
+        chunk = (k // pp) % vp
+        return Action(kind, chunk if kind == "F" else vp - 1 - chunk, (k // (pp * vp)) * pp + k % pp)
+
+    warmup = min((pp - pp_rank - 1) * 2 + (vp - 1) * pp, total)
+    order = [action("F", k) for k in range(warmup)]
+    for i in range(total - warmup):
+        order += [action("F", warmup + i), action("B", i)]
+    order += [action("B", k) for k in range(total - warmup, total)]
+    return order
+
+
+def schedule_order(pp: int, pp_rank: int, num_microbatches: int, virtual_stages: int = 1) -> list[Action]:
+    """This rank's order of passes (1F1B when virtual_stages == 1, which for pp == 1 is plain accumulation)."""
+    m, vp = num_microbatches, virtual_stages
+    if m < 1:
+        raise ValueError(f"the number of micro-batches must be >= 1, got {m}")
+    if vp == 1:
+        return _one_f_one_b(pp, pp_rank, m)
+    if pp == 1:
+        raise ValueError(f"interleaving (virtual_stages={vp}) needs pp > 1")
+    if m % pp:
+        raise ValueError(
+            f"the interleaved schedule needs the number of micro-batches ({m}) to be a multiple of pp ({pp})"
+        )
+    return _interleaved(pp, pp_rank, m, vp)
+
+
+def stage_forward(model: nn.Module, x: torch.Tensor | None, batch: dict, first: bool, last: bool) -> torch.Tensor:
+    """One stage's forward: embed (first stage), its layers in global order, head (last stage) -> logits."""
+    h = model.embed_tokens(batch["input_ids"]) if first else x
+    for key in sorted(model.layers.keys(), key=int):
+        h = model.layers[key](h)
+    return model.head(h) if last else h
+
+
+def microbatch_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean per-token loss over the tokens whose label is not -100 (fp32 scalar)."""
+    per_token = model.loss(logits, labels).float()
+    count = (labels != -100).sum().clamp(min=1)
+    return per_token.sum() / count
+
+
+def _release(t: torch.Tensor) -> None:
+    # Frees the activation's memory but keeps its autograd node: backward then runs from the node with the
+    # received gradient (which carries the real shape). Only for tensors that own their storage.
+    if t._base is None and t.grad_fn is not None:
+        t.data = torch.empty((1,), dtype=t.dtype, device=t.device)
+
+
+def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+    if grad is None:
+        torch.autograd.backward(output)
+        return
+    # The engine call skips the shape check torch.autograd.backward does, which a released output would fail.
+    torch.autograd.Variable._execution_engine.run_backward(
+        tensors=(output,),
+        grad_tensors=(grad,),
+        keep_graph=False,
+        create_graph=False,
+        inputs=(),
+        allow_unreachable=True,
+        accumulate_grad=True,
+    )
+
+
+def finalize_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
+    """Makes the gradients final before the optimizer step (the schedule calls it; call it yourself otherwise).
+
+    Completes the dp reduction of every DDP chunk, sums over tp the gradients of parameters marked
+    `megalith_sequence_parallel` (replicated weights that each tp rank saw only part of the sequence for), then
+    sums the tied embedding over the first and last stage.
+    """
+    for chunk in chunks:
+        if isinstance(chunk, DistributedDataParallel):
+            chunk.finish_grad_sync()
+    allreduce_sequence_parallel_grads(chunks, groups)
+    allreduce_shared_embedding_grads(chunks, groups)
+
+
+def allreduce_sequence_parallel_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
+    """Sums the `megalith_sequence_parallel` parameters' gradients over tp in one flat all-reduce."""
+    if groups.tp == 1:
+        return
+    grads = []
+    for chunk in chunks:
+        for p in dict.fromkeys(unwrap(chunk).parameters()):
+            grad = getattr(p, "main_grad", None)
+            grad = p.grad if grad is None else grad
+            if getattr(p, "megalith_sequence_parallel", False) and grad is not None:
+                grads.append(grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=groups.tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def forward_backward(
+    chunks: Sequence[nn.Module],
+    microbatches: Sequence[dict],
+    groups: ParallelGroups,
+    *,
+    hidden_shape: Sequence[int],
+    dtype: torch.dtype,
+    loss_scale: float = 1.0,
+    forward_only: bool = False,
+    release_outputs: bool = True,
+) -> float:
+    """Runs every micro-batch forward and backward through this rank's chunks and returns the mean loss.
+
+    Args:
+        chunks: this rank's model chunks in virtual-stage order (DDP-wrapped or plain modules).
+        microbatches: the step's micro-batches (every pipeline rank passes the same list).
+        groups: the topology (pp, pp_rank, pp_group, dp, dp_group).
+        hidden_shape: shape of the activation passed between stages, e.g. (B, S, H) ((B, S/tp, H) with
+            sequence parallelism).
+        dtype: dtype of that activation (the parameter dtype).
+        loss_scale: multiplies each loss before backward (fp16 dynamic loss scale).
+        forward_only: run forwards only, without gradients (evaluation).
+        release_outputs: free each sent activation's storage right after its send.
+
+    Returns:
+        The loss averaged over micro-batches and dp ranks, on every rank of the pipeline.
+    """
+    run = _Executor(chunks, microbatches, groups, hidden_shape, dtype, loss_scale, forward_only, release_outputs)
+    order = schedule_order(groups.pp, groups.pp_rank, len(microbatches), len(chunks))
+    if forward_only:
+        order = [a for a in order if a.kind == "F"]
+    last_backward = {a.chunk: i for i, a in enumerate(order) if a.kind == "B"}
+    for index, action in enumerate(order):
+        if action.kind == "F":
+            run.forward(action.chunk, action.mb)
+        else:
+            run.backward(action.chunk, action.mb, sync_grads=index == last_backward[action.chunk])
+    run.comm.finish()
+    if not forward_only:
+        finalize_grads(chunks, groups)
+    return _reduce_loss(run.losses, groups, run.device)
+
+
+class _Executor:
+    """Runs single passes for `forward_backward`, keeping each micro-batch's stage input and output until its
+    backward. Virtual stage `chunk * pp + pp_rank` receives from the stage before it and sends to the next."""
+
+    def __init__(self, chunks, microbatches, groups, hidden_shape, dtype, loss_scale, forward_only, release):
+        self.chunks, self.microbatches, self.groups = chunks, microbatches, groups
+        self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
+        self.loss_scale, self.forward_only, self.release = loss_scale, forward_only, release
+        self.num_stages = groups.pp * len(chunks)
+        self.device = next(unwrap(chunks[0]).parameters()).device
+        self.comm = PipeComm(groups)
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.losses: list[torch.Tensor] = []
+
+    def _stage(self, chunk: int) -> tuple[int, bool, bool]:
+        stage = chunk * self.groups.pp + self.groups.pp_rank
+        return stage, stage == 0, stage == self.num_stages - 1
+
+    def _tag(self, stage: int, mb: int, backward: bool) -> int:
+        # Names the receiving virtual stage, the micro-batch and the direction.
+        return (mb * self.num_stages + stage) * 2 + int(backward)
+
+    def _receive(self, stage: int, mb: int, backward: bool) -> torch.Tensor:
+        buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
+        self.comm.flush((buffer, backward, self._tag(stage, mb, backward)))
+        return buffer
+
+    def forward(self, chunk: int, mb: int) -> None:
+        stage, first, last = self._stage(chunk)
+        x = None
+        if first:
+            self.comm.flush()
+        else:
+            x = self._receive(stage, mb, backward=False).requires_grad_(not self.forward_only)
+        batch = self.microbatches[mb]
+        with torch.set_grad_enabled(not self.forward_only):
+            model = unwrap(self.chunks[chunk])
+            y = stage_forward(model, x, batch, first, last)
+            if last:
+                loss = microbatch_loss(model, y, batch["labels"]) / len(self.microbatches)
+                self.losses.append(loss.detach())
+                y = loss * self.loss_scale if self.loss_scale != 1.0 else loss
+        if not last:
+            on_sent = functools.partial(_release, y) if self.release and not self.forward_only else None
+            self.comm.send(y.detach(), True, self._tag(stage + 1, mb, False), on_sent=on_sent)
+        if not self.forward_only:
+            self.saved[(chunk, mb)] = (x, y)
+
+    def backward(self, chunk: int, mb: int, sync_grads: bool) -> None:
+        stage, first, last = self._stage(chunk)
+        grad = None
+        if last:
+            self.comm.flush()
+        else:
+            grad = self._receive(stage, mb, backward=True)
+        if isinstance(self.chunks[chunk], DistributedDataParallel):
+            self.chunks[chunk].set_grad_sync(sync_grads)  # reduce only during the chunk's last backward
+        x, y = self.saved.pop((chunk, mb))
+        _backward(y, grad)
+        del y
+        if not first:
+            self.comm.send(x.grad, False, self._tag(stage - 1, mb, True))
+
+
+def _reduce_loss(losses: list[torch.Tensor], groups: ParallelGroups, device: torch.device) -> float:
+    # Only the last stage has losses; summing over pp hands its value to every stage, the dp sum averages.
+    total = (
+        torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64, device=device)
+    )
+    if groups.pp > 1:
+        dist.all_reduce(total, group=groups.pp_group)
+    if groups.dp > 1:
+        dist.all_reduce(total, group=groups.dp_group)
+        total /= groups.dp
+    return float(total.item())

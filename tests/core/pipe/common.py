@@ -1,0 +1,167 @@
+"""Rank workers shared by the pipeline / data-parallel tests, and the one-process references they match."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, OptimizerConfig, build_groups
+from megalith.core.pipeline import build_stages, forward_backward
+from megalith.core.precision import PrecisionConfig, make_loss_scaler
+from tests.core.pipe.model import TinyConfig, TinyTransformer, make_batches, reference_loss
+
+MICRO_BATCH = 2
+OPT = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def step_batches(cfg: TinyConfig, step: int, num_microbatches: int, dp: int) -> list[list[dict]]:
+    """The global batch of one step, split per dp rank (rank d gets micro-batches d*m .. d*m + m - 1)."""
+    flat = make_batches(cfg, num_microbatches * dp, MICRO_BATCH, seed=1000 + step)
+    return [flat[d * num_microbatches : (d + 1) * num_microbatches] for d in range(dp)]
+
+
+def build(cfg: TinyConfig, groups, *, vp=1, layers_per_stage=None, ddp_config=None, dtype=torch.float32):
+    chunks = build_stages(
+        functools.partial(TinyTransformer, cfg),
+        cfg.num_layers,
+        groups,
+        virtual_stages=vp,
+        layers_per_stage=layers_per_stage,
+        tie_embeddings=cfg.tie_embeddings,
+    )
+    return [DistributedDataParallel(c.to(dtype), groups, ddp_config or DDPConfig(bucket_size=300)) for c in chunks]
+
+
+def named(chunks, attr: str | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for c in chunks:
+        for name, p in c.module.named_parameters():
+            t = p if attr is None else getattr(p, attr)
+            out[name] = t.detach().float().clone()
+    return out
+
+
+def grads_worker(rank, world, cfg: TinyConfig, pp: int, vp: int, m: int, layers_per_stage=None):
+    """One forward/backward of a pipeline (dp = world // pp): returns the loss and every main_grad."""
+    groups = build_groups(pp=pp, dp=world // pp)
+    chunks = build(cfg, groups, vp=vp, layers_per_stage=layers_per_stage)
+    batches = step_batches(cfg, 0, m, groups.dp)[groups.dp_rank]
+    loss = forward_backward(
+        chunks, batches, groups, hidden_shape=(MICRO_BATCH, cfg.max_seq_len, cfg.hidden_size), dtype=torch.float32
+    )
+    return loss, named(chunks, "main_grad")
+
+
+def train_worker(
+    rank,
+    world,
+    cfg: TinyConfig,
+    pp: int,
+    m: int,
+    steps: int,
+    *,
+    vp=1,
+    zero=False,
+    clip=None,
+    precision="fp32",
+    inject_inf_step=None,
+    initial_scale=2.0**16,
+    bucket_size=300,
+    overlap=True,
+):
+    """`steps` AdamW steps; returns losses, step results, final parameters and optimizer state bytes."""
+    groups = build_groups(pp=pp, dp=world // pp)
+    pcfg = PrecisionConfig(dtype=precision, initial_loss_scale=initial_scale, hysteresis=1)
+    chunks = build(
+        cfg,
+        groups,
+        vp=vp,
+        ddp_config=DDPConfig(bucket_size=bucket_size, use_distributed_optimizer=zero, overlap_grad_reduce=overlap),
+        dtype=pcfg.param_dtype,
+    )
+    scaler = make_loss_scaler(pcfg)
+    opt = AdamW(chunks, groups, OptimizerConfig(**OPT, clip_grad=clip), loss_scaler=scaler)
+    losses, results, scales, history = [], [], [], []
+    for step in range(steps):
+        opt.zero_grad()
+        batches = step_batches(cfg, step, m, groups.dp)[groups.dp_rank]
+        scales.append(scaler.scale)
+        losses.append(
+            forward_backward(
+                chunks,
+                batches,
+                groups,
+                dtype=pcfg.param_dtype,
+                loss_scale=scaler.scale,
+                hidden_shape=(MICRO_BATCH, cfg.max_seq_len, cfg.hidden_size),
+            )
+        )
+        if step == inject_inf_step and groups.dp_rank == groups.dp - 1 and groups.pp_rank == 0:
+            chunks[0].grad_buffer[opt.ranges[0].lo] = float("inf")  # one rank's (reduced) gradient overflows
+        results.append(opt.step())
+        history.append(named(chunks))
+    state = [(r.lo, r.hi, r.master.numel(), r.exp_avg.numel(), r.exp_avg_sq.numel()) for r in opt.ranges]
+    dtypes = {
+        "params": {str(p.dtype) for c in chunks for p in c.module.parameters()},
+        "main_grads": {str(p.main_grad.dtype) for c in chunks for p in c.module.parameters()},
+        "masters": {str(r.master.dtype) for r in opt.ranges},
+    }
+    # Under ZeRO-1 the parameters in the owned shards are exactly the fp32 masters rounded to the param dtype.
+    rounded = not zero or all(
+        torch.equal(r.ddp.param_buffer[r.lo : r.hi], r.master.to(pcfg.param_dtype)) for r in opt.ranges
+    )
+    # Which elements of each parameter this rank's optimizer owns, and whether its master copy equals them.
+    owned = [
+        (
+            name,
+            start,
+            length,
+            bool(torch.equal(state["master"], p.detach().float().reshape(-1)[start : start + length])),
+        )
+        for name, p, start, length, state in opt.param_segments()
+    ]
+    return {
+        "owned": owned,
+        "losses": losses,
+        "results": results,
+        "scales": scales,
+        "params": named(chunks),
+        "state": state,
+        "history": history,
+        "dtypes": dtypes,
+        "rounded": rounded,
+        "state_bytes": opt.state_bytes(),
+        "buffer_numel": sum(c.grad_buffer.numel() for c in chunks),
+    }
+
+
+def reference_grads(cfg: TinyConfig, m: int, dp: int):
+    model = TinyTransformer(cfg)
+    batches = [b for rank_batches in step_batches(cfg, 0, m, dp) for b in rank_batches]
+    loss = reference_loss(model, batches)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def reference_training(cfg: TinyConfig, m: int, dp: int, steps: int, clip=None, skip_steps=()):
+    """One-process AdamW on the full global batch (torch.optim.AdamW, decay off for 1-D parameters)."""
+    model = TinyTransformer(cfg)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], **{k: v for k, v in OPT.items()}
+    )
+    losses, norms = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        batches = [b for rank_batches in step_batches(cfg, step, m, dp) for b in rank_batches]
+        loss = reference_loss(model, batches)
+        losses.append(float(loss.detach()))
+        if step in skip_steps:
+            norms.append(float("nan"))
+            continue
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))))
+        opt.step()
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}

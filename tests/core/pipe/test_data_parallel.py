@@ -1,0 +1,124 @@
+"""DDP, the distributed optimizer (ZeRO-1), pp x dp, fp16 loss scaling and clipping against one process."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from tests.core.pipe.common import OPT, reference_training, train_worker
+from tests.core.pipe.model import TinyConfig
+from tests.harness import run_distributed
+
+STEPS = 3
+OPT_LR = OPT["lr"]
+
+
+def _check_params(results, ref_params, atol=2e-5):
+    seen = set()
+    for rank, out in enumerate(results):
+        for name, value in out["params"].items():
+            torch.testing.assert_close(value, ref_params[name], rtol=1e-4, atol=atol, msg=f"rank {rank} {name}")
+            seen.add(name)
+    assert seen == set(ref_params)
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("zero", [False, True])
+def test_data_parallel_adamw_matches_one_process(dp, zero):
+    cfg = TinyConfig(num_layers=2)
+    m = 2
+    results = run_distributed(train_worker, dp, cfg, 1, m, STEPS, zero=zero, timeout=120)
+    ref_losses, _, ref_params = reference_training(cfg, m, dp, STEPS)
+    for out in results:
+        assert out["losses"] == pytest.approx(ref_losses, rel=1e-5)
+        assert all(r.applied for r in out["results"])
+    _check_params(results, ref_params)
+    # Optimizer state (fp32 master + two moments) is 1/dp of the (padded) gradient buffer with ZeRO-1.
+    for out in results:
+        owned = sum(master for _, _, master, _, _ in out["state"])
+        assert all(master == a == b for _, _, master, a, b in out["state"])
+        assert owned * (dp if zero else 1) == out["buffer_numel"]
+        assert out["state_bytes"] == 12 * owned
+    # param_segments: over the dp ranks every element of every parameter is owned exactly once (ZeRO-1) or
+    # by every rank (replicated), and the fp32 master equals the parameter.
+    for name, ref in ref_params.items():
+        counts = torch.zeros(ref.numel())
+        for out in results:
+            for seg_name, start, length, master_matches in out["owned"]:
+                if seg_name == name:
+                    counts[start : start + length] += 1
+                    assert master_matches, name
+        assert bool((counts == (1 if zero else dp)).all()), name
+    if zero:
+        ranges = sorted((lo, hi) for out in results for lo, hi, *_ in out["state"])
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges)), "shards are disjoint"
+
+
+def test_pipeline_times_data_parallel_with_zero_and_clipping():
+    # pp2 x dp2, tied embeddings across the first and last stage, clipping active (threshold below the norm).
+    cfg = TinyConfig(num_layers=4, tie_embeddings=True)
+    m, clip = 3, 0.5
+    results = run_distributed(train_worker, 4, cfg, 2, m, STEPS, zero=True, clip=clip, timeout=120)
+    ref_losses, ref_norms, ref_params = reference_training(cfg, m, 2, STEPS, clip=clip)
+    assert min(ref_norms) > clip, "the test must exercise clipping"
+    for out in results:
+        assert out["losses"] == pytest.approx(ref_losses, rel=1e-5)
+        assert [r.grad_norm for r in out["results"]] == pytest.approx(ref_norms, rel=1e-5)
+    _check_params(results, ref_params)
+
+
+def test_interleaved_pipeline_times_data_parallel():
+    cfg = TinyConfig(num_layers=4)
+    m = 2
+    results = run_distributed(train_worker, 4, cfg, 2, m, 2, vp=2, clip=1e9, timeout=120)
+    ref_losses, ref_norms, ref_params = reference_training(cfg, m, 2, 2)
+    for out in results:
+        assert out["losses"] == pytest.approx(ref_losses, rel=1e-5)
+        assert [r.grad_norm for r in out["results"]] == pytest.approx(ref_norms, rel=1e-5)
+    _check_params(results, ref_params)
+
+
+def test_fp16_overflow_skips_exactly_that_step_and_lowers_the_scale():
+    cfg = TinyConfig(num_layers=2)
+    m, steps, bad = 2, 4, 1
+    results = run_distributed(
+        train_worker, 2, cfg, 1, m, steps, zero=True, precision="fp16", inject_inf_step=bad, timeout=120
+    )
+    fp32 = run_distributed(train_worker, 2, cfg, 1, m, steps, zero=True, inject_inf_step=bad, timeout=120)
+    for out in results:
+        assert [r.applied for r in out["results"]] == [s != bad for s in range(steps)]
+        assert out["scales"][bad + 1] == out["scales"][bad] / 2, "the overflow halves the scale (hysteresis 1)"
+        assert out["scales"][bad] == out["scales"][0] == 2.0**16
+        assert math.isnan(out["results"][bad].grad_norm)
+        assert all(math.isfinite(loss) for loss in out["losses"])
+        # The skipped step left every parameter bit-for-bit unchanged; the next steps updated them again.
+        for name, before in out["history"][bad - 1].items():
+            assert torch.equal(out["history"][bad][name], before), name
+        assert any(not torch.equal(out["history"][bad + 1][n], v) for n, v in out["history"][bad].items())
+        # fp16 training continued like the fp32 run that skipped the same step.
+        assert out["losses"] == pytest.approx(fp32[0]["losses"], rel=2e-2)
+    # The fp32 run with the same injection equals one-process AdamW that simply skips that step.
+    ref_losses, _, ref_params = reference_training(cfg, m, 2, steps, skip_steps={bad})
+    assert fp32[0]["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    _check_params(fp32, ref_params)
+
+
+def test_bf16_keeps_fp32_main_grads_and_masters_and_tracks_fp32():
+    cfg = TinyConfig(num_layers=2)
+    results = run_distributed(train_worker, 2, cfg, 1, 2, STEPS, zero=True, precision="bf16", timeout=120)
+    ref_losses, _, ref_params = reference_training(cfg, 2, 2, STEPS)
+    for out in results:
+        assert out["dtypes"] == {
+            "params": {"torch.bfloat16"},
+            "main_grads": {"torch.float32"},
+            "masters": {"torch.float32"},
+        }
+        assert out["rounded"], "bf16 parameters are the fp32 masters rounded"
+        assert out["losses"] == pytest.approx(ref_losses, rel=1e-2)
+        # Adam moves each element by about lr per step, so bf16 noise can flip a tiny gradient's update; on
+        # average the bf16 run stays far closer to the fp32 one than a single step's movement.
+        diffs = torch.cat([(v - ref_params[n]).abs().reshape(-1) for n, v in out["params"].items()])
+        assert diffs.mean() < 0.25 * OPT_LR * STEPS, float(diffs.mean())
