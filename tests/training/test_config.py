@@ -35,6 +35,9 @@ class ToyModel:
     num_layers: int = option(2, help="Transformer layers.")
     rope_scaling: dict | None = option(None, help="RoPE scaling.")  # noqa: RUF009 (option() returns dataclasses.field)
     norm: str = option("rmsnorm", help="Norm kind.")
+    hidden_size: int = 64
+    """Width of the residual stream,
+    documented the docstring way."""
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -98,6 +101,9 @@ def test_dump_round_trips_and_help_lists_every_field(tmp_path):
         for f in dataclasses.fields(sub):
             assert f"{section}.{f.name} (" in text, f"{section}.{f.name} missing from help"
     assert "Peak learning rate" in text
+    assert (
+        "model.hidden_size (int, default 64)\n      Width of the residual stream, documented the docstring way." in text
+    )
     assert set(config_to_dict(cfg)) == {"optimizer", "schedule", "training", "checkpoint", "logging", "model"}
 
 

@@ -7,11 +7,16 @@ and each dataclass's own `__post_init__` the validation, whose ValueError is re-
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import itertools
 import json
 import os
 import sys
+import textwrap
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -242,6 +247,29 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """Docstrings written under fields (`name: int = 1` then a string literal), for classes (and bases) that
+    document fields that way instead of with `option(help=...)`. Empty when the source is unavailable."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, nxt in itertools.pairwise(body):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 def format_config_help(cls: type, prefix: str = "") -> str:
     """One entry per field, recursively: dotted name, type, default and help text."""
     lines: list[str] = []
@@ -262,6 +290,6 @@ def format_config_help(cls: type, prefix: str = "") -> str:
             default = repr(f.default_factory())
         else:
             default = "required"
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help") or _field_docstrings(cls).get(f.name, "")
         lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default})\n      {help_text}".rstrip())
     return "\n".join(lines)
