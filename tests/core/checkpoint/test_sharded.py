@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from megalith.core.checkpoint import (
     publish_checkpoint,
     read_full_tensors,
     read_tensor_metadata,
+    resolve_checkpoint_dir,
     save_sharded_state,
     write_model_checkpoint,
 )
@@ -209,3 +211,12 @@ def test_publish_replaces_latest_only_after_rename(tmp_path):
     final = publish_checkpoint(tmp_path, 5, {"extra": {}})
     assert (tmp_path / "latest").read_text().strip() == "iter_0000005"
     assert final.is_dir() and not (tmp_path / "iter_0000005.tmp").exists()
+    (tmp_path / "iter_0000003").mkdir()  # an older complete one, and an incomplete newer one
+    (tmp_path / "iter_0000003" / "megalith.json").write_text('{"step": 3}')
+    (tmp_path / "iter_0000009").mkdir()
+    assert resolve_checkpoint_dir(tmp_path) == final
+    shutil.rmtree(final)  # `latest` names a directory that is gone: fall back to the newest complete one
+    assert resolve_checkpoint_dir(tmp_path).name == "iter_0000003"
+    shutil.rmtree(tmp_path / "iter_0000003")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_checkpoint_dir(tmp_path)

@@ -120,7 +120,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """One checkpoint directory from `path`: itself when it is one, else the one ROOT/latest names.
 
-    Without a `latest` file (e.g. a crash between the rename and the pointer update), the newest complete
+    Without a usable `latest` file (none yet, or it names a directory that is gone), the newest complete
     checkpoint directory is used.
     """
     path = Path(path)
@@ -132,10 +132,10 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
         if not _ITER_RE.match(name):
             raise ValueError(f"{latest}: expected a directory name like iter_0000100, got {name!r}")
         target = path / name
-        if not (target / INFO_FILE).is_file():
-            raise FileNotFoundError(f"{latest} names {name}, which is not a complete checkpoint")
-        return target
+        if (target / INFO_FILE).is_file():
+            return target
+        # Only a crash while re-saving the step `latest` names gets here: use the newest complete one.
     found = list_checkpoints(path)
     if found:
         return found[-1][1]
-    raise FileNotFoundError(f"no checkpoint in {path} (neither {INFO_FILE}, nor {LATEST_FILE}, nor iter_* dirs)")
+    raise FileNotFoundError(f"no complete checkpoint in {path} (no {INFO_FILE} in it or in any iter_* dir)")
