@@ -122,3 +122,18 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     loaded = CheckpointManager(tmp_path).load(target)
     assert loaded.step == saved and loaded.extra == {"stopped_by": "signal SIGTERM"}
     assert target["model/w"].tolist() == [float(saved)] * 4
+
+
+def _dying_peer_rank(rank, world_size):
+    init_distributed(timeout_s=5.0)
+    if rank == 1:
+        return None  # this rank leaves; its process exits without joining the collective below
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        dist.all_reduce(torch.ones(1))
+    return time.monotonic() - start
+
+
+def test_a_rank_that_leaves_makes_the_others_fail_instead_of_hanging():
+    elapsed, _ = run_distributed(_dying_peer_rank, 2, init=False, timeout=60)
+    assert elapsed < 30
