@@ -3,3 +3,60 @@
 from megalith.core.checkpoint.spec import ShardSpec
 
 __all__ = ["ShardSpec"]
+
+"""Sharded, reshardable checkpoints: canonical names and global shapes on torch.distributed.checkpoint."""
+
+from __future__ import annotations
+
+from megalith.core.checkpoint.layout import (
+    INFO_FILE,
+    LATEST_FILE,
+    MODEL_PREFIX,
+    OPTIM_PREFIX,
+    atomic_write_text,
+    iter_dir_name,
+    list_checkpoints,
+    publish_checkpoint,
+    read_info,
+    resolve_checkpoint_dir,
+    tmp_dir_name,
+)
+from megalith.core.checkpoint.model_io import ModelCheckpointReader, write_model_checkpoint
+from megalith.core.checkpoint.sharded import (
+    LocalShard,
+    SafeFileSystemReader,
+    TensorInfo,
+    load_sharded_state,
+    read_full_tensors,
+    read_tensor_metadata,
+    save_sharded_state,
+)
+from megalith.core.checkpoint.spec import ShardSpec
+from megalith.core.checkpoint.state import model_sharded_state, optimizer_sharded_state, prepare_optimizer_state
+
+__all__ = [
+    "INFO_FILE",
+    "LATEST_FILE",
+    "MODEL_PREFIX",
+    "OPTIM_PREFIX",
+    "LocalShard",
+    "ModelCheckpointReader",
+    "SafeFileSystemReader",
+    "ShardSpec",
+    "TensorInfo",
+    "atomic_write_text",
+    "iter_dir_name",
+    "list_checkpoints",
+    "load_sharded_state",
+    "model_sharded_state",
+    "optimizer_sharded_state",
+    "prepare_optimizer_state",
+    "publish_checkpoint",
+    "read_full_tensors",
+    "read_info",
+    "read_tensor_metadata",
+    "resolve_checkpoint_dir",
+    "save_sharded_state",
+    "tmp_dir_name",
+    "write_model_checkpoint",
+]
