@@ -53,7 +53,7 @@ def test_import_then_export_round_trip_through_the_commands(hf_dir, tmp_path, ca
 
 
 def test_existing_output_needs_force_and_failures_keep_the_old_output(hf_dir, tmp_path, capsys):
-    hf, cfg, tensors = hf_dir
+    hf = hf_dir[0]
     out = tmp_path / "trt"
     out.mkdir()
     (out / "keep.txt").write_text("old")
@@ -69,7 +69,7 @@ def test_existing_output_needs_force_and_failures_keep_the_old_output(hf_dir, tm
 
 
 def test_import_errors_exit_with_a_message(hf_dir, tmp_path, capsys):
-    hf, cfg, tensors = hf_dir
+    hf = hf_dir[0]
     assert import_main(["hf", "--hf", str(hf), "--out", str(tmp_path / "x"), "--format", "canonical", "--tp", "4"]) == 2
     assert "num_kv_heads (2) must be divisible by tp (4)" in capsys.readouterr().err
     assert import_main(["hf", "--hf", str(tmp_path / "none"), "--out", str(tmp_path / "y")]) == 2
