@@ -151,7 +151,9 @@ def test_rank_files_reassemble_to_the_canonical_tensors(name, tp, pp, tmp_path):
     if llama:
         assert config["attn_bias"] == config["mlp_bias"] == cfg["bias"]
         scaling = cfg["rope_scaling"]
-        assert config["rotary_scaling"] == (None if scaling is None else {"type": "llama3", **scaling})
+        assert config["rotary_scaling"] == (
+            None if scaling is None else {"type": "llama3", "rope_type": "llama3", **scaling}
+        )
     else:
         assert config["bias"] is True
 

@@ -118,6 +118,7 @@ def import_main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as staging, atomic_output_dir(args.out, args.force) as tmp:
             tokenizer = Path(staging) / "tokenizer"
             has_tokenizer = bool(copy_tokenizer_files(source.path, tokenizer))
+            tmp.rmdir()  # the sink creates the directory itself (a checkpoint writer may insist on a new one)
             sink(tmp, source.model_config, source.named_tensors(), tokenizer_dir=tokenizer if has_tokenizer else None)
     except ConversionError as exc:
         print(f"megalith-import: error: {exc}", file=sys.stderr)

@@ -189,6 +189,8 @@ def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not tmp.is_dir():
+        raise ConversionError(f"{tmp}: the output was not written")
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

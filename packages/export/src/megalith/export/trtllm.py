@@ -42,7 +42,8 @@ def check_trt_family(spec: ModelSpec) -> None:
 def trt_config(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict:
     rotary_scaling = None
     if spec.rope_scaling is not None:
-        rotary_scaling = {"type": "llama3", **spec.rope_scaling}
+        # Releases differ in which key names the scaling kind; both are written (extra keys are ignored).
+        rotary_scaling = {"type": "llama3", "rope_type": "llama3", **spec.rope_scaling}
     config = {
         "architecture": ARCHITECTURES[spec.family],
         "dtype": DTYPE_NAMES[dtype],
