@@ -46,7 +46,14 @@ def test_import_then_export_round_trip_through_the_commands(hf_dir, tmp_path, ca
         assert torch.equal(load_file(again / "model.safetensors")[name], tensor), name
     assert json.loads((again / "config.json").read_text())["eos_token_id"] == 2
     assert (again / "tokenizer.json").is_file()
+    capsys.readouterr()
     assert export_main(["trtllm", "--load", str(ckpt), "--out", str(tmp_path / "trt"), "--tp", "2", "--pp", "2"]) == 0
+    progress = capsys.readouterr().err.splitlines()  # one line per tensor group when not on a terminal
+    assert [line.split("] ")[1].split(":")[0] for line in progress] == [
+        "1/6 embeddings",
+        *(f"{k + 2}/6 layer {k}" for k in range(4)),
+        "6/6 head",
+    ]
     assert export_main(["verify", str(tmp_path / "trt")]) == 0
     assert export_main(["verify", str(again)]) == 0
     assert "OK" in capsys.readouterr().out

@@ -112,6 +112,19 @@ def test_import_original_gpt2_naming_without_prefix_and_with_mask_buffers(tmp_pa
         assert torch.equal(source.read(name), original), name
 
 
+def test_gpt2_tanh_gelu_imports_with_a_warning(tmp_path):
+    cfg = CONFIGS["gpt_untied"]
+    out = export_hf(DictSource(cfg, random_tensors(cfg)), tmp_path / "hf", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["activation_function"] == "gelu"
+    (out / "config.json").write_text(json.dumps({**config, "activation_function": "gelu_new"}))
+    with pytest.warns(UserWarning, match="tanh approximation"):
+        assert HFModelSource(out).model_config["activation"] == "gelu"
+    (out / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(ConversionError, match="activation_function 'relu'"):
+        HFModelSource(out)
+
+
 def _damaged_copy(tmp_path, change):
     cfg = CONFIGS["llama_gqa"]
     out = export_hf(DictSource(cfg, random_tensors(cfg)), tmp_path / "hf", dtype=torch.float32, progress=False)

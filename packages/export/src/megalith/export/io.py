@@ -228,7 +228,9 @@ class Progress:
         width = 24
         filled = int(width * self._done_groups / max(self.total_groups, 1))
         bar = "#" * filled + "." * (width - filled)
-        self.stream.write(f"\r[{bar}] {self._done_groups}/{self.total_groups} {self._group}: {name}\x1b[K{end}")
+        line = f"[{bar}] {self._done_groups}/{self.total_groups} {self._group}: {name}"
+        # On a terminal the bar redraws in place; elsewhere (logs) each finished group is one plain line.
+        self.stream.write(f"\r{line}\x1b[K{end}" if self.stream.isatty() else f"{line}{end}")
         self.stream.flush()
 
     def _finish_group(self) -> None:
