@@ -186,3 +186,41 @@ def test_export_rejects_what_hf_cannot_express_and_bad_sources(tmp_path):
         export_hf(DictSource(cfg, tensors), tmp_path / "c", progress=False)
     with pytest.raises(ConversionError, match="'family' = 'mixtral'"):
         export_hf(DictSource(dict(cfg, family="mixtral"), tensors), tmp_path / "d", progress=False)
+
+
+def _save_transformers_model(model, path):
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_import_models_written_by_transformers(family, tmp_path):
+    """Random models built and saved by transformers itself import to tensors whose reference logits match."""
+    torch.manual_seed(0)
+    if family == "gpt":
+        config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4,
+                                         activation_function="gelu", tie_word_embeddings=True)  # fmt: skip
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                          rope_theta=20000.0, tie_word_embeddings=False)  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():  # transformers initialises biases and norms to constants; make them random
+            p.add_(0.05 * torch.randn_like(p))
+    path = _save_transformers_model(model.eval(), tmp_path / "hf")
+    source = HFModelSource(path)
+    tensors = dict(source.named_tensors())
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits.double()
+    got = reference_logits(source.model_config, tensors, ids)
+    err = (got - expected).abs().max().item()
+    assert err < 1e-4 * expected.abs().max().item(), f"max |logit error| {err}"
+    export_hf(DictSource(source.model_config, tensors), tmp_path / "again", dtype=torch.float32, progress=False)
+    original = load_file(path / "model.safetensors")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() <= original.keys()
+    for name, tensor in again.items():
+        assert torch.equal(tensor, original[name]), name

@@ -37,6 +37,9 @@ def hf_config(spec: ModelSpec, dtype: torch.dtype, token_ids: dict) -> dict:
         "tie_word_embeddings": spec.tie_embeddings,
         "use_cache": True,
         "torch_dtype": DTYPE_NAMES[dtype],
+        # Unknown ids are written as null so that readers do not fall back to their own family defaults.
+        "bos_token_id": None,
+        "eos_token_id": None,
         **token_ids,
     }
     if spec.family == "gpt":
