@@ -98,14 +98,18 @@ class SafetensorsReader:
                 f"{self.path}: tensor {name!r} holds {end - begin} bytes, but {entry['dtype']} {list(shape)} "
                 f"needs {expected}"
             )
-        buffer = bytearray(expected)
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
-            if f.readinto(buffer) != expected:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} is truncated")
         if expected == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        buffer = torch.empty(expected, dtype=torch.uint8)  # read straight into the tensor's storage
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            view, done = memoryview(buffer.numpy()), 0
+            while done < expected:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise SafetensorsError(f"{self.path}: tensor {name!r} is truncated")
+                done += got
+        return buffer.view(dtype).reshape(shape)
 
     def _entry(self, name: str) -> dict:
         if name not in self.entries:
