@@ -168,7 +168,7 @@ def reference_logits(cfg: dict, tensors: dict[str, torch.Tensor], ids: torch.Ten
             gate, up = f.chunk(2, -1)
             a = gate * torch.sigmoid(gate) * up
         else:
-            a = 0.5 * f * (1 + torch.erf(f / math.sqrt(2)))
+            a = 0.5 * f * (1 + torch.tanh(math.sqrt(2 / math.pi) * (f + 0.044715 * f**3)))  # GPT-2's GELU
         x = x + a @ w[p + "mlp.fc2.weight"].T + b(p + "mlp.fc2.bias")
     x = _norm(cfg, x, w["final_norm.weight"], b("final_norm.bias"))
     return x @ w.get("output.weight", w["embed.weight"]).T

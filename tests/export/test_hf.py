@@ -112,13 +112,13 @@ def test_import_original_gpt2_naming_without_prefix_and_with_mask_buffers(tmp_pa
         assert torch.equal(source.read(name), original), name
 
 
-def test_gpt2_tanh_gelu_imports_with_a_warning(tmp_path):
+def test_gpt2_exact_gelu_imports_with_a_warning(tmp_path):
     cfg = CONFIGS["gpt_untied"]
     out = export_hf(DictSource(cfg, random_tensors(cfg)), tmp_path / "hf", progress=False)
     config = json.loads((out / "config.json").read_text())
-    assert config["activation_function"] == "gelu"
-    (out / "config.json").write_text(json.dumps({**config, "activation_function": "gelu_new"}))
-    with pytest.warns(UserWarning, match="tanh approximation"):
+    assert config["activation_function"] == "gelu_new"
+    (out / "config.json").write_text(json.dumps({**config, "activation_function": "gelu"}))
+    with pytest.warns(UserWarning, match="exact"):
         assert HFModelSource(out).model_config["activation"] == "gelu"
     (out / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(ConversionError, match="activation_function 'relu'"):
@@ -199,7 +199,7 @@ def test_import_models_written_by_transformers(family, tmp_path):
     torch.manual_seed(0)
     if family == "gpt":
         config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4,
-                                         activation_function="gelu", tie_word_embeddings=True)  # fmt: skip
+                                         activation_function="gelu_new", tie_word_embeddings=True)  # fmt: skip
         model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=2,

@@ -18,8 +18,9 @@ from megalith.export.spec import DTYPE_NAMES, NAME_TO_DTYPE, ConversionError, Mo
 
 ARCHITECTURES = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 MODEL_TYPES = {"gpt2": "gpt", "llama": "llama"}
-# GPT-2 on the Hugging Face side uses the exact (erf) GELU, which is what Megalith's "gelu" computes.
-GPT2_ACTIVATION = "gelu"
+# Megalith's "gelu" is the tanh approximation GPT-2 was trained with; Hugging Face calls it "gelu_new"
+# ("gelu_pytorch_tanh" and "gelu_fast" are the same function computed differently).
+GPT2_ACTIVATION = "gelu_new"
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -106,14 +107,14 @@ def spec_from_hf_config(config: dict, path: Path) -> ModelSpec:
 
 def _gpt2_spec(config: dict, path: Path) -> ModelSpec:
     act = _get(config, "activation_function", path, "gelu_new")
-    if act in GPT2_TANH_GELUS:
+    if act == "gelu":
         warnings.warn(
-            f"{path}: activation_function {act!r} is a tanh approximation of GELU; Megalith computes the exact "
-            "(erf) GELU, so logits will differ slightly (about 1e-3)",
+            f"{path}: activation_function 'gelu' is the exact (erf) GELU; Megalith computes the tanh approximation "
+            "(gelu_new), so logits will differ slightly (about 1e-4 relative)",
             stacklevel=3,
         )
-    elif act != "gelu":
-        raise ConversionError(f"{path}: activation_function {act!r} is not supported (use gelu or gelu_new)")
+    elif act not in GPT2_TANH_GELUS:
+        raise ConversionError(f"{path}: activation_function {act!r} is not supported (use gelu_new)")
     for key, want in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
         if config.get(key, want) != want:
             raise ConversionError(f"{path}: {key} = {config[key]!r} is not supported (needs {want})")
