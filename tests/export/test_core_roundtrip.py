@@ -64,3 +64,27 @@ def test_import_into_megalith_and_export_back_match_transformers(family, tmp_pat
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, got, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_import_to_a_training_checkpoint_and_export_from_it(tmp_path):
+    """megalith-import hf -> write_model_checkpoint -> ModelCheckpointReader -> megalith-export hf / trtllm."""
+    pytest.importorskip("megalith.core.checkpoint", reason="megalith.core.checkpoint is not available")
+    from safetensors.torch import load_file
+
+    from megalith.export.cli import export_main, import_main
+    from tests.export.common import CONFIGS, random_tensors
+
+    cfg = CONFIGS["llama_gqa"]
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    export_hf(DictSource(cfg, random_tensors(cfg), tok), tmp_path / "hf", dtype=torch.float32, progress=False)
+    assert import_main(["hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--tp", "2"]) == 0
+    out = tmp_path / "hf2"
+    assert export_main(["hf", "--load", str(tmp_path / "ckpt"), "--out", str(out), "--dtype", "fp32", "--quiet"]) == 0
+    before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert (out / "tokenizer.json").is_file()
+    trt = tmp_path / "trt"
+    assert export_main(["trtllm", "--load", str(tmp_path / "ckpt"), "--out", str(trt), "--tp", "4", "--pp", "2"]) == 0
+    assert export_main(["verify", str(trt)]) == 0

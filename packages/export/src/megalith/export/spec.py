@@ -82,6 +82,8 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: dict) -> ModelSpec:
+        if config is None:
+            raise ConversionError("the checkpoint holds no model config (megalith.json has no model_config)")
         if not isinstance(config, dict):
             raise ConversionError(f"model config must be a dict, got {type(config).__name__}")
         family = _field(config, "family", str)
