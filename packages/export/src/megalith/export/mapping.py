@@ -42,14 +42,22 @@ def _expand(text: str) -> tuple[str, ...]:
     return tuple(head + c.strip() + tail for c in choices.split(","))
 
 
+HF_OPS = {"copy": 1, "transpose": 1, "split_qkv": 3, "split_gate_up": 2}  # op -> number of HF tensors
+TRT_OPS = {"replicate": 1, "row": 1, "qkv": 1, "lm_head": 1, "fc1": 2}  # op -> number of TRT names (fc1: fc, gate)
+WHEN = ("always", "bias", "norm_bias", "learned", "untied")
+
+
 def _table(text: str, **prefixes: str) -> tuple[Param, ...]:
     rows = []
     for line in text.strip().splitlines():
         cells = [c.strip() for c in line.split("|")]
         canonical, hf, hf_op, trt, trt_op = cells[:5]
         when = cells[5] if len(cells) > 5 else "always"
-        rows.append(Param(canonical, _expand(hf.format(i="{i}", **prefixes)), hf_op,
-                          _expand(trt.format(i="{i}", **prefixes)), trt_op, when))  # fmt: skip
+        row = Param(canonical, _expand(hf.format(i="{i}", **prefixes)), hf_op,
+                    _expand(trt.format(i="{i}", **prefixes)), trt_op, when)  # fmt: skip
+        if HF_OPS.get(hf_op) != len(row.hf) or TRT_OPS.get(trt_op) != len(row.trt) or when not in WHEN:
+            raise AssertionError(f"malformed mapping row: {line!r}")
+        rows.append(row)
     return tuple(rows)
 
 
