@@ -1,0 +1,426 @@
+"""Hugging Face GPT2LMHeadModel / LlamaForCausalLM export and import, one tensor at a time through mapping tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from megalith.export import mapping
+from megalith.export.io import ModelSource, Progress, atomic_output_dir, copy_tokenizer_files
+from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
+from megalith.export.spec import DTYPE_NAMES, NAME_TO_DTYPE, ConversionError, ModelSpec
+
+ARCHITECTURES = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+MODEL_TYPES = {"gpt2": "gpt", "llama": "llama"}
+# Megalith's "gelu" is the tanh approximation GPT-2 was trained with; Hugging Face calls it "gelu_new"
+# ("gelu_pytorch_tanh" and "gelu_fast" are the same function computed differently).
+GPT2_ACTIVATION = "gelu_new"
+GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+
+
+# ---------------------------------------------------------------- configs
+
+
+def hf_config(spec: ModelSpec, dtype: torch.dtype, token_ids: dict) -> dict:
+    """config.json for the exported model (transformers v4 keys, which v5 still reads)."""
+    common = {
+        "architectures": [ARCHITECTURES[spec.family]],
+        "vocab_size": spec.vocab_size,
+        "initializer_range": spec.init_std,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "use_cache": True,
+        "torch_dtype": DTYPE_NAMES[dtype],
+        # Unknown ids are written as null so that readers do not fall back to their own family defaults.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        **token_ids,
+    }
+    if spec.family == "gpt":
+        return {
+            "model_type": "gpt2",
+            **common,
+            "n_positions": spec.max_seq_len,
+            "n_embd": spec.hidden_size,
+            "n_layer": spec.num_layers,
+            "n_head": spec.num_attention_heads,
+            "n_inner": spec.ffn_hidden_size,
+            "activation_function": GPT2_ACTIVATION,
+            "layer_norm_epsilon": spec.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "scale_attn_weights": True,
+        }
+    rope_scaling = None
+    if spec.rope_scaling is not None:
+        rope_scaling = {"rope_type": "llama3", **{k: spec.rope_scaling[k] for k in spec.rope_scaling}}
+    return {
+        "model_type": "llama",
+        **common,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_seq_len,
+        "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_base,
+        "rope_scaling": rope_scaling,
+        "attention_bias": spec.bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": spec.bias,
+        "pretraining_tp": 1,
+    }
+
+
+def _get(config: dict, key: str, path: Path, default=None):
+    if key in config and config[key] is not None:
+        return config[key]
+    if default is None:
+        raise ConversionError(f"{path}: lacks the field {key!r}")
+    return default
+
+
+def spec_from_hf_config(config: dict, path: Path) -> ModelSpec:
+    """Canonical model description of a Hugging Face GPT-2 or Llama config.json; raises for anything else."""
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES or any(a not in ARCHITECTURES.values() for a in architectures):
+        raise ConversionError(
+            f"{path}: unsupported architecture {architectures} (model_type {model_type!r}); "
+            f"supported: {sorted(ARCHITECTURES.values())}"
+        )
+    if model_type == "gpt2":
+        return _gpt2_spec(config, path)
+    return _llama_spec(config, path)
+
+
+def _gpt2_spec(config: dict, path: Path) -> ModelSpec:
+    act = _get(config, "activation_function", path, "gelu_new")
+    if act == "gelu":
+        warnings.warn(
+            f"{path}: activation_function 'gelu' is the exact (erf) GELU; Megalith computes the tanh approximation "
+            "(gelu_new), so logits will differ slightly (about 1e-4 relative)",
+            stacklevel=3,
+        )
+    elif act not in GPT2_TANH_GELUS:
+        raise ConversionError(f"{path}: activation_function {act!r} is not supported (use gelu_new)")
+    for key, want in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
+        if config.get(key, want) != want:
+            raise ConversionError(f"{path}: {key} = {config[key]!r} is not supported (needs {want})")
+    hidden = _get(config, "n_embd", path)
+    return ModelSpec.from_config(
+        {
+            "family": "gpt",
+            "vocab_size": _get(config, "vocab_size", path),
+            "hidden_size": hidden,
+            "num_layers": _get(config, "n_layer", path),
+            "num_attention_heads": _get(config, "n_head", path),
+            "num_kv_heads": _get(config, "n_head", path),
+            "ffn_hidden_size": config.get("n_inner") or 4 * hidden,
+            "max_seq_len": _get(config, "n_positions", path),
+            "norm": "layernorm",
+            "norm_eps": float(_get(config, "layer_norm_epsilon", path, 1e-5)),
+            "activation": "gelu",
+            "position_embedding": "learned",
+            "rope_base": 10000.0,
+            "rope_scaling": None,
+            "bias": True,
+            "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
+            "init_std": float(config.get("initializer_range", 0.02)),
+        }
+    )
+
+
+def _llama_rope(config: dict, path: Path) -> tuple[float, dict | None]:
+    params = config.get("rope_parameters") or {}
+    base = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if not scaling:
+        return base, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return base, None
+    if kind != "llama3":
+        raise ConversionError(f"{path}: rope_scaling type {kind!r} is not supported (only llama3): {scaling}")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in scaling]
+    if missing:
+        raise ConversionError(f"{path}: rope_scaling lacks {missing}: {scaling}")
+    return base, {k: scaling[k] for k in keys}
+
+
+def _llama_spec(config: dict, path: Path) -> ModelSpec:
+    if _get(config, "hidden_act", path, "silu") != "silu":
+        raise ConversionError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (needs silu)")
+    hidden, heads = _get(config, "hidden_size", path), _get(config, "num_attention_heads", path)
+    head_dim = config.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise ConversionError(
+            f"{path}: head_dim ({head_dim}) * num_attention_heads ({heads}) != hidden_size ({hidden}); "
+            "Megalith needs head_dim = hidden_size / num_attention_heads"
+        )
+    attn_bias, mlp_bias = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
+    if attn_bias != mlp_bias:
+        raise ConversionError(f"{path}: attention_bias ({attn_bias}) != mlp_bias ({mlp_bias}) is not supported")
+    base, scaling = _llama_rope(config, path)
+    return ModelSpec.from_config(
+        {
+            "family": "llama",
+            "vocab_size": _get(config, "vocab_size", path),
+            "hidden_size": hidden,
+            "num_layers": _get(config, "num_hidden_layers", path),
+            "num_attention_heads": heads,
+            "num_kv_heads": config.get("num_key_value_heads") or heads,
+            "ffn_hidden_size": _get(config, "intermediate_size", path),
+            "max_seq_len": _get(config, "max_position_embeddings", path),
+            "norm": "rmsnorm",
+            "norm_eps": float(_get(config, "rms_norm_eps", path, 1e-6)),
+            "activation": "swiglu",
+            "position_embedding": "rope",
+            "rope_base": base,
+            "rope_scaling": scaling,
+            "bias": attn_bias,
+            "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+            "init_std": float(config.get("initializer_range", 0.02)),
+        }
+    )
+
+
+def hf_dtype(config: dict, path: Path) -> torch.dtype:
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if name not in NAME_TO_DTYPE:
+        raise ConversionError(f"{path}: torch_dtype {name!r} is not one of {sorted(NAME_TO_DTYPE)}")
+    return NAME_TO_DTYPE[name]
+
+
+def hf_manifest(spec: ModelSpec) -> list[tuple[mapping.Entry, str, tuple[int, ...]]]:
+    """(entry, Hugging Face name, shape) of every tensor of the exported model, in file order."""
+    out = []
+    for entry in mapping.entries(spec):
+        out += [(entry, n, s) for n, s in zip(entry.hf, mapping.hf_shapes(entry, spec), strict=True)]
+    return out
+
+
+# ---------------------------------------------------------------- export
+
+
+def to_hf(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+    op = entry.param.hf_op
+    if op == "copy":
+        return [tensor]
+    if op == "transpose":
+        return [tensor.t().contiguous()]
+    return list(torch.split(tensor, mapping.split_sizes(entry, spec), dim=0))
+
+
+def check_source(source: ModelSource, spec: ModelSpec) -> list[mapping.Entry]:
+    """The model's entries; raises naming every canonical tensor the source lacks or has in excess."""
+    wanted = mapping.entries(spec)
+    expected = {e.canonical for e in wanted}
+    names = set(source.tensor_names())
+    missing, extra = sorted(expected - names), sorted(names - expected)
+    if missing or extra:
+        raise ConversionError(f"source tensors do not match the model config: missing {missing}, unexpected {extra}")
+    return wanted
+
+
+def read_checked(source: ModelSource, entry: mapping.Entry, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    tensor = source.read(entry.canonical).detach()
+    expected = mapping.canonical_shape(entry, spec)
+    if tuple(tensor.shape) != expected:
+        raise ConversionError(
+            f"tensor {entry.canonical!r} has shape {list(tensor.shape)}, the model config implies {list(expected)}"
+        )
+    if not tensor.is_floating_point():
+        raise ConversionError(f"tensor {entry.canonical!r} has dtype {tensor.dtype}, expected a floating dtype")
+    return tensor.to(device="cpu", dtype=dtype)
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def _token_ids(source: ModelSource, overrides: dict) -> dict:
+    ids = {}
+    tokenizer_dir = source.tokenizer_dir
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "generation_config.json").is_file():
+        gen = json.loads((Path(tokenizer_dir) / "generation_config.json").read_text())
+        ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None}
+    ids.update({k: v for k, v in overrides.items() if v is not None})
+    return ids
+
+
+def export_hf(source: ModelSource, out: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False, progress: bool = True,
+              token_ids: dict | None = None) -> Path:  # fmt: skip
+    """Writes `source` as a Hugging Face model directory `out`; returns its path."""
+    spec = ModelSpec.from_config(source.model_config)
+    mapping.check_family_fits_hf(spec)
+    wanted = check_source(source, spec)
+    manifest = hf_manifest(spec)
+    shards = plan_shards([(n, tensor_nbytes(dtype, s)) for _, n, s in manifest], max_shard_bytes)
+    shapes = {n: s for _, n, s in manifest}
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
+    ]  # fmt: skip
+    ids = _token_ids(source, token_ids or {})
+    bar = Progress(spec.num_layers + 2, enabled=progress)
+    with atomic_output_dir(out, force) as tmp:
+        writers, where = [], {}
+        try:
+            for file, names in zip(files, shards, strict=True):
+                writers.append(SafetensorsWriter(tmp / file, [(n, dtype, shapes[n]) for n in names], {"format": "pt"}))
+                where.update({n: writers[-1] for n in names})
+            for entry in wanted:
+                tensor = read_checked(source, entry, spec, dtype)
+                for name, part in zip(entry.hf, to_hf(entry, tensor, spec), strict=True):
+                    where[name].write(name, part)
+                    bar.tensor(mapping.group_name(entry), name, part.numel() * part.element_size())
+                del tensor
+            for writer in writers:
+                writer.close()
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        bar.close()
+        if len(files) > 1:
+            index = {
+                "metadata": {"total_size": sum(w.total_bytes for w in writers)},
+                "weight_map": {n: f for f, names in zip(files, shards, strict=True) for n in names},
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(spec, dtype, ids), indent=2) + "\n")
+        generation = {"_from_model_config": True, **ids}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if source.tokenizer_dir is not None:
+            copy_tokenizer_files(source.tokenizer_dir, tmp, skip=("generation_config.json",))
+    return Path(out)
+
+
+# ---------------------------------------------------------------- import
+
+_IGNORED = {
+    "gpt": re.compile(r"^transformer\.h\.\d+\.attn\.(masked_)?bias$"),  # causal-mask buffers of old checkpoints
+    "llama": re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+}
+
+
+def _weight_files(hf_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a Hugging Face directory (single file or index + shards)."""
+    index, single = hf_dir / INDEX_FILE, hf_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConversionError(f"{index}: not a safetensors index ({exc})") from exc
+        return {name: hf_dir / file for name, file in weight_map.items()}
+    if single.is_file():
+        return dict.fromkeys(SafetensorsReader(single).names(), single)
+    if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
+        raise ConversionError(f"{hf_dir}: only safetensors weights are read (pickled .bin/.pt files are never loaded)")
+    raise ConversionError(f"{hf_dir}: has neither model.safetensors nor {INDEX_FILE}")
+
+
+class HFModelSource:
+    """A Hugging Face GPT-2 or Llama directory seen as canonical tensors (a `ModelSource`)."""
+
+    def __init__(self, hf_dir: str | os.PathLike, dtype: torch.dtype | None = None):
+        self.path = Path(hf_dir)
+        config_path = self.path / "config.json"
+        try:
+            self.hf_config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"{config_path}: cannot read ({exc})") from exc
+        self.spec = spec_from_hf_config(self.hf_config, config_path)
+        self.dtype = dtype
+        self._entries = {e.canonical: e for e in mapping.entries(self.spec)}
+        self._files = self._normalised(_weight_files(self.path))
+        self._readers: dict[Path, SafetensorsReader] = {}
+        self._check()
+
+    @staticmethod
+    def looks_like(path: str | os.PathLike) -> bool:
+        path = Path(path)
+        return (path / "config.json").is_file() and (
+            (path / "model.safetensors").is_file() or (path / INDEX_FILE).is_file()
+        )
+
+    def _normalised(self, files: dict[str, Path]) -> dict[str, tuple[Path, str]]:
+        """Hugging Face name -> (file, name stored in the file), without buffers that are not weights."""
+        # The original GPT-2 checkpoints name tensors without the "transformer." prefix.
+        strip = self.spec.family == "gpt" and not any(n.startswith("transformer.") for n in files)
+        ignored = _IGNORED[self.spec.family]
+        out = {}
+        for stored, path in files.items():
+            name = "transformer." + stored if strip and not stored.startswith("lm_head.") else stored
+            if not ignored.search(name):
+                out[name] = (path, stored)
+        if self.spec.tie_embeddings:
+            out.pop("lm_head.weight", None)  # some tied checkpoints also store the shared matrix
+        return out
+
+    def _reader(self, path: Path) -> SafetensorsReader:
+        if path not in self._readers:
+            if not path.is_file():
+                raise ConversionError(f"{path}: listed in {INDEX_FILE} but missing")
+            self._readers[path] = SafetensorsReader(path)
+        return self._readers[path]
+
+    def _check(self) -> None:
+        expected = hf_manifest(self.spec)
+        names = {n for _, n, _ in expected}
+        missing, extra = sorted(names - self._files.keys()), sorted(self._files.keys() - names)
+        if missing or extra:
+            raise ConversionError(
+                f"{self.path}: tensors do not match config.json: missing {missing}, unexpected {extra}"
+            )
+        for _, name, shape in expected:
+            path, stored = self._files[name]
+            found = self._reader(path).shape(stored)
+            if found != shape:
+                raise ConversionError(
+                    f"{path}: tensor {stored!r} has shape {list(found)}, config.json implies {list(shape)}"
+                )
+
+    @property
+    def model_config(self) -> dict:
+        return self.spec.to_config()
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path
+
+    def tensor_names(self) -> list[str]:
+        return list(self._entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        parts = [self._reader(self._files[n][0]).read(self._files[n][1]) for n in entry.hf]
+        op = entry.param.hf_op
+        tensor = parts[0].t().contiguous() if op == "transpose" else parts[0] if op == "copy" else torch.cat(parts)
+        return tensor if self.dtype is None else tensor.to(self.dtype)
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every canonical tensor in canonical order, one at a time."""
+        for name in self._entries:
+            yield name, self.read(name)

@@ -1,0 +1,243 @@
+"""Where canonical tensors come from and go to, atomic output directories, tokenizer files and progress output.
+
+A *source* is anything with `model_config` (a dict in `ModelConfig.to_dict()` form), `tensor_names()`,
+`read(name)` returning one full canonical tensor, and `tokenizer_dir` (a path or None):
+`megalith.core.checkpoint.ModelCheckpointReader` is one, `CanonicalDirSource` (a directory holding a canonical
+`model.safetensors` plus `megalith.json`) is another. A *sink* is a callable
+`sink(out_dir, model_config, named_tensors_iter, tokenizer_dir=None)`:
+`megalith.core.checkpoint.write_model_checkpoint` is one, `write_canonical_dir` is another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter
+from megalith.export.spec import ConversionError, ModelSpec
+
+CANONICAL_WEIGHTS = "model.safetensors"
+CANONICAL_CONFIG = "megalith.json"
+# Files a Hugging Face tokenizer (and its generation defaults) may consist of; copied in both directions.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "generation_config.json",
+)
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    """One model's canonical tensors, read one at a time (CONTRACT: ModelCheckpointReader)."""
+
+    @property
+    def model_config(self) -> dict: ...
+
+    @property
+    def tokenizer_dir(self) -> str | os.PathLike | None: ...
+
+    def tensor_names(self) -> list[str]: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+
+Sink = Callable[..., object]
+
+
+def _config_from_json(doc: dict, path: Path) -> dict:
+    for key in ("model_config", "model"):
+        if isinstance(doc.get(key), dict):
+            return doc[key]
+    if "family" in doc:
+        return doc
+    raise ConversionError(f"{path}: holds no model config (expected a 'model_config' object)")
+
+
+class CanonicalDirSource:
+    """A directory with a canonical `model.safetensors` and `megalith.json` (+ optional `tokenizer/`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        config_path = self.path / CANONICAL_CONFIG
+        try:
+            doc = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"{config_path}: cannot read the model config ({exc})") from exc
+        self._config = _config_from_json(doc, config_path)
+        self._reader = SafetensorsReader(self.path / CANONICAL_WEIGHTS)
+        tokenizer = self.path / "tokenizer"
+        self._tokenizer = tokenizer if tokenizer.is_dir() else None
+
+    @staticmethod
+    def looks_like(path: str | os.PathLike) -> bool:
+        path = Path(path)
+        return (path / CANONICAL_WEIGHTS).is_file() and (path / CANONICAL_CONFIG).is_file()
+
+    @property
+    def model_config(self) -> dict:
+        return dict(self._config)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self._tokenizer
+
+    def tensor_names(self) -> list[str]:
+        return self._reader.names()
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._reader.read(name)
+
+
+def open_source(path: str | os.PathLike) -> ModelSource:
+    """A canonical directory directly; anything else through megalith.core.checkpoint.ModelCheckpointReader."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"--load {path}: no such file or directory")
+    if CanonicalDirSource.looks_like(path):
+        return CanonicalDirSource(path)
+    try:
+        from megalith.core.checkpoint import ModelCheckpointReader
+    except ImportError as exc:
+        raise ConversionError(
+            f"--load {path}: not a canonical directory ({CANONICAL_WEIGHTS} + {CANONICAL_CONFIG}), and "
+            f"megalith.core.checkpoint.ModelCheckpointReader is unavailable to read a training checkpoint ({exc})"
+        ) from exc
+    return ModelCheckpointReader(str(path))
+
+
+def checkpoint_sink() -> Sink:
+    try:
+        from megalith.core.checkpoint import write_model_checkpoint
+    except ImportError as exc:
+        raise ConversionError(
+            f"megalith.core.checkpoint.write_model_checkpoint is unavailable ({exc}); use --format canonical"
+        ) from exc
+    return write_model_checkpoint
+
+
+def write_canonical_dir(out_dir, model_config: dict, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                        tokenizer_dir=None) -> None:  # fmt: skip
+    """The canonical-directory sink. The tensors must come in `mapping.entries` order with their dtypes fixed in
+    advance, which is what `megalith.export.hf.import_hf` yields (the manifest is derived from the config)."""
+    from megalith.export.mapping import canonical_shape, entries
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec.from_config(model_config)
+    iterator = iter(named_tensors)
+    first = next(iterator, None)
+    if first is None:
+        raise ConversionError("no tensors to write")
+    dtype = first[1].dtype
+    manifest = [(e.canonical, dtype, canonical_shape(e, spec)) for e in entries(spec)]
+    writer = SafetensorsWriter(out_dir / CANONICAL_WEIGHTS, manifest, {"format": "pt"})
+    try:
+        writer.write(*first)
+        for name, tensor in iterator:
+            writer.write(name, tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    (out_dir / CANONICAL_CONFIG).write_text(json.dumps({"model_config": model_config}, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, out_dir / "tokenizer")
+
+
+def copy_tokenizer_files(src, dst, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copies the known tokenizer files present in `src` into `dst`; returns their names."""
+    src, dst = Path(src), Path(dst)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file() and n not in skip]
+    if names:
+        dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(src / name, dst / name)
+    return names
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
+    """Yields a fresh temporary directory next to `out`; on success it replaces `out`, on failure it is removed.
+
+    An existing `out` is refused unless `force`; with `force` it is replaced only after the new one is complete.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConversionError(f"output {out} already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not tmp.is_dir():
+        raise ConversionError(f"{tmp}: the output was not written")
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+class Progress:
+    """One progress bar per tensor group (embeddings, each layer, head) on stderr."""
+
+    def __init__(self, total_groups: int, enabled: bool = True, stream=None):
+        self.total_groups = total_groups
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self._group = None
+        self._done_groups = 0
+        self._bytes = 0
+        self._start = time.perf_counter()
+
+    def tensor(self, group: str, name: str, nbytes: int) -> None:
+        if group != self._group:
+            self._finish_group()
+            self._group, self._count = group, 0
+        self._count += 1
+        self._bytes += nbytes
+        if self.enabled and self.stream.isatty():
+            self._draw(name)
+
+    def close(self) -> None:
+        self._finish_group()
+
+    def _draw(self, name: str, end: str = "") -> None:
+        width = 24
+        filled = int(width * self._done_groups / max(self.total_groups, 1))
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {self._done_groups}/{self.total_groups} {self._group}: {name}"
+        # On a terminal the bar redraws in place; elsewhere (logs) each finished group is one plain line.
+        self.stream.write(f"\r{line}\x1b[K{end}" if self.stream.isatty() else f"{line}{end}")
+        self.stream.flush()
+
+    def _finish_group(self) -> None:
+        if self._group is None:
+            return
+        self._done_groups += 1
+        if self.enabled:
+            rate = self._bytes / max(time.perf_counter() - self._start, 1e-9) / 1e6
+            self._draw(f"{self._count} tensors ({rate:.0f} MB/s)", end="\n")
+        self._group = None

@@ -1,0 +1,209 @@
+"""TensorRT-LLM "unified checkpoint" export: config.json + rank{r}.safetensors for tp x pp ranks.
+
+rank = pp_rank * tp + tp_rank. Column-parallel tensors are split on dim 0, row-parallel weights on dim 1 (their
+biases are full on every rank); q, k and v are split separately and concatenated per rank, with each kv head
+repeated tp / num_kv_heads times first when there are fewer kv heads than ranks; the gated MLP's gate half
+becomes `mlp.fc` and its up half `mlp.gate`, each split separately; lm_head rows are zero-padded to a multiple of
+tp. Layers are renumbered from 0 within each pipeline stage; embeddings live on the first stage, the final norm
+and lm_head on the last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from megalith.export import mapping
+from megalith.export.hf import check_source, read_checked
+from megalith.export.io import ModelSource, Progress, atomic_output_dir
+from megalith.export.safetensors_io import SafetensorsWriter
+from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec
+
+ARCHITECTURES = {"gpt": "GPTForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def check_trt_family(spec: ModelSpec) -> None:
+    if spec.family == "llama":
+        wanted = {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope"}
+    else:
+        wanted = {"norm": "layernorm"}  # TensorRT-LLM's GPT class always uses LayerNorm with a bias
+    for key, value in wanted.items():
+        if getattr(spec, key) != value:
+            raise ConversionError(
+                f"TensorRT-LLM {ARCHITECTURES[spec.family]} needs {key} = {value!r}, the model config has "
+                f"{getattr(spec, key)!r}"
+            )
+
+
+def trt_config(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict:
+    rotary_scaling = None
+    if spec.rope_scaling is not None:
+        # Releases differ in which key names the scaling kind; both are written (extra keys are ignored).
+        rotary_scaling = {"type": "llama3", "rope_type": "llama3", **spec.rope_scaling}
+    config = {
+        "architecture": ARCHITECTURES[spec.family],
+        "dtype": DTYPE_NAMES[dtype],
+        "logits_dtype": "float32",
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_seq_len,
+        "hidden_size": spec.hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_size": spec.head_dim,
+        "intermediate_size": spec.ffn_hidden_size,
+        "norm_epsilon": spec.norm_eps,
+        "position_embedding_type": "rope_gpt_neox" if spec.position_embedding == "rope" else "learned_absolute",
+        "rotary_base": spec.rope_base,
+        "rotary_scaling": rotary_scaling,
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        # lm_head is always written as its own tensor (needed when pp > 1), so the engine never ties it.
+        "tie_word_embeddings": False,
+        "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+    }
+    if spec.family == "llama":
+        config.update(hidden_act="silu", attn_bias=spec.bias, mlp_bias=spec.bias)
+    else:
+        # The GPT class builds a gated MLP only when hidden_act names a gated activation.
+        config.update(
+            hidden_act="swiglu" if spec.gated else "gelu",
+            bias=spec.bias,
+            gpt_variant="gpt2",
+            rotary_pct=1.0,
+            apply_query_key_layer_scaling=False,
+            q_scaling=1.0,
+        )
+    return config
+
+
+def trt_names(entry: mapping.Entry, spec: ModelSpec, local_layer: int | None) -> tuple[str, ...]:
+    names = entry.trt(local_layer)
+    return names if entry.param.trt_op != "fc1" or spec.gated else names[:1]  # plain MLP: mlp.fc only
+
+
+def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:
+    return math.ceil(spec.num_kv_heads / tp)
+
+
+def rank_shapes(entry: mapping.Entry, spec: ModelSpec, tp: int) -> list[tuple[int, ...]]:
+    """Per-rank shape of each TensorRT-LLM tensor an entry becomes."""
+    shape = mapping.canonical_shape(entry, spec)
+    op = entry.param.trt_op
+    if op == "replicate":
+        return [shape]
+    if op == "row":
+        return [(shape[0], shape[1] // tp)]
+    if op == "qkv":
+        rows = (spec.num_attention_heads // tp + 2 * kv_heads_per_rank(spec, tp)) * spec.head_dim
+        return [(rows, *shape[1:])]
+    if op == "fc1":
+        parts = 2 if spec.gated else 1
+        return [(spec.ffn_hidden_size // tp, *shape[1:])] * parts
+    if op == "lm_head":
+        return [(math.ceil(spec.vocab_size / tp), shape[1])]
+    raise AssertionError(f"unknown trt_op {op!r}")
+
+
+def shard(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelSpec, tp: int) -> list[list[torch.Tensor]]:
+    """[tp_rank][k]: the k-th TensorRT-LLM tensor of `entry` on each tensor-parallel rank."""
+    op = entry.param.trt_op
+    if op == "replicate":
+        return [[tensor] for _ in range(tp)]
+    if op == "row":
+        return [[t.contiguous()] for t in torch.chunk(tensor, tp, dim=1)]
+    if op == "lm_head":
+        rows = math.ceil(spec.vocab_size / tp)
+        pieces = [tensor[r * rows : (r + 1) * rows] for r in range(tp)]
+        return [[_pad_rows(p, rows)] for p in pieces]  # zero rows only where the vocabulary runs out
+    if op == "fc1":
+        parts = torch.split(tensor, mapping.split_sizes(entry, spec), dim=0)  # (gate, up) or (fc,)
+        chunked = [torch.chunk(p, tp, dim=0) for p in parts]
+        return [[c[r].contiguous() for c in chunked] for r in range(tp)]
+    if op == "qkv":
+        q, k, v = torch.split(tensor, mapping.split_sizes(entry, spec), dim=0)
+        if spec.num_kv_heads < tp:
+            # Each kv head is stored once per rank that uses it: rank r gets head r // (tp / num_kv_heads).
+            repeat, d = tp // spec.num_kv_heads, spec.head_dim
+            k, v = (x.reshape(spec.num_kv_heads, d, *x.shape[1:]).repeat_interleave(repeat, dim=0) for x in (k, v))
+            k, v = (x.reshape(-1, *x.shape[2:]) for x in (k, v))
+        qs, ks, vs = (torch.chunk(x, tp, dim=0) for x in (q, k, v))
+        return [[_concat_rows([qs[r], ks[r], vs[r]])] for r in range(tp)]
+    raise AssertionError(f"unknown trt_op {op!r}")
+
+
+def _concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    # Same as torch.cat(parts), which is several times slower for bf16 on some CPU builds.
+    out = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    start = 0
+    for part in parts:
+        out[start : start + part.shape[0]].copy_(part)
+        start += part.shape[0]
+    return out
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    return _concat_rows([tensor, torch.zeros((rows - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)])
+
+
+def _stage_entries(spec: ModelSpec, pp: int) -> list[tuple[mapping.Entry, int, int | None]]:
+    """(entry, pp_rank, local layer) for every tensor written; lm_head comes from embed.weight when tied."""
+    per_stage = spec.num_layers // pp
+    out = []
+    for entry in mapping.entries(spec):
+        stage = mapping.stage_of(entry.param)
+        if stage == "layer":
+            out.append((entry, entry.layer // per_stage, entry.layer % per_stage))
+        else:
+            out.append((entry, 0 if stage == "first" else pp - 1, None))
+    if spec.tie_embeddings:
+        head = next(p for p in mapping.TABLES[spec.family] if p.trt_op == "lm_head")
+        out.append((mapping.Entry(head, None, "embed.weight", ()), pp - 1, None))
+    return out
+
+
+def trt_manifest(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict[int, list]:
+    """rank -> [(name, dtype, shape)] of every rank file."""
+    manifest: dict[int, list] = {r: [] for r in range(tp * pp)}
+    for entry, pp_rank, local in _stage_entries(spec, pp):
+        for tp_rank in range(tp):
+            names, shapes = trt_names(entry, spec, local), rank_shapes(entry, spec, tp)
+            manifest[pp_rank * tp + tp_rank] += [(n, dtype, s) for n, s in zip(names, shapes, strict=True)]
+    return manifest
+
+
+def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, pp: int = 1,
+                  dtype: torch.dtype = torch.bfloat16, force: bool = False, progress: bool = True) -> Path:  # fmt: skip
+    """Writes `source` as a TensorRT-LLM checkpoint for tp x pp ranks in `out`; returns its path."""
+    spec = ModelSpec.from_config(source.model_config)
+    check_trt_family(spec)
+    spec.check_parallel(tp, pp, allow_kv_duplication=True)
+    check_source(source, spec)
+    manifest = trt_manifest(spec, dtype, tp, pp)
+    bar = Progress(spec.num_layers + 2, enabled=progress)
+    with atomic_output_dir(out, force) as tmp:
+        writers = {r: SafetensorsWriter(tmp / f"rank{r}.safetensors", m) for r, m in manifest.items()}
+        try:
+            for entry, pp_rank, local in _stage_entries(spec, pp):
+                tensor = read_checked(source, entry, spec, dtype)
+                for tp_rank, pieces in enumerate(shard(entry, tensor, spec, tp)):
+                    for name, piece in zip(trt_names(entry, spec, local), pieces, strict=True):
+                        writers[pp_rank * tp + tp_rank].write(name, piece)
+                        bar.tensor(mapping.group_name(entry), name, piece.numel() * piece.element_size())
+                del tensor
+            for writer in writers.values():
+                writer.close()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        bar.close()
+        (tmp / "config.json").write_text(json.dumps(trt_config(spec, dtype, tp, pp), indent=2) + "\n")
+    return Path(out)

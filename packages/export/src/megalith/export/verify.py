@@ -1,0 +1,168 @@
+"""`megalith-export verify`: compare an exported directory's files with what its config.json implies.
+
+Only safetensors headers are read (no tensor data), so verifying a large export is fast. Every problem found is
+reported, not just the first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from megalith.export.hf import INDEX_FILE, hf_dtype, hf_manifest, spec_from_hf_config
+from megalith.export.safetensors_io import DTYPE_TO_TAG, TAG_TO_DTYPE, SafetensorsError, read_header, tensor_nbytes
+from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
+from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
+from megalith.export.trtllm import check_trt_family, trt_manifest
+
+
+def verify_dir(path: str | os.PathLike) -> list[str]:
+    """Every mismatch between the directory and its config.json; an empty list means it is consistent."""
+    path = Path(path)
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"{config_path}: cannot read ({exc})"]
+    try:
+        if "architecture" in config:
+            return _verify_trtllm(path, config)
+        return _verify_hf(path, config)
+    except ConversionError as exc:
+        return [str(exc)]
+
+
+def _header_entries(file: Path, problems: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype tag, shape) of one file, recording malformed entries as problems."""
+    try:
+        header, _, _ = read_header(file)
+    except (OSError, SafetensorsError) as exc:
+        problems.append(f"{file.name}: unreadable ({exc})")
+        return {}
+    out = {}
+    for name, entry in header.items():
+        tag, shape = entry["dtype"], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if tag in TAG_TO_DTYPE and end - begin != tensor_nbytes(TAG_TO_DTYPE[tag], shape):
+            problems.append(f"{file.name}: {name}: {end - begin} data bytes do not hold {tag} {list(shape)}")
+        out[name] = (tag, shape)
+    return out
+
+
+def _compare(where: str, found: dict, expected: list[tuple[str, torch.dtype, tuple[int, ...]]], problems: list[str]):
+    want = {n: (DTYPE_TO_TAG[d], tuple(s)) for n, d, s in expected}
+    for name in sorted(want.keys() - found.keys()):
+        problems.append(f"{where}: missing tensor {name} ({want[name][0]} {list(want[name][1])})")
+    for name in sorted(found.keys() - want.keys()):
+        problems.append(f"{where}: unexpected tensor {name} ({found[name][0]} {list(found[name][1])})")
+    for name in sorted(want.keys() & found.keys()):
+        (tag, shape), (want_tag, want_shape) = found[name], want[name]
+        if shape != want_shape:
+            problems.append(f"{where}: {name} has shape {list(shape)}, config implies {list(want_shape)}")
+        if tag != want_tag:
+            problems.append(f"{where}: {name} has dtype {tag}, config implies {want_tag}")
+
+
+def _verify_hf(path: Path, config: dict) -> list[str]:
+    problems: list[str] = []
+    spec = spec_from_hf_config(config, path / "config.json")
+    dtype = hf_dtype(config, path / "config.json")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            return [f"{index.name}: not a safetensors index ({exc})"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        return [f"{path}: has neither model.safetensors nor {INDEX_FILE}"]
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in files:
+        if not (path / file).is_file():
+            problems.append(f"{INDEX_FILE}: lists {file}, which does not exist")
+            continue
+        entries = _header_entries(path / file, problems)
+        metadata = read_header(path / file)[1] if entries else {}
+        if metadata.get("format") != "pt":
+            problems.append(f"{file}: safetensors metadata {metadata} lacks format 'pt'")
+        for name, value in entries.items():
+            if weight_map is not None and weight_map.get(name) != file:
+                problems.append(f"{file}: holds {name}, which {INDEX_FILE} places in {weight_map.get(name)}")
+            found[name] = value
+    if weight_map is not None:
+        for name in sorted(weight_map.keys() - found.keys()):
+            problems.append(f"{INDEX_FILE}: maps {name} to {weight_map[name]}, which does not hold it")
+    _compare("model", found, [(n, dtype, s) for _, n, s in hf_manifest(spec)], problems)
+    return problems
+
+
+def spec_from_trt_config(config: dict, path: Path) -> tuple[ModelSpec, torch.dtype, int, int]:
+    families = {a: f for f, a in TRT_ARCHITECTURES.items()}
+    arch = config.get("architecture")
+    if arch not in families:
+        raise ConversionError(f"{path}: architecture {arch!r} is not one of {sorted(families)}")
+    family = families[arch]
+    required = ["dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mapping"]
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise ConversionError(f"{path}: lacks {missing}")
+    if config["dtype"] not in NAME_TO_DTYPE:
+        raise ConversionError(f"{path}: dtype {config['dtype']!r} is not one of {sorted(NAME_TO_DTYPE)}")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_size", hidden // heads) * heads != hidden:
+        raise ConversionError(f"{path}: head_size {config['head_size']} * {heads} heads != hidden_size {hidden}")
+    if family == "llama":
+        if config.get("attn_bias", False) != config.get("mlp_bias", False):
+            raise ConversionError(f"{path}: attn_bias != mlp_bias is not a layout Megalith writes")
+        bias, gated, norm = bool(config.get("attn_bias", False)), True, "rmsnorm"
+    else:
+        bias, gated, norm = bool(config.get("bias", True)), config.get("hidden_act") in ("swiglu",), "layernorm"
+    learned = config.get("position_embedding_type", "learned_absolute") == "learned_absolute"
+    spec = ModelSpec.from_config(
+        {
+            "family": family,
+            "vocab_size": config["vocab_size"],
+            "hidden_size": hidden,
+            "num_layers": config["num_hidden_layers"],
+            "num_attention_heads": heads,
+            "num_kv_heads": config.get("num_key_value_heads") or heads,
+            "ffn_hidden_size": config.get("intermediate_size") or 4 * hidden,
+            "max_seq_len": config.get("max_position_embeddings") or 0,
+            "norm": norm,
+            "norm_eps": float(config.get("norm_epsilon", 1e-5)),
+            "activation": "swiglu" if gated else "gelu",
+            "position_embedding": "learned" if learned else "rope",
+            "bias": bias,
+            "tie_embeddings": False,  # lm_head is a tensor of its own in every TensorRT-LLM checkpoint
+        }
+    )
+    check_trt_family(spec)
+    mapping_cfg = config["mapping"]
+    tp, pp = int(mapping_cfg.get("tp_size", 1)), int(mapping_cfg.get("pp_size", 1))
+    if mapping_cfg.get("world_size", tp * pp) != tp * pp:
+        raise ConversionError(f"{path}: mapping world_size {mapping_cfg['world_size']} != tp {tp} * pp {pp}")
+    spec.check_parallel(tp, pp, allow_kv_duplication=True)
+    return spec, NAME_TO_DTYPE[config["dtype"]], tp, pp
+
+
+def _verify_trtllm(path: Path, config: dict) -> list[str]:
+    problems: list[str] = []
+    spec, dtype, tp, pp = spec_from_trt_config(config, path / "config.json")
+    expected = trt_manifest(spec, dtype, tp, pp)
+    for rank, manifest in expected.items():
+        file = path / f"rank{rank}.safetensors"
+        if not file.is_file():
+            problems.append(f"{file.name}: missing (world_size {tp * pp})")
+            continue
+        _compare(file.name, _header_entries(file, problems), manifest, problems)
+    for file in sorted(path.glob("rank*.safetensors")):
+        match = re.fullmatch(r"rank(\d+)\.safetensors", file.name)
+        if match is None or int(match.group(1)) >= tp * pp:
+            problems.append(f"{file.name}: unexpected file (world_size {tp * pp})")
+    return problems
