@@ -1,9 +1,3 @@
-"""Sharded checkpoint state of megalith.core (the checkpoint engine builds on ShardSpec)."""
-
-from megalith.core.checkpoint.spec import ShardSpec
-
-__all__ = ["ShardSpec"]
-
 """Sharded, reshardable checkpoints: canonical names and global shapes on torch.distributed.checkpoint."""
 
 from __future__ import annotations

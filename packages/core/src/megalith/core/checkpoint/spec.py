@@ -1,5 +1,3 @@
-"""Where a local parameter tensor sits inside its full canonical tensor (read by the checkpoint engine)."""
-
 """Where a local (tensor-parallel) shard sits inside its canonical, unsharded tensor."""
 
 from __future__ import annotations
@@ -9,12 +7,6 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """Placement of a local tensor inside the canonical (full, unpadded) tensor.
-
-    Along dimension `dim` the local tensor is made of one or more pieces `(local_start, length, global_start)`:
-    local rows `local_start:local_start+length` are canonical rows `global_start:global_start+length`. Every other
-    dimension is full. Local rows covered by no piece (vocabulary padding) have no canonical counterpart.
-
     """Placement of a local tensor inside the canonical tensor of shape `global_shape`.
 
     Along dimension `dim` the local tensor is made of one or more `pieces`, each `(local_start, length,
