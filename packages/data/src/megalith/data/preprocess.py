@@ -97,35 +97,43 @@ def _records(chunk: Chunk, keys, bad, stop_at_bad_line) -> list[dict]:
     return records
 
 
-def _encode_pieces(tokenizer, pieces: list[str], records, key, bad) -> list[list[int]] | None:
-    """Batch-encodes; when that fails, finds the offending line(s) by encoding record by record."""
+def _encode_key(tokenizer, records, key):
+    """Batch-encodes one key of every record: (encoded pieces, None), or (None, (record index, error))."""
+    pieces = [p for r in records for p in (r[key] if isinstance(r[key], list) else [r[key]])]
     try:
-        return tokenizer.encode_batch(pieces)
-    except Exception:  # noqa: BLE001 - re-raised per record below with the line number
+        return (tokenizer.encode_batch(pieces) if pieces else []), None
+    except Exception:  # noqa: BLE001 - located record by record below
         pass
-    out = []
-    for record in records:
+    for index, record in enumerate(records):
         value = record[key]
         try:
-            out.extend(tokenizer.encode_batch(value if isinstance(value, list) else [value]))
+            tokenizer.encode_batch(value if isinstance(value, list) else [value])
         except Exception as exc:  # noqa: BLE001 - a tokenizer's failure on one line is a bad line
-            bad.append((record.get("_line", 1), f"tokenizer failed on key {key!r}: {exc}"))
-            return None
-    return out
+            return None, (index, exc)
+    raise RuntimeError(f"the tokenizer failed on a batch of key {key!r} but on none of its records")
 
 
 def _encode_chunk(chunk: Chunk) -> _ChunkResult:
     tokenizer, keys, dtype = _STATE["tokenizer"], _STATE["keys"], _STATE["dtype"]
+    stop = _STATE["stop_at_bad_line"]
     bad: list[tuple[int, str]] = []
-    records = _records(chunk, keys, bad, _STATE["stop_at_bad_line"])
-    per_key = {}
-    for key in keys:
-        counts = [len(r[key]) if isinstance(r[key], list) else 1 for r in records]
-        pieces = [p for r in records for p in (r[key] if isinstance(r[key], list) else [r[key]])]
-        encoded = _encode_pieces(tokenizer, pieces, records, key, bad) if pieces else []
-        if encoded is None:
-            return _ChunkResult(chunk.seq, chunk.path, 0, len(chunk.payload), bad, {})
-        per_key[key] = _pack(encoded, counts, tokenizer.eod if _STATE["append_eod"] else None, dtype)
+    records = _records(chunk, keys, bad, stop)
+    while True:
+        per_key, failed = {}, None
+        for key in keys:
+            encoded, failed = _encode_key(tokenizer, records, key)
+            if failed is not None:
+                index, exc = failed
+                bad.append((records[index].get("_line", 1), f"tokenizer failed on key {key!r}: {exc}"))
+                records.pop(index)
+                break
+            counts = [len(r[key]) if isinstance(r[key], list) else 1 for r in records]
+            per_key[key] = _pack(encoded, counts, tokenizer.eod if _STATE["append_eod"] else None, dtype)
+        if failed is None or stop:
+            break
+    bad.sort()
+    if bad and stop:
+        return _ChunkResult(chunk.seq, chunk.path, 0, len(chunk.payload), bad, {})
     return _ChunkResult(chunk.seq, chunk.path, len(records), len(chunk.payload), bad, per_key)
 
 
