@@ -32,7 +32,9 @@ def test_worked_82_byte_example(tmp_path):
     writer.add_document([10, 11, 12])
     writer.add_document([20, 21, 22, 23, 24])
     writer.finalize()
-    assert (tmp_path / "example.bin").read_bytes() == bytes.fromhex("0A000B000C00140015001600170018 00".replace(" ", ""))
+    assert (tmp_path / "example.bin").read_bytes() == bytes.fromhex(
+        "0A000B000C00140015001600170018 00".replace(" ", "")
+    )
     idx = (tmp_path / "example.idx").read_bytes()
     assert len(idx) == 82
     assert idx == (
@@ -41,9 +43,9 @@ def test_worked_82_byte_example(tmp_path):
         + b"\x08"
         + bytes.fromhex("0200000000000000")
         + bytes.fromhex("0300000000000000")
-        + bytes.fromhex("03000000" "05000000")
-        + bytes.fromhex("0000000000000000" "0600000000000000")
-        + bytes.fromhex("0000000000000000" "0100000000000000" "0200000000000000")
+        + bytes.fromhex("0300000005000000")
+        + bytes.fromhex("00000000000000000600000000000000")
+        + bytes.fromhex("000000000000000001000000000000000200000000000000")
     )
     ds = IndexedDataset(prefix)
     assert [a.tolist() for a in ds[0:2]] == [[10, 11, 12], [20, 21, 22, 23, 24]]
@@ -69,7 +71,9 @@ def test_round_trip_with_multi_sequence_and_empty_documents(tmp_path, dtype, cod
     flat = [s for doc in documents for s in doc]
     lengths = [len(s) for s in flat]
     doc_indices = np.concatenate([[0], np.cumsum([len(doc) for doc in documents])]).tolist()
-    assert (tmp_path / "ds.idx").read_bytes() == _expected_idx_bytes(code, lengths, np.dtype(dtype).itemsize, doc_indices)
+    assert (tmp_path / "ds.idx").read_bytes() == _expected_idx_bytes(
+        code, lengths, np.dtype(dtype).itemsize, doc_indices
+    )
     assert (tmp_path / "ds.bin").read_bytes() == b"".join(np.asarray(s, dtype).tobytes() for s in flat)
 
     ds = IndexedDataset(prefix)
@@ -141,9 +145,18 @@ def _patch(path, offset, data):
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda p: _patch(p.with_suffix(".idx"), 0, b"XXIDIDX"), r"good.idx: bad magic, expected b'MMIDIDX.*found b'XXIDIDX"),
-        (lambda p: _patch(p.with_suffix(".idx"), 9, struct.pack("<Q", 2)), r"good.idx: unknown version, expected 1, found 2"),
-        (lambda p: _patch(p.with_suffix(".idx"), 17, b"\x09"), r"good.idx: unknown dtype code, expected one of .*found 9"),
+        (
+            lambda p: _patch(p.with_suffix(".idx"), 0, b"XXIDIDX"),
+            r"good.idx: bad magic, expected b'MMIDIDX.*found b'XXIDIDX",
+        ),
+        (
+            lambda p: _patch(p.with_suffix(".idx"), 9, struct.pack("<Q", 2)),
+            r"good.idx: unknown version, expected 1, found 2",
+        ),
+        (
+            lambda p: _patch(p.with_suffix(".idx"), 17, b"\x09"),
+            r"good.idx: unknown dtype code, expected one of .*found 9",
+        ),
         (
             lambda p: p.with_suffix(".idx").write_bytes(p.with_suffix(".idx").read_bytes()[:-3]),
             r"good.idx: truncated index, expected 82 bytes for 2 sequences and 3 document indices, found 79",

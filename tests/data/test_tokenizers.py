@@ -64,7 +64,7 @@ def test_null_tokenizer():
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown tokenizer type 'GPT9'"):
         build_tokenizer("GPT9")
-    with pytest.raises(FileNotFoundError, match="SentencePieceTokenizer model file .*missing.model does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"SentencePieceTokenizer model file .*missing\.model does not exist"):
         build_tokenizer("SentencePieceTokenizer", tmp_path / "missing.model")
     bad = tmp_path / "bad.tiktoken"
     bad.write_text("QQ== 0\nnot-base64!! 1\n")
@@ -77,8 +77,18 @@ def test_errors_name_the_problem(tmp_path):
 def test_tokenizer_train_cli_output_loads_in_transformers(tmp_path, corpus):
     out = tmp_path / "tok"
     subprocess.run(
-        [sys.executable, "-m", "megalith.data.tokenizer_cli", "train", "--input", str(corpus), "--vocab-size", "500",
-         "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "megalith.data.tokenizer_cli",
+            "train",
+            "--input",
+            str(corpus),
+            "--vocab-size",
+            "500",
+            "--out",
+            str(out),
+        ],
         check=True,
         capture_output=True,
     )

@@ -36,7 +36,7 @@ def parse_split(split: str) -> list[tuple[float, float]]:
 
 def split_ranges(split: str, num_sequences: int) -> list[tuple[int, int]]:
     """[begin, end) sequence ids of each split: round(begin * N) to round(end * N)."""
-    return [(int(round(b * num_sequences)), int(round(e * num_sequences))) for b, e in parse_split(split)]
+    return [(round(b * num_sequences), round(e * num_sequences)) for b, e in parse_split(split)]
 
 
 def parse_blend(blend) -> tuple[list[str], list[float] | None]:
@@ -73,20 +73,36 @@ class BlendedDataset:
     used exactly once (weights then follow the dataset sizes).
     """
 
-    def __init__(self, datasets, weights=None, size: int | None = None, *, split: str = "train",
-                 cache_dir: str | None = None) -> None:
+    def __init__(
+        self, datasets, weights=None, size: int | None = None, *, split: str = "train", cache_dir: str | None = None
+    ) -> None:
         self.datasets = list(datasets)
         if weights is not None and len(weights) != len(self.datasets):
             raise ValueError(f"{len(weights)} weights for {len(self.datasets)} datasets")
         self.weights = None if weights is None else [float(w) / sum(weights) for w in weights]
         if size is None:
-            build = lambda: dict(zip(("dataset_index", "dataset_sample_index"),  # noqa: E731
-                                     build_exhaustive_blending_index([len(d) for d in self.datasets]), strict=True))
+
+            def build():
+                return dict(
+                    zip(
+                        ("dataset_index", "dataset_sample_index"),
+                        build_exhaustive_blending_index([len(d) for d in self.datasets]),
+                        strict=True,
+                    )
+                )
         else:
             if self.weights is None:
                 raise ValueError("a BlendedDataset of a given size needs weights")
-            build = lambda: dict(zip(("dataset_index", "dataset_sample_index"),  # noqa: E731
-                                     build_blending_index(self.weights, size), strict=True))
+
+            def build():
+                return dict(
+                    zip(
+                        ("dataset_index", "dataset_sample_index"),
+                        build_blending_index(self.weights, size),
+                        strict=True,
+                    )
+                )
+
         description = {
             "class": "BlendedDataset",
             "datasets": [getattr(d, "cache", None) and d.cache.base for d in self.datasets],
@@ -144,7 +160,7 @@ def build_gpt_datasets(blend, split: str, num_samples, config: GPTDatasetConfig)
             want = target
             if len(indexed) > 1 and target is not None:
                 share = weights[k] if weights else 1.0 / len(indexed)
-                want = int(math.ceil(math.ceil(target * share) * (1 + SURPLUS)))
+                want = math.ceil(math.ceil(target * share) * (1 + SURPLUS))
             ids = np.arange(begin, end, dtype=np.int32)
             parts.append(GPTDataset(ds, ids, want, config=config, split=name))
         if not parts:

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from megalith.data.corpus import write_stdlib_corpus
 from megalith.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
 from megalith.data.tokenizers import TOKENIZER_TYPES, build_tokenizer

@@ -135,8 +135,9 @@ class GPTDataset:
         split: "train", "valid" or "test" (names the cache and picks the drop-last rule).
     """
 
-    def __init__(self, dataset, ids=None, num_samples: int | None = None, *, config: GPTDatasetConfig,
-                 split: str = "train") -> None:
+    def __init__(
+        self, dataset, ids=None, num_samples: int | None = None, *, config: GPTDatasetConfig, split: str = "train"
+    ) -> None:
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
         self.dataset = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)

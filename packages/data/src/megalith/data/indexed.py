@@ -52,7 +52,9 @@ def dtype_code(dtype) -> int:
     for code, known in DTYPE_CODES.items():
         if known == dtype:
             return code
-    raise ValueError(f"dtype {dtype} cannot be stored in an indexed dataset; use one of {sorted(map(str, DTYPE_CODES.values()))}")
+    raise ValueError(
+        f"dtype {dtype} cannot be stored in an indexed dataset; use one of {sorted(map(str, DTYPE_CODES.values()))}"
+    )
 
 
 def optimal_dtype(vocab_size: int) -> np.dtype:

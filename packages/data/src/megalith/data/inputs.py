@@ -32,7 +32,7 @@ def is_jsonl(path: str) -> bool:
 
 
 def _open(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 @dataclass
@@ -60,7 +60,7 @@ def iter_chunks(files: list[str], chunk_bytes: int = 1 << 20, chunk_lines: int =
             size = 0
             first = 1
             number = 0
-            for number, line in enumerate(handle, 1):  # noqa: B007 - number is used after the loop
+            for number, line in enumerate(handle, 1):
                 lines.append(line)
                 size += len(line)
                 if size >= chunk_bytes or len(lines) >= chunk_lines:

@@ -102,13 +102,13 @@ def _encode_key(tokenizer, records, key):
     pieces = [p for r in records for p in (r[key] if isinstance(r[key], list) else [r[key]])]
     try:
         return (tokenizer.encode_batch(pieces) if pieces else []), None
-    except Exception:  # noqa: BLE001 - located record by record below
+    except Exception:
         pass
     for index, record in enumerate(records):
         value = record[key]
         try:
             tokenizer.encode_batch(value if isinstance(value, list) else [value])
-        except Exception as exc:  # noqa: BLE001 - a tokenizer's failure on one line is a bad line
+        except Exception as exc:
             return None, (index, exc)
     raise RuntimeError(f"the tokenizer failed on a batch of key {key!r} but on none of its records")
 
@@ -271,7 +271,7 @@ def preprocess(
     return stats
 
 
-def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
+def _terminate(signum, frame):
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 

@@ -18,8 +18,15 @@ class PretrainingSampler:
     rank together has used, as saved in a checkpoint) must be a multiple of global_batch_size.
     """
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int) -> None:
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+    ) -> None:
         if micro_batch_size < 1 or dp_size < 1:
             raise ValueError(f"micro_batch_size ({micro_batch_size}) and dp_size ({dp_size}) must be positive")
         if not 0 <= dp_rank < dp_size:

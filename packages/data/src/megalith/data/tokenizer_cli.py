@@ -88,8 +88,10 @@ def main(argv=None) -> int:
     files = expand_inputs(args.input)
     texts = iter_texts(files, args.json_keys)
     out = train_bpe(texts, args.vocab_size, args.out, args.min_frequency)
-    print(f"trained a {args.vocab_size}-token byte-level BPE on {len(files)} file(s) in "
-          f"{time.perf_counter() - start:.1f} s: {out / 'tokenizer.json'}")
+    print(
+        f"trained a {args.vocab_size}-token byte-level BPE on {len(files)} file(s) in "
+        f"{time.perf_counter() - start:.1f} s: {out / 'tokenizer.json'}"
+    )
     return 0
 
 

@@ -288,7 +288,7 @@ TOKENIZER_TYPES = (
 )
 
 
-def build_tokenizer(type: str, model_path=None, *, vocab_size: int | None = None) -> Tokenizer:  # noqa: A002
+def build_tokenizer(type: str, model_path=None, *, vocab_size: int | None = None) -> Tokenizer:
     """Builds a tokenizer by its Megatron-LM `--tokenizer-type` name.
 
     Args:
