@@ -12,7 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IndexCache", "description_hash"]
+__all__ = ["IndexCache", "description_hash", "make_shareable"]
+
+
+def make_shareable(path) -> None:
+    """Gives a mkstemp file (created 0600) the permissions an ordinary open() would, honouring the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def description_hash(description: dict) -> str:
@@ -77,6 +84,7 @@ class IndexCache:
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        make_shareable(tmp)
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, np.asarray(array), allow_pickle=False)
         os.replace(tmp, path)
@@ -89,6 +97,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        make_shareable(tmp)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)

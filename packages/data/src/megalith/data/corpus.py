@@ -8,6 +8,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from megalith.data.cache import make_shareable
+
 __all__ = ["stdlib_files", "write_stdlib_corpus"]
 
 
@@ -34,6 +36,7 @@ def write_stdlib_corpus(out, max_documents: int | None = None) -> dict:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     documents = size = 0
     try:
+        make_shareable(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             for path in files:
                 try:

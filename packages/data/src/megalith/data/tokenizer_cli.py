@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from megalith.data.cache import make_shareable
 from megalith.data.inputs import expand_inputs, iter_texts
 
 __all__ = ["main", "train_bpe"]
@@ -65,6 +66,7 @@ def train_bpe(texts, vocab_size: int, out_dir, min_frequency: int = 2) -> Path:
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        make_shareable(tmp)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)
