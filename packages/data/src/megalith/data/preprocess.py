@@ -245,8 +245,9 @@ def preprocess(
     writers = [IndexedDatasetWriter(prefix, dtype) for prefix in stats.outputs]
     progress = _Progress(log_interval, progress_stream)
     init_args = ((tokenizer_type, tokenizer_model, vocab_size), json_keys, append_eod, dtype, on_bad_line == "error")
+    results = _ordered_results(iter_chunks(files, chunk_bytes), workers, init_args)
     try:
-        for result in _ordered_results(iter_chunks(files, chunk_bytes), workers, init_args):
+        for result in results:
             if result.bad and on_bad_line == "error":
                 line, reason = result.bad[0]
                 raise PreprocessError(f"{result.path}:{line}: {reason} (use --on-bad-line skip to skip such lines)")
@@ -266,6 +267,7 @@ def preprocess(
             writer.discard()
         raise
     finally:
+        results.close()  # stops the worker pool now, not when the traceback is freed
         progress.close()
     stats.seconds = time.perf_counter() - start
     return stats

@@ -214,7 +214,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
+        # One thread: preprocessing parallelises over worker processes instead.
+        return self._sp.encode(texts, num_threads=1)
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
