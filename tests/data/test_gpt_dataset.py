@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -151,6 +152,10 @@ def test_cache_files_are_named_reused_and_invalidated(tmp_path):
     second = GPTDataset(ds, num_samples=20, config=cfg, split="train")
     assert not second.cache.built and isinstance(second.sample_index, np.memmap)
     np.testing.assert_array_equal(second.sample_index, first.sample_index)
+    clone = pickle.loads(pickle.dumps(second))
+    assert len(pickle.dumps(second)) < 4096 and isinstance(clone.shuffle_index, np.memmap)
+    for i in range(len(second)):
+        np.testing.assert_array_equal(clone[i]["input_ids"], second[i]["input_ids"])
     other = GPTDataset(ds, num_samples=20, config=GPTDatasetConfig(seq_length=8, seed=99), split="train")
     assert other.cache.built and len(list(cache_dir.glob("*-description.txt"))) == 2
 

@@ -177,6 +177,23 @@ class GPTDataset:
     def __len__(self) -> int:
         return self.sample_index.shape[0] - 1
 
+    def __getstate__(self) -> dict:
+        # Data-loader workers re-open the cached .npy files with mmap instead of receiving copies of the indices.
+        state = dict(self.__dict__)
+        if self.cache.complete():
+            for name in _INDEX_NAMES:
+                state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "sample_index" not in state:
+            if not self.cache.complete():
+                raise FileNotFoundError(f"the index cache {self.cache.directory / self.cache.base}-* disappeared")
+            arrays = self.cache.load_or_build(None)
+            for name in _INDEX_NAMES:
+                setattr(self, name, arrays[name])
+
     def sample_tokens(self, j: int) -> tuple[np.ndarray, int]:
         """Tokens of sample j (unshuffled order) as int64, right-padded; also how many are real (not pad)."""
         extra = int(self.config.add_extra_token)
