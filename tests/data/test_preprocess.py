@@ -174,3 +174,16 @@ def test_sigterm_leaves_no_output_under_final_names(tmp_path):
     assert proc.returncode == 130, err
     assert b"no output was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("kind", ["TikTokenizer", "SentencePieceTokenizer", "ByteTokenizer"])
+def test_other_tokenizer_types_through_the_command(tmp_path, kind, corpus_texts, sentencepiece_model, tiktoken_file):
+    model = {"TikTokenizer": tiktoken_file, "SentencePieceTokenizer": sentencepiece_model}.get(kind)
+    texts = corpus_texts[:6]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t[:3000]}) + "\n" for t in texts))
+    args = ["--input", str(path), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", kind, "--workers", "2"]
+    assert main([*args, "--tokenizer-model", str(model)] if model else args) == 0
+    tok = build_tokenizer(kind, model)
+    ds = IndexedDataset(tmp_path / "o_text_document")
+    assert [s.tolist() for s in ds[0 : len(ds)]] == [tok.encode(t[:3000]) for t in texts]
