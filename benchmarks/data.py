@@ -1,0 +1,219 @@
+"""Data pipeline benchmark: sample-index build (C++ vs pure Python) and preprocessing throughput.
+
+    python benchmarks/data.py            # full sizes (10^10 tokens; trains a 32k BPE on the stdlib corpus)
+    python benchmarks/data.py --quick    # small sizes, for a smoke run
+
+Every number is measured in the same run as its baseline; each measurement runs in a fresh process so peak RSS
+and start-up are its own. Prints tables; it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.data.reference_indexing, the pure-Python builder
+
+
+def _inputs(num_docs: int, tokens: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    mean = tokens // num_docs
+    sizes = rng.integers(1, 2 * mean, size=num_docs, dtype=np.int32)
+    document_index = rng.permutation(num_docs).astype(np.int32)
+    return sizes, document_index, int(sizes.sum(dtype=np.int64))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Resets the kernel's peak-RSS mark (Linux) and returns the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def _index_child(kind: str, inputs: str, seq: int, queue) -> None:
+    import numpy as np
+
+    # Inputs were generated in the parent and are loaded whole here, so the peak RSS before the build is the
+    # interpreter plus the inputs, and the growth during the build is what the builder allocates.
+    sizes = np.load(f"{inputs}-sizes.npy")
+    document_index = np.load(f"{inputs}-document_index.npy")
+    tokens_per_epoch = int(sizes.sum(dtype=np.int64))
+    if kind == "C++":
+        from megalith.data import build_sample_index
+    else:
+        from tests.data.reference_indexing import reference_sample_index
+    before = _reset_peak_rss()
+    start = time.perf_counter()
+    if kind == "C++":
+        out = build_sample_index(sizes, document_index, seq, 1, tokens_per_epoch)
+    else:
+        out = reference_sample_index(sizes, document_index, seq, 1, tokens_per_epoch, True, True)
+    seconds = time.perf_counter() - start
+    peak = _status_kb("VmHWM") * 1024 - before
+    queue.put((seconds, peak, out.nbytes, out.shape[0] - 1))
+
+
+def _run_child(target, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def bench_index(quick: bool) -> None:
+    seq = 4096
+    scales = [(10**5, 10**8), (10**6, 10**9)] if quick else [(10**6, 10**9), (10**7, 10**10)]
+    print(f"\n## Sample index build (seq_length {seq}, one epoch; fresh process each; peak RSS above inputs)\n")
+    print("| documents | tokens | builder | samples | seconds | peak extra RSS (MB) | output (MB) | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    import numpy as np
+
+    for num_docs, tokens in scales:
+        with tempfile.TemporaryDirectory() as work:
+            inputs = f"{work}/inputs"
+            sizes, document_index, _ = _inputs(num_docs, tokens)
+            np.save(f"{inputs}-sizes.npy", sizes)
+            np.save(f"{inputs}-document_index.npy", document_index)
+            del sizes, document_index
+            cpp = _run_child(_index_child, "C++", inputs, seq)
+            ref = _run_child(_index_child, "Python", inputs, seq)
+        for name, (seconds, peak, nbytes, samples) in (("pure Python (baseline)", ref), ("C++", cpp)):
+            speed = f"{ref[0] / seconds:.0f}x" if name == "C++" else "1x"
+            print(
+                f"| {num_docs:.0e} | {tokens:.0e} | {name} | {samples:,} | {seconds:.3f} | {peak / 1e6:.1f} | "
+                f"{nbytes / 1e6:.1f} | {speed} |"
+            )
+
+
+def _encode_child(tokenizer_dir: str, corpus: str, mode: str, threads: int, queue) -> None:
+    os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    with open(corpus, encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line in handle]
+    start = time.perf_counter()
+    if mode == "encode":
+        for text in texts:
+            tok.encode(text, add_special_tokens=False)
+    else:
+        batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        for i in range(0, len(texts), 256):
+            batch(texts[i : i + 256], add_special_tokens=False)
+    queue.put(time.perf_counter() - start)
+
+
+def _command(args) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def bench_preprocess(quick: bool, work: Path, repeat: int) -> None:
+    from megalith.data.corpus import write_stdlib_corpus
+    from megalith.data.tokenizer_cli import train_bpe
+
+    corpus = work / "stdlib.jsonl"
+    info = write_stdlib_corpus(corpus, max_documents=300 if quick else None)
+    size = corpus.stat().st_size
+    vocab = 4096 if quick else 32768
+    start = time.perf_counter()
+    with open(corpus, encoding="utf-8") as handle:
+        tokenizer_dir = train_bpe((json.loads(line)["text"] for line in handle), vocab, work / "tokenizer")
+    train_seconds = time.perf_counter() - start
+    print(
+        f"\n## Preprocessing the stdlib corpus ({info['documents']:,} documents, {size / 1e6:.1f} MB jsonl) with a "
+        f"{vocab:,}-token byte-level BPE (trained in {train_seconds:.1f} s)\n"
+    )
+
+    def preprocess_command(workers):
+        return [sys.executable, "-m", "megalith.data.preprocess", "--input", str(corpus), "--output-prefix",
+                str(work / f"w{workers}"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                str(tokenizer_dir), "--append-eod", "--workers", str(workers)]  # fmt: skip
+
+    # Every configuration runs `repeat` times, interleaved, and keeps its best time, so load from other
+    # processes on the machine hits all of them alike.
+    configs = [("encode", 1), ("encode_batch", 1), ("encode_batch", 2), ("command", 1), ("command", 2)]
+    best = dict.fromkeys(configs, float("inf"))
+    for _ in range(repeat):
+        for mode, threads in configs:
+            if mode == "command":
+                seconds = _command(preprocess_command(threads))
+            else:
+                seconds = _run_child(_encode_child, str(tokenizer_dir), str(corpus), mode, threads)
+            best[mode, threads] = min(best[mode, threads], seconds)
+    rate = {config: size / seconds / 1e6 for config, seconds in best.items()}
+    print(f"| what | threads / workers | seconds (best of {repeat}) | input MB/s | vs encode_batch, same threads |")
+    print("|---|---|---|---|---|")
+    labels = {
+        "encode": "tokenizers alone: loop of encode()",
+        "encode_batch": "tokenizers alone: encode_batch",
+        "command": "megalith-preprocess (whole command)",
+    }
+    for mode, threads in configs:
+        ratio = f"{rate[mode, threads] / rate['encode_batch', threads]:.0%}" if mode == "command" else ""
+        print(f"| {labels[mode]} | {threads} | {best[mode, threads]:.2f} | {rate[mode, threads]:.2f} | {ratio} |")
+    command_rate = {1: rate["command", 1], 2: rate["command", 2]}
+    one = work / "one.jsonl"
+    one.write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n")
+    startup = min(
+        _command(
+            [
+                sys.executable,
+                "-m",
+                "megalith.data.preprocess",
+                "--input",
+                str(one),
+                "--output-prefix",
+                str(work / "one"),
+                "--tokenizer-type",
+                "HuggingFaceTokenizer",
+                "--tokenizer-model",
+                str(tokenizer_dir),
+            ]
+        )
+        for _ in range(3)
+    )
+    print(
+        f"\n2 workers vs 1 worker: {command_rate[2] / command_rate[1]:.2f}x; start-up (whole command on a "
+        f"one-document input, best of 3): {startup:.2f} s; machine: {os.cpu_count()} CPUs"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--only", choices=["index", "preprocess"], default=None)
+    parser.add_argument("--repeat", type=int, default=3, help="preprocessing runs per configuration (best kept)")
+    args = parser.parse_args()
+    if args.only in (None, "index"):
+        bench_index(args.quick)
+    if args.only in (None, "preprocess"):
+        with tempfile.TemporaryDirectory() as work:
+            bench_preprocess(args.quick, Path(work), args.repeat)
+
+
+if __name__ == "__main__":
+    main()

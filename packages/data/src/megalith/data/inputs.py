@@ -1,0 +1,111 @@
+"""Reading raw text inputs: jsonl, jsonl.gz and plain text files, in bounded chunks and in input order."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = ["Chunk", "expand_inputs", "is_jsonl", "iter_chunks", "iter_texts", "parse_json_line"]
+
+
+def expand_inputs(patterns) -> list[str]:
+    """Expands files and globs (each glob sorted), keeping the order given; a pattern that matches nothing fails."""
+    files: list[str] = []
+    for pattern in patterns:
+        pattern = os.fspath(pattern)
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if not os.path.isdir(m)]
+        if not matches or not os.path.exists(matches[0]):
+            raise FileNotFoundError(f"input {pattern!r} matches no file")
+        files.extend(matches)
+    return files
+
+
+def is_jsonl(path: str) -> bool:
+    """jsonl / json / their .gz hold one JSON object per line; anything else is plain text (one document)."""
+    name = path[:-3] if path.endswith(".gz") else path
+    return name.endswith((".jsonl", ".json", ".ndjson"))
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive input lines (jsonl) or one whole text file, numbered in input order."""
+
+    seq: int
+    path: str
+    first_line: int  # 1-based line number of the first line (1 for text files)
+    jsonl: bool
+    payload: bytes
+
+
+def iter_chunks(files: list[str], chunk_bytes: int = 1 << 20, chunk_lines: int = 4096) -> Iterator[Chunk]:
+    """Yields chunks of at most about `chunk_bytes` (or `chunk_lines` lines); memory stays bounded."""
+    seq = 0
+    for path in files:
+        if not is_jsonl(path):
+            with _open(path) as handle:
+                yield Chunk(seq, path, 1, False, handle.read())
+            seq += 1
+            continue
+        with _open(path) as handle:
+            lines: list[bytes] = []
+            size = 0
+            first = 1
+            number = 0
+            for number, line in enumerate(handle, 1):
+                lines.append(line)
+                size += len(line)
+                if size >= chunk_bytes or len(lines) >= chunk_lines:
+                    yield Chunk(seq, path, first, True, b"".join(lines))
+                    seq += 1
+                    lines, size, first = [], 0, number + 1
+            if lines:
+                yield Chunk(seq, path, first, True, b"".join(lines))
+                seq += 1
+
+
+def parse_json_line(line: bytes, keys) -> dict:
+    """Parses one jsonl line and returns {key: str or list[str]}; raises ValueError with the reason."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"invalid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, found {type(record).__name__}")
+    out = {}
+    for key in keys:
+        if key not in record:
+            raise ValueError(f"missing key {key!r}")
+        value = record[key]
+        if isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError(f"key {key!r} holds a list that is not all strings")
+        elif not isinstance(value, str):
+            raise ValueError(f"key {key!r} holds {type(value).__name__}, not a string")
+        out[key] = value
+    return out
+
+
+def iter_texts(files: list[str], keys) -> Iterator[str]:
+    """Every text of every input, streamed (used to train tokenizers); bad jsonl lines fail with file:line."""
+    for chunk in iter_chunks(files):
+        if not chunk.jsonl:
+            yield chunk.payload.decode("utf-8", errors="replace")
+            continue
+        for offset, line in enumerate(chunk.payload.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                record = parse_json_line(line, keys)
+            except ValueError as exc:
+                raise ValueError(f"{chunk.path}:{chunk.first_line + offset}: {exc}") from None
+            for value in record.values():
+                yield from (value if isinstance(value, list) else [value])

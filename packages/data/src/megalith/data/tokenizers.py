@@ -1,0 +1,312 @@
+"""Tokenizers behind one small interface: encode, decode, eod, pad, vocab_size (and encode_batch).
+
+Every tokenizer reads local files only; nothing is fetched from a hub. The libraries (`tokenizers`, `tiktoken`,
+`sentencepiece`) are imported when a tokenizer of that kind is built, so the package imports without them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+__all__ = [
+    "TOKENIZER_TYPES",
+    "ByteTokenizer",
+    "HuggingFaceTokenizer",
+    "NullTokenizer",
+    "SentencePieceTokenizer",
+    "TikTokenizer",
+    "Tokenizer",
+    "build_tokenizer",
+]
+
+# Special tokens looked for, in order, when a tokenizer file does not say which one ends a document / pads.
+_EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
+_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+class Tokenizer:
+    """The interface every Megalith tokenizer implements."""
+
+    #: a short string naming the tokenizer and its file; part of dataset cache keys.
+    identifier: str
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def eod(self) -> int:
+        """Id appended at the end of each document."""
+        raise NotImplementedError
+
+    @property
+    def pad(self) -> int:
+        """Id used to fill a short final sample (the loss is always masked there)."""
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encodes many texts; subclasses backed by a library with a batch encoder override this."""
+        return [self.encode(text) for text in texts]
+
+
+def _require_file(path, what: str) -> Path:
+    if path is None:
+        raise ValueError(f"{what} needs a model file (--tokenizer-model)")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} model file {path} does not exist")
+    return path
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` model: a `tokenizer.json` file, or a directory holding one.
+
+    The end-of-document and pad tokens come from `tokenizer_config.json` next to it when present
+    (`eos_token` / `pad_token`), else from the usual special-token spellings; pad falls back to eod.
+    """
+
+    def __init__(self, model_path) -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        path = _require_file(model_path, "HuggingFaceTokenizer")
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"HuggingFaceTokenizer: {file} does not exist")
+        self._tok = _HFTokenizer.from_file(str(file))
+        self.identifier = f"HuggingFaceTokenizer:{file.resolve()}"
+        config = {}
+        config_file = file.parent / "tokenizer_config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+        self._eod = self._special(config.get("eos_token"), _EOD_CANDIDATES)
+        if self._eod is None:
+            raise ValueError(f"{file}: no end-of-document token found (looked for {', '.join(_EOD_CANDIDATES)})")
+        pad = self._special(config.get("pad_token"), _PAD_CANDIDATES)
+        self._pad = self._eod if pad is None else pad
+        self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+
+    def _special(self, configured, candidates) -> int | None:
+        if isinstance(configured, dict):
+            configured = configured.get("content")
+        for token in ([configured] if configured else []) + list(candidates):
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+# GPT-2 / cl100k style pre-tokenization pattern (contractions, letters, numbers, punctuation, spaces).
+TIKTOKEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+    r"""|\s+(?!\S)|\s+"""
+)
+
+
+class TikTokenizer(Tokenizer):
+    """A tiktoken BPE from a local ranks file (lines of `base64(token) rank`, as `.tiktoken` files hold).
+
+    Special tokens take the ids right after the ranks: `num_special_tokens` of them, the first being
+    `<|endoftext|>` (eod) and the second `<|pad|>` (pad), the rest `<|special_K|>` placeholders.
+    """
+
+    def __init__(self, model_path, pattern: str = TIKTOKEN_PATTERN, num_special_tokens: int = 2) -> None:
+        import tiktoken
+
+        path = _require_file(model_path, "TikTokenizer")
+        ranks: dict[bytes, int] = {}
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: expected 'base64-token rank', found {line[:80]!r}") from exc
+        if num_special_tokens < 2:
+            raise ValueError(f"num_special_tokens must be at least 2 (eod and pad), got {num_special_tokens}")
+        base = max(ranks.values()) + 1 if ranks else 0
+        names = ["<|endoftext|>", "<|pad|>"] + [f"<|special_{k}|>" for k in range(2, num_special_tokens)]
+        self._special_ids = {name: base + k for k, name in enumerate(names)}
+        self._enc = tiktoken.Encoding(
+            name=f"megalith-{path.stem}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=self._special_ids
+        )
+        self.identifier = f"TikTokenizer:{path.resolve()}:{num_special_tokens}"
+        self._threads = 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    @property
+    def eod(self) -> int:
+        return self._special_ids["<|endoftext|>"]
+
+    @property
+    def pad(self) -> int:
+        return self._special_ids["<|pad|>"]
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=self._threads)
+
+    def decode(self, ids) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece `.model` file; eod is its `</s>` (eos) id, pad its pad id or else eod."""
+
+    def __init__(self, model_path) -> None:
+        import sentencepiece
+
+        path = _require_file(model_path, "SentencePieceTokenizer")
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.identifier = f"SentencePieceTokenizer:{path.resolve()}"
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"{path}: the SentencePiece model has no end-of-sentence token (eos_id is -1)")
+        self._pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else self._sp.eos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One thread: preprocessing parallelises over worker processes instead.
+        return self._sp.encode(texts, num_threads=1)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, then eod = 256 and pad = 257; needs no file."""
+
+    identifier = "ByteTokenizer"
+
+    @property
+    def vocab_size(self) -> int:
+        return 258
+
+    @property
+    def eod(self) -> int:
+        return 256
+
+    @property
+    def pad(self) -> int:
+        return 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+class NullTokenizer(Tokenizer):
+    """Text is already token ids separated by spaces (for tests); ids 0..vocab_size-1, then eod, then pad."""
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size is None or int(vocab_size) < 1:
+            raise ValueError(f"NullTokenizer needs a positive vocab_size (--vocab-size), got {vocab_size}")
+        self._n = int(vocab_size)
+        self.identifier = f"NullTokenizer:{self._n}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n + 2
+
+    @property
+    def eod(self) -> int:
+        return self._n
+
+    @property
+    def pad(self) -> int:
+        return self._n + 1
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(piece) for piece in text.split()]
+        except ValueError as exc:
+            raise ValueError(f"NullTokenizer expects space-separated integers, got {text[:60]!r}") from exc
+        bad = [i for i in ids if not 0 <= i < self._n]
+        if bad:
+            raise ValueError(f"NullTokenizer: id {bad[0]} is outside [0, {self._n})")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+TOKENIZER_TYPES = (
+    "HuggingFaceTokenizer",
+    "TikTokenizer",
+    "SentencePieceTokenizer",
+    "ByteTokenizer",
+    "NullTokenizer",
+)
+
+
+def build_tokenizer(type: str, model_path=None, *, vocab_size: int | None = None) -> Tokenizer:
+    """Builds a tokenizer by its Megatron-LM `--tokenizer-type` name.
+
+    Args:
+        type: one of `TOKENIZER_TYPES`.
+        model_path: the tokenizer file (`tokenizer.json` or its directory, a tiktoken ranks file, a
+            SentencePiece `.model`); unused by ByteTokenizer and NullTokenizer.
+        vocab_size: NullTokenizer only: the number of ordinary ids.
+    """
+    model_path = os.fspath(model_path) if model_path is not None else None
+    if type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(model_path)
+    if type == "TikTokenizer":
+        return TikTokenizer(model_path)
+    if type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(model_path)
+    if type == "ByteTokenizer":
+        return ByteTokenizer()
+    if type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
+    raise ValueError(f"unknown tokenizer type {type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")

@@ -1,0 +1,189 @@
+"""megalith-preprocess: contents match the tokenizer, bytes do not depend on --workers, bad lines, interruption."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from megalith.data import IndexedDataset
+from megalith.data.preprocess import PreprocessError, main, preprocess
+from megalith.data.tokenizers import build_tokenizer
+
+
+def _files(prefix):
+    return {ext: open(f"{prefix}.{ext}", "rb").read() for ext in ("bin", "idx")}
+
+
+def test_workers_1_and_4_write_identical_bytes_that_match_the_tokenizer(
+    tmp_path, corpus, corpus_texts, hf_tokenizer_dir
+):
+    outputs = {}
+    for workers in (1, 4):
+        stats = preprocess(
+            [corpus],
+            str(tmp_path / f"w{workers}"),
+            "HuggingFaceTokenizer",
+            hf_tokenizer_dir,
+            append_eod=True,
+            workers=workers,
+            chunk_bytes=100_000,
+        )
+        assert stats.documents == len(corpus_texts) and stats.bad_lines == 0
+        outputs[workers] = _files(tmp_path / f"w{workers}_text_document")
+    assert outputs[1] == outputs[4]
+    tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir)
+    ds = IndexedDataset(tmp_path / "w1_text_document")
+    assert ds.dtype == np.uint16 and len(ds) == len(corpus_texts)
+    for i, text in enumerate(corpus_texts):
+        assert ds[i].tolist() == [*tok.encode(text), tok.eod]
+
+
+def test_keys_lists_gz_and_text_inputs(tmp_path):
+    lines = [
+        {"text": "1 2 3", "title": "9"},
+        {"text": ["4 5", "", "6"], "title": "8 8"},  # a list: one sequence per non-empty piece
+        {"text": "", "title": "7"},  # empty: a document without sequences
+    ]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as handle:
+        handle.write("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "b.txt").write_text("10 11\n12")
+    rc = main(
+        [
+            "--input",
+            str(tmp_path / "a.jsonl.gz"),
+            str(tmp_path / "*.txt"),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--json-keys",
+            "text",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "50",
+            "--append-eod",
+        ]
+    )
+    assert rc == 0
+    text = IndexedDataset(tmp_path / "out_text_document")
+    assert [s.tolist() for s in text[0 : len(text)]] == [[1, 2, 3, 50], [4, 5], [6, 50], [10, 11, 12, 50]]
+    assert text.document_indices.tolist() == [0, 1, 3, 3, 4]
+    rc = main(
+        [
+            "--input",
+            str(tmp_path / "a.jsonl.gz"),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--json-keys",
+            "text",
+            "title",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "70000",
+        ]
+    )
+    title = IndexedDataset(tmp_path / "out_title_document")
+    assert rc == 0 and title.dtype == np.int32  # vocabulary of 65,500 or more: int32 tokens
+    assert [s.tolist() for s in title[0:3]] == [[9], [8, 8], [7]]
+
+
+def _bad_input(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "1 2"}\n{"text": 3}\nnot json\n{"other": "1"}\n{"text": "4 999"}\n{"text": "5"}\n')
+    return path
+
+
+def test_bad_lines_error_names_file_and_line_and_leaves_nothing(tmp_path, capsys):
+    path = _bad_input(tmp_path)
+    with pytest.raises(PreprocessError, match=r"in.jsonl:2: key 'text' holds int, not a string"):
+        preprocess([path], str(tmp_path / "out"), "NullTokenizer", vocab_size=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    rc = main(
+        [
+            "--input",
+            str(path),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "100",
+            "--workers",
+            "2",
+        ]
+    )
+    assert rc == 1 and "in.jsonl:2:" in capsys.readouterr().err
+
+
+def test_bad_lines_skip_counts_them(tmp_path, capsys):
+    path = _bad_input(tmp_path)
+    rc = main(
+        [
+            "--input",
+            str(path),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "100",
+            "--on-bad-line",
+            "skip",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 documents" in out and "4 bad lines skipped" in out
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    assert [s.tolist() for s in ds[0:2]] == [[1, 2], [5]]
+
+
+def test_sigterm_leaves_no_output_under_final_names(tmp_path):
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megalith.data.preprocess",
+            "--input",
+            str(fifo),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--tokenizer-type",
+            "ByteTokenizer",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    with open(fifo, "w") as writer:
+        writer.write('{"text": "some text"}\n' * 100)
+        writer.flush()
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith("out_text_document.bin.tmp") for p in tmp_path.iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None, "preprocess did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"no output was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("kind", ["TikTokenizer", "SentencePieceTokenizer", "ByteTokenizer"])
+def test_other_tokenizer_types_through_the_command(tmp_path, kind, corpus_texts, sentencepiece_model, tiktoken_file):
+    model = {"TikTokenizer": tiktoken_file, "SentencePieceTokenizer": sentencepiece_model}.get(kind)
+    texts = corpus_texts[:6]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t[:3000]}) + "\n" for t in texts))
+    args = ["--input", str(path), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", kind, "--workers", "2"]
+    assert main([*args, "--tokenizer-model", str(model)] if model else args) == 0
+    tok = build_tokenizer(kind, model)
+    ds = IndexedDataset(tmp_path / "o_text_document")
+    assert [s.tolist() for s in ds[0 : len(ds)]] == [tok.encode(t[:3000]) for t in texts]
