@@ -1,0 +1,417 @@
+"""The training loop of `megalith-train`: build the parallel model, step it, evaluate, log, checkpoint, stop.
+
+`Trainer(cfg)` sets everything up from a `RunConfig` (joining or creating the process group); `fit()` trains
+until the run length, a stop signal or the wall-clock limit, and returns why it stopped. Each piece (one
+step, evaluation, logging, saving, loading) is a method, so tests and tools can drive them one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from megalith.core import ParallelDims, Transformer, flops_per_token
+from megalith.core.checkpoint import read_info
+from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel
+from megalith.core.distributed import OptimizerConfig as CoreOptimizerConfig
+from megalith.core.parallel.random import derive_seed
+from megalith.core.pipeline import build_stages, forward_backward, unwrap
+from megalith.core.precision import PrecisionConfig, make_loss_scaler
+from megalith.training.checkpointing import CheckpointManager, find_checkpoint, has_optimizer_state
+from megalith.training.config_tree import dump_config
+from megalith.training.data import build_datasets, load_tokenizer, micro_batches, samples_needed
+from megalith.training.metrics import MetricsLogger, ThroughputMeter, memory_stats, peak_tflops
+from megalith.training.resilience import ExitMonitor, NonFiniteTracker, init_distributed
+from megalith.training.run_config import RunConfig
+from megalith.training.schedules import ParamScheduler
+from megalith.training.train_state import check_model_config, masters_from_params, model_state, optimizer_state
+
+__all__ = ["StepOutput", "Trainer", "no_weight_decay"]
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Norm weights and biases (and any other 1-D parameter) get no weight decay."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.rsplit(".", 2)[-2]
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What one training step did (identical on every rank)."""
+
+    step: int
+    loss: float
+    applied: bool
+    grad_norm: float
+    lr: float
+    loss_scale: float
+
+
+class _SchedulerTarget:
+    """The `param_groups` view ParamScheduler writes into; `push` hands the values to our AdamW."""
+
+    def __init__(self, optimizer: AdamW) -> None:
+        self.optimizer = optimizer
+        self.param_groups = [{"lr": optimizer.lr, "weight_decay": optimizer.config.weight_decay}]
+
+    def push(self) -> None:
+        self.optimizer.lr = self.param_groups[0]["lr"]
+        self.optimizer.config.weight_decay = self.param_groups[0]["weight_decay"]
+
+
+class Trainer:
+    """One training run described by `cfg`.
+
+    Args:
+        cfg: the resolved configuration.
+        stream: console stream of the logging rank (default stdout).
+    """
+
+    def __init__(self, cfg: RunConfig, *, stream: IO[str] | None = None) -> None:
+        self.cfg = cfg
+        self.start_time = time.time()
+        p, t = cfg.parallel, cfg.training
+        use_cuda = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
+        backend = p.backend if p.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        self.env = init_distributed(backend)
+        self.device = self.env.device if use_cuda else torch.device("cpu")
+        dp = p.data_parallel(self.env.world_size)
+        self.dims = ParallelDims(tp=p.tp, pp=p.pp, dp=dp)
+        self.rank = self.env.rank
+        self.tokenizer = load_tokenizer(cfg.data)
+        self.model_config = self._resolve_model_config()
+        self.precision = PrecisionConfig(
+            dtype=p.precision, initial_loss_scale=p.initial_loss_scale, loss_scale_window=p.loss_scale_window
+        )
+        self.num_microbatches = t.grad_accumulation(dp)
+        self.total_steps = t.total_steps
+        self.seq_len = cfg.data.seq_len
+        self.chunks = self._build_model()
+        self.loss_scaler = make_loss_scaler(self.precision)
+        self.optimizer = self._build_optimizer()
+        self._sched_target = _SchedulerTarget(self.optimizer)
+        self.scheduler = ParamScheduler(self._sched_target, cfg.schedule, cfg.optimizer, self.total_steps)
+        self._sched_target.push()
+        self.nonfinite = NonFiniteTracker(t.nonfinite_policy, t.max_consecutive_nonfinite)
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.history: list[dict[str, Any]] = []
+        train_samples, valid_samples = samples_needed(self.total_steps, t.global_batch_size, t.eval_iters)
+        self.train_data, self.valid_data = build_datasets(
+            cfg.data,
+            train_samples=train_samples,
+            valid_samples=valid_samples,
+            vocab_size=self.model_config.vocab_size,
+            seed=t.seed,
+            tokenizer=self.tokenizer,
+        )
+        ck = cfg.checkpoint
+        self.checkpoints = (
+            CheckpointManager(ck.save or ck.load, keep_last=ck.keep_last, async_save=ck.async_save)
+            if ck.save or ck.load
+            else None
+        )
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.logger = self._build_logger(stream)
+        if ck.load is not None:
+            self.load_checkpoint(ck.load)
+
+    # ---- construction ---------------------------------------------------------------------------------
+
+    def _resolve_model_config(self):
+        model = self.cfg.model_config()
+        if self.tokenizer is None:
+            return model
+        vocab = self.tokenizer.vocab_size
+        if self.cfg.model.vocab_size is None:
+            return model.replace(vocab_size=vocab)
+        if model.vocab_size < vocab:
+            raise ValueError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's ({vocab})")
+        return model
+
+    def _build_model(self) -> list[DistributedDataParallel]:
+        p = self.cfg.parallel
+        factory = functools.partial(
+            Transformer,
+            self.model_config,
+            self.dims,
+            sequence_parallel=p.sequence_parallel,
+            seed=self.cfg.training.seed,
+            device=self.device,
+            dtype=self.precision.param_dtype,
+        )
+        chunks = build_stages(
+            factory,
+            self.model_config.num_layers,
+            self.dims,
+            virtual_stages=p.virtual_stages,
+            layers_per_stage=p.layers_per_stage,
+            tie_embeddings=self.model_config.tie_embeddings,
+        )
+        ddp = DDPConfig(
+            bucket_size=p.bucket_size,
+            use_distributed_optimizer=p.distributed_optimizer,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+        )
+        return [DistributedDataParallel(chunk, self.dims, ddp) for chunk in chunks]
+
+    def _build_optimizer(self) -> AdamW:
+        o = self.cfg.optimizer
+        config = CoreOptimizerConfig(
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            clip_grad=o.clip_grad if o.clip_grad > 0 else None,
+        )
+        return AdamW(self.chunks, self.dims, config, loss_scaler=self.loss_scaler, no_decay=no_weight_decay)
+
+    def _build_logger(self, stream) -> MetricsLogger:
+        log = self.cfg.logging
+        enabled = self.rank == 0
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        peak = log.peak_tflops
+        if peak is None and self.device.type == "cuda":
+            peak = peak_tflops(torch.cuda.get_device_name(self.device), self.cfg.parallel.precision)
+        flops = flops_per_token(self.model_config, self.seq_len)
+        self.meter = ThroughputMeter(flops, self.env.world_size, peak)
+        return MetricsLogger(
+            self.run_dir,
+            total_steps=self.total_steps,
+            enabled=enabled,
+            tensorboard=log.tensorboard,
+            wandb_project=log.wandb_project,
+            wandb_entity=log.wandb_entity,
+            wandb_name=log.wandb_name,
+            progress_bar=log.progress_bar,
+            stream=stream,
+        )
+
+    # ---- one step ---------------------------------------------------------------------------------------
+
+    @property
+    def hidden_shape(self) -> tuple[int, int, int]:
+        seq = self.seq_len // self.dims.tp if self.cfg.parallel.sequence_parallel else self.seq_len
+        return (self.cfg.training.micro_batch_size, seq, self.model_config.hidden_size)
+
+    def forward_backward(self, batches: list[dict], *, forward_only: bool = False) -> float:
+        """Runs the micro-batches through the pipeline schedule; the mean loss (same on every rank)."""
+        return forward_backward(
+            self.chunks,
+            batches,
+            self.dims,
+            hidden_shape=self.hidden_shape,
+            dtype=self.precision.param_dtype,
+            loss_scale=1.0 if forward_only else self.loss_scaler.scale,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, batches: list[dict]) -> StepOutput:
+        """One optimizer step over this rank's micro-batches; a NaN/Inf loss skips the update."""
+        step = self.step + 1
+        for chunk in self.chunks:  # dropout masks depend only on (seed, step, rank coordinates): resumable
+            unwrap(chunk).rng.reset(
+                derive_seed(self.cfg.training.seed, "step", step),
+                tp_rank=self.dims.tp_rank,
+                pp_rank=self.dims.pp_rank,
+                dp_rank=self.dims.dp_rank,
+            )
+        lr, scale = self.optimizer.lr, self.loss_scaler.scale
+        self.optimizer.zero_grad()
+        loss = self.forward_backward(batches)
+        applied, grad_norm = False, float("nan")
+        if self.nonfinite.check(step, loss):
+            result = self.optimizer.step()
+            applied, grad_norm = result.applied, result.grad_norm
+        if applied:
+            self.scheduler.step()
+            self._sched_target.push()
+        else:
+            self.skipped_steps += 1
+        self.step = step
+        self.consumed_samples += self.cfg.training.global_batch_size
+        return StepOutput(step, loss, applied, grad_norm, lr, scale)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the first `eval_iters` global batches of the validation data (None without any)."""
+        if self.valid_data is None:
+            return None
+        t = self.cfg.training
+        batches = list(self._batches(self.valid_data, 0, t.eval_iters * t.global_batch_size))
+        if not batches:
+            return None
+        for chunk in self.chunks:
+            chunk.eval()
+        total, count = 0.0, 0
+        try:
+            for i in range(0, len(batches), self.num_microbatches):
+                total += self.forward_backward(batches[i : i + self.num_microbatches], forward_only=True)
+                count += 1
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        return total / count
+
+    def _batches(self, dataset, consumed: int, total: int) -> Iterator[dict]:
+        t = self.cfg.training
+        return micro_batches(
+            dataset,
+            consumed_samples=consumed,
+            total_samples=total,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            dp_rank=self.dims.dp_rank,
+            dp=self.dims.dp,
+            num_workers=self.cfg.data.num_workers,
+            device=self.device,
+        )
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+
+    def fit(self) -> str:
+        """Trains to the end of the run (or a stop request); returns why it stopped."""
+        t, ck = self.cfg.training, self.cfg.checkpoint
+        duration = None if t.exit_duration_min is None else t.exit_duration_min * 60
+        batches = self._batches(self.train_data, self.consumed_samples, self.total_steps * t.global_batch_size)
+        reason, saved_at = "finished", self.step
+        self._window: list[StepOutput] = []
+        with ExitMonitor(duration_s=duration, start_time=self.start_time) as monitor:
+            while self.step < self.total_steps:
+                out = self.train_step([next(batches) for _ in range(self.num_microbatches)])
+                self._record(out)
+                if t.eval_interval and self.step % t.eval_interval == 0:
+                    self._log_eval()
+                if ck.save and ck.save_interval and self.step % ck.save_interval == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+                self.on_step_end(out)
+                stop = monitor.check()
+                if stop is not None:
+                    reason = stop
+                    self.logger.message(f"stopping at step {self.step}: {stop}")
+                    break
+        if ck.save and saved_at != self.step:
+            self.save_checkpoint()
+        if self.checkpoints is not None:
+            self.checkpoints.wait()
+        return reason
+
+    def on_step_end(self, out: StepOutput) -> None:
+        """Called after every step on every rank (a hook for subclasses; does nothing here)."""
+
+    def _record(self, out: StepOutput) -> None:
+        tokens = self.cfg.training.global_batch_size * self.seq_len
+        self.meter.add_tokens(tokens)
+        self.history.append(dataclasses.asdict(out))
+        self._window.append(out)
+        log = self.cfg.logging
+        if self.step % log.log_interval and self.step != self.total_steps:
+            return
+        finite = [o.loss for o in self._window if math.isfinite(o.loss)]
+        norms = [o.grad_norm for o in self._window if o.applied]
+        metrics: dict[str, Any] = {
+            "loss": sum(finite) / len(finite) if finite else float("nan"),
+            "lr": out.lr,
+            "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
+            **self.meter.measure(),
+            **memory_stats(),
+            "skipped_steps": self.skipped_steps,
+            "consumed_samples": self.consumed_samples,
+        }
+        if self.precision.dtype == "fp16":
+            metrics["loss_scale"] = out.loss_scale
+        self._window = []
+        self.logger.log(self.step, metrics)
+
+    def _log_eval(self) -> None:
+        loss = self.evaluate()
+        if loss is not None:
+            self.logger.log_eval(self.step, loss)
+            self.history.append({"step": self.step, "eval_loss": loss})
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Saves model, optimizer, schedule, loss scale, RNG and data position as checkpoint `self.step`."""
+        ck = self.cfg.checkpoint
+        manager = self.checkpoints
+        state = model_state(self.chunks)
+        if ck.save_optimizer:
+            state.update(optimizer_state(self.optimizer))
+        tok = self.cfg.data.tokenizer_model
+        tok_dir = tok if tok is not None and os.path.isdir(tok) else None
+        start = time.perf_counter()
+        manager.save(self.step, state, extra=self._extra_state(), model_config=self.model_config.to_dict(),
+                     tokenizer_dir=tok_dir)  # fmt: skip
+        path = manager.root / f"iter_{self.step:07d}"
+        what = "queued" if ck.async_save else "saved"
+        self.logger.message(f"checkpoint {what}: {path} ({time.perf_counter() - start:.2f} s)")
+        return path
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "adam_step": self.optimizer.step_count,
+            "scheduler": self.scheduler.state_dict(),
+            "loss_scaler": self.loss_scaler.state_dict(),
+            "nonfinite": self.nonfinite.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
+            "tokenizer": {"type": self.cfg.data.tokenizer_type, "model": self.cfg.data.tokenizer_model},
+            "seq_len": self.seq_len,
+        }
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Resumes from the latest complete checkpoint under `path` (or loads a model-only one as a start).
+
+        A checkpoint with optimizer state resumes the run exactly (weights, optimizer, schedule, loss scale,
+        RNG, data position) unless `checkpoint.finetune` or `load_optimizer=false`; a model-only one (e.g.
+        written by `megalith-import hf`) only sets the weights and starts at step 0 with a fresh optimizer.
+        """
+        ck = self.cfg.checkpoint
+        ckpt = find_checkpoint(path)
+        if ckpt is None:
+            if ck.save is not None and Path(path).resolve() == Path(ck.save).resolve():
+                self.logger.message(f"no checkpoint in {path} yet: starting from scratch")
+                return
+            raise FileNotFoundError(f"checkpoint.load: no complete checkpoint in {path}")
+        info = read_info(ckpt)
+        check_model_config(info.get("model_config"), self.model_config.to_dict(), str(ckpt))
+        resume = has_optimizer_state(ckpt) and ck.load_optimizer and not ck.finetune
+        state = model_state(self.chunks)
+        if resume:
+            state.update(optimizer_state(self.optimizer))
+        loaded = self.checkpoints.load(state, ckpt, load_rng=ck.load_rng and resume)
+        if not resume:
+            masters_from_params(self.optimizer)
+            self.optimizer.sync_params_from_master()
+            self.logger.message(f"loaded model weights from {loaded.path} (fresh optimizer, step 0)")
+            return
+        self.optimizer.sync_params_from_master()
+        extra = loaded.extra
+        self.step = int(extra["step"])
+        self.consumed_samples = int(extra["consumed_samples"])
+        self.optimizer.step_count = int(extra["adam_step"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self._sched_target.push()
+        self.loss_scaler.load_state_dict(extra["loss_scaler"])
+        self.nonfinite.load_state_dict(extra["nonfinite"])
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.logger.message(f"resumed from {loaded.path} at step {self.step}")
+
+    def close(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.wait()
+        self.logger.close()
