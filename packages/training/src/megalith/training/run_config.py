@@ -116,9 +116,7 @@ class ParallelConfig:
             not self.fsdp,
             "fsdp=true is not supported by megalith-train yet; use distributed_optimizer=true (ZeRO-1)",
         )
-        _check(
-            self.bucket_size is None or self.bucket_size >= 1, f"bucket_size must be >= 1, got {self.bucket_size}"
-        )
+        _check(self.bucket_size is None or self.bucket_size >= 1, f"bucket_size must be >= 1, got {self.bucket_size}")
         _check(self.initial_loss_scale >= 1, f"initial_loss_scale must be >= 1, got {self.initial_loss_scale}")
         _check(self.loss_scale_window >= 1, f"loss_scale_window must be >= 1, got {self.loss_scale_window}")
 
