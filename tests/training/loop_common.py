@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 from megalith.training.config_tree import load_config
@@ -50,10 +51,8 @@ def train_losses(cfg: RunConfig, trainer_cls=Trainer, **attrs) -> tuple[list[tup
     trainer = trainer_cls(cfg, stream=io.StringIO())
     for key, value in attrs.items():
         setattr(trainer, key, value)
-    try:
+    with contextlib.suppress(StopAt):
         trainer.fit()
-    except StopAt:
-        pass
     trainer.close()
     return [(h["step"], h["loss"]) for h in trainer.history if "loss" in h], trainer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import signal
@@ -147,8 +148,8 @@ def test_nan_loss_skips_the_step_and_repeated_nans_stop(tmp_path):
     assert applied == [True, True, False, True, True, True]
     assert sums[2] == sums[1]  # the skipped step left every parameter unchanged
     assert sums[3] != sums[2]
-    records = [line for line in open(tmp_path / "a/run/metrics.jsonl")]
-    assert '"skipped_steps": 1' in records[-1]
+    records = (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()
+    assert json.loads(records[-1])["skipped_steps"] == 1
     applied, _, _, error = run_distributed(_nan, 2, str(tmp_path / "b"), (3, 4), 2)[0]
     assert applied == [True, True, False] and "2 non-finite losses in a row" in error
 

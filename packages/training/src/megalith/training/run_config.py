@@ -90,7 +90,9 @@ class ParallelConfig:
     pp: int = option(1, help="Pipeline-parallel degree.")
     dp: int | None = option(None, help="Data-parallel degree; None: world_size / (tp * pp). Checked when set.")
     virtual_stages: int = option(1, help="Model chunks per pipeline rank (>1: interleaved 1F1B).")
-    layers_per_stage: list[int] | None = option(None, help="Layers of each virtual stage (default: even split).")
+    layers_per_stage: list[int] | None = option(  # noqa: RUF009 (option() returns dataclasses.field)
+        None, help="Layers of each virtual stage (default: even split)."
+    )
     sequence_parallel: bool = option(False, help="Shard activations along the sequence between layers (tp > 1).")
     distributed_optimizer: bool = option(False, help="ZeRO-1: shard fp32 master weights and Adam moments over dp.")
     fsdp: bool = option(False, help="FSDP2 (ZeRO-3) instead of our DDP; not supported by megalith-train yet.")
