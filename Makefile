@@ -17,6 +17,8 @@ TORCH_SPEC ?= torch
 MEGALITH_CUDA ?= AUTO
 export MEGALITH_CUDA
 PYTEST_ARGS ?=
+# Extra arguments of examples/demo.py, e.g. `make demo DEMO_ARGS="--quick"`.
+DEMO_ARGS ?=
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -51,7 +53,7 @@ $(STAMP): $(PY) $(SETUP_INPUTS)
 
 demo: setup
 	@echo "==> Running the demo"
-	@$(PY) examples/demo.py
+	@$(PY) examples/demo.py $(DEMO_ARGS)
 
 test: setup
 	@echo "==> Running the test suite"
