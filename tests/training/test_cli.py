@@ -56,6 +56,7 @@ def test_print_config_resolves_preset_and_overrides(capsys):
         (["model.preset=null", "model.hidden_size=64"], "these fields must be set: vocab_size"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], "not a multiple of micro_batch_size"),
         (["parallel.fsdp=true"], "fsdp=true is not supported"),
+        (["optimizer.fused=true"], "leave optimizer.fused null"),
     ],
 )
 def test_config_errors_name_the_field_and_value(overrides, message, capsys):
@@ -112,7 +113,8 @@ def test_kill_9_then_resume_continues_the_same_loss_curve(tmp_path):
     steps = ["training.train_iters=120", "checkpoint.save_interval=10"]
     reference = subprocess.run(_run_args(tmp_path / "ref", *steps), env=_env(), capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
-    assert (tmp_path / "ref/config.yaml").is_file()
+    written = load_config(RunConfig, tmp_path / "ref/config.yaml")  # the resolved tree reloads as it ran
+    assert written.training.train_iters == 120 and written.checkpoint.save == f"{tmp_path / 'ref'}/ck"
     run = tmp_path / "run"
     proc = subprocess.Popen(_run_args(run, *steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

@@ -37,10 +37,10 @@ def _resume_run(rank, world_size, tmp, overrides):
     [
         (2, layout(2, 1, "parallel.sequence_parallel=true")),
         (2, layout(1, 2)),
-        (2, layout(1, 1, "parallel.distributed_optimizer=true")),
+        (2, layout(1, 1, "parallel.distributed_optimizer=true", "parallel.precision=bf16")),
         (8, layout(2, 2, "parallel.distributed_optimizer=true", "parallel.virtual_stages=2")),
     ],
-    ids=["tp2-sp", "pp2", "dp2-zero1", "tp2-pp2-dp2-interleaved-zero1"],
+    ids=["tp2-sp", "pp2", "dp2-zero1-bf16", "tp2-pp2-dp2-interleaved-zero1"],
 )
 def test_crash_and_resume_continue_the_same_loss_curve(tmp_path, world_size, overrides):
     results = run_distributed(_resume_run, world_size, str(tmp_path), overrides, timeout=300)

@@ -174,7 +174,7 @@ class MetricsLogger:
             "lr": "lr {:.3e}",
             "grad_norm": "grad norm {:.3f}",
             "tokens_per_s": "{:,.0f} tok/s",
-            "tflops_per_device": "{:.1f} TFLOP/s/dev",
+            "tflops_per_device": "{:.3g} TFLOP/s/dev",
             "mfu": "MFU {:.1%}",
             "mem_gib": "mem {:.2f} GiB",
             "skipped_steps": "skipped {}",
