@@ -135,7 +135,7 @@ def test_kill_9_then_resume_continues_the_same_loss_curve(tmp_path):
 
 
 def test_torchrun_two_ranks_and_sigterm_exit_zero_with_a_checkpoint(tmp_path):
-    args = _run_args(tmp_path, "parallel.pp=2", "training.train_iters=3")
+    args = _run_args(tmp_path, "parallel.pp=2", "training.train_iters=3", "data.num_workers=1")
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *args]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
