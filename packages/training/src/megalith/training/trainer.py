@@ -26,7 +26,7 @@ from megalith.core.parallel.random import derive_seed
 from megalith.core.pipeline import build_stages, forward_backward, unwrap
 from megalith.core.precision import PrecisionConfig, make_loss_scaler
 from megalith.training.checkpointing import CheckpointManager, find_checkpoint, has_optimizer_state
-from megalith.training.config_tree import dump_config
+from megalith.training.config_tree import config_to_dict, dump_config
 from megalith.training.data import build_datasets, load_tokenizer, micro_batches, samples_needed
 from megalith.training.metrics import MetricsLogger, ThroughputMeter, memory_stats, peak_tflops
 from megalith.training.resilience import ExitMonitor, NonFiniteTracker, init_distributed
@@ -193,6 +193,7 @@ class Trainer:
             wandb_project=log.wandb_project,
             wandb_entity=log.wandb_entity,
             wandb_name=log.wandb_name,
+            wandb_config=config_to_dict(self.cfg) if log.wandb_project else None,
             progress_bar=log.progress_bar,
             stream=stream,
         )
@@ -286,6 +287,7 @@ class Trainer:
         batches = self._batches(self.train_data, self.consumed_samples, self.total_steps * t.global_batch_size)
         reason, saved_at = "finished", self.step
         self._window: list[StepOutput] = []
+        self.meter.measure()  # throughput intervals start now, not at construction (data indices, loading)
         with ExitMonitor(duration_s=duration, start_time=self.start_time) as monitor:
             while self.step < self.total_steps:
                 out = self.train_step([next(batches) for _ in range(self.num_microbatches)])
