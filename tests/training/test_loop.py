@@ -68,9 +68,9 @@ def _save_at_tp2_pp2(rank, world_size, tmp):
     return before, out.loss, trainer.evaluate()
 
 
-def _load_elsewhere(rank, world_size, tmp, tp):
+def _load_elsewhere(rank, world_size, tmp, tp, extra):
     ck = f"{tmp}/ck"
-    cfg = make_config(f"{tmp}/tp{tp}", *layout(tp, 1), *_RESHARD, f"checkpoint.load={ck}")
+    cfg = make_config(f"{tmp}/tp{tp}", *layout(tp, 1, *extra), *_RESHARD, f"checkpoint.load={ck}")
     trainer = Trainer(cfg, stream=io.StringIO())
     assert trainer.step == 2
     before = trainer.evaluate()
@@ -86,8 +86,9 @@ def _fixed_batch(trainer):
 
 def test_checkpoint_from_tp2_pp2_loads_at_tp1_and_tp4(tmp_path):
     ref_eval, ref_step_loss, ref_after = run_distributed(_save_at_tp2_pp2, 4, str(tmp_path))[0]
-    for tp in (1, 4):
-        ev, step_loss, after = run_distributed(_load_elsewhere, tp, str(tmp_path), tp)[0]
+    # tp1 as two data-parallel ranks with ZeRO-1 (the optimizer state lands in flat dp shards), and tp4.
+    for tp, world, extra in ((1, 2, ["parallel.distributed_optimizer=true"]), (4, 4, [])):
+        ev, step_loss, after = run_distributed(_load_elsewhere, world, str(tmp_path), tp, extra)[0]
         assert ev == pytest.approx(ref_eval, rel=1e-5), tp  # same weights
         assert step_loss == pytest.approx(ref_step_loss, rel=1e-5), tp
         # One more step from the loaded optimizer state (Adam moments, masters) lands on the same model.
@@ -154,8 +155,8 @@ def test_nan_loss_skips_the_step_and_repeated_nans_stop(tmp_path):
     assert applied == [True, True, False] and "2 non-finite losses in a row" in error
 
 
-def _model_only(rank, world_size, tmp, tp):
-    cfg = make_config(f"{tmp}/tp{tp}", *layout(tp, 1), f"checkpoint.load={tmp}/imported")
+def _model_only(rank, world_size, tmp, tp, pp):
+    cfg = make_config(f"{tmp}/tp{tp}pp{pp}", *layout(tp, pp), f"checkpoint.load={tmp}/imported")
     trainer = Trainer(cfg, stream=io.StringIO())
     loaded = trainer.evaluate()
     step = trainer.step
@@ -169,12 +170,12 @@ def test_model_only_checkpoint_starts_training_at_any_layout(tmp_path):
     model_config = make_config(str(tmp_path)).model_config()
     source = Transformer(model_config, seed=77)  # not the run's seed: the weights must come from the file
     write_model_checkpoint(tmp_path / "imported", model_config.to_dict(), source.named_parameters())
-    for tp in (1, 2):
-        step, loaded, samples, last_loss = run_distributed(_model_only, tp, str(tmp_path), tp)[0]
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        step, loaded, samples, last_loss = run_distributed(_model_only, tp * pp, str(tmp_path), tp, pp)[0]
         ids = torch.stack([torch.as_tensor(s["input_ids"]) for s in samples])
         labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples])
         with torch.no_grad():
             reference = float(source(ids, labels).mean())
         assert step == 0
-        assert loaded == pytest.approx(reference, rel=1e-5), tp
+        assert loaded == pytest.approx(reference, rel=1e-5), (tp, pp)
         assert math.isfinite(last_loss)
