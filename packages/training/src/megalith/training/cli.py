@@ -19,7 +19,9 @@ Train a GPT-2 or Llama style model with tensor, pipeline and data parallelism.
   megalith-train --config FILE --load runs/x/checkpoints                   resume from the latest checkpoint
   megalith-train --config FILE model.num_layers=4 parallel.tp=2 --print-config
 
---load DIR and --save DIR are short for checkpoint.load=DIR and checkpoint.save=DIR.
+--load DIR, --save DIR and --run-dir DIR are short for checkpoint.load=DIR, checkpoint.save=DIR and
+logging.run_dir=DIR. Exit codes: 0 finished or stopped cleanly (SIGTERM/SIGINT/SIGUSR1, time limit; a checkpoint
+is saved first when checkpoint.save is set), 2 configuration error, 1 anything else.
 """
 
 _SHORTCUTS = {"--load": "checkpoint.load", "--save": "checkpoint.save", "--run-dir": "logging.run_dir"}
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(format_config(cfg), end="")
         return 0
-    from megalith.training.resilience import destroy_distributed
+    from megalith.training.resilience import NonFiniteLossError, destroy_distributed
     from megalith.training.trainer import Trainer
 
     try:
@@ -66,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reason = trainer.fit()
         trainer.logger.message(_summary(trainer, reason))
+    except NonFiniteLossError as exc:
+        print(f"megalith-train: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
         destroy_distributed()
