@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import torch
 
-from megalith.core import ParallelDims, Transformer, flops_per_token
+from megalith.core import ParallelDims, Transformer, count_parameters, flops_per_token
 from megalith.core.checkpoint import read_info
 from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel
 from megalith.core.distributed import OptimizerConfig as CoreOptimizerConfig
@@ -121,6 +121,7 @@ class Trainer:
         )
         self.run_dir = Path(cfg.logging.run_dir)
         self.logger = self._build_logger(stream)
+        self.logger.message(self._banner())
         if ck.load is not None:
             self.load_checkpoint(ck.load)
 
@@ -196,6 +197,19 @@ class Trainer:
             wandb_config=config_to_dict(self.cfg) if log.wandb_project else None,
             progress_bar=log.progress_bar,
             stream=stream,
+        )
+
+    def _banner(self) -> str:
+        m, d, t = self.model_config, self.dims, self.cfg.training
+        data = "synthetic tokens" if self.cfg.data.use_synthetic else (self.cfg.data.blend or self.cfg.data.train_blend)
+        return (
+            f"model: {m.family}, {count_parameters(m) / 1e6:,.1f}M parameters, {m.num_layers} layers, "
+            f"hidden {m.hidden_size}, vocab {m.vocab_size}\n"
+            f"layout: tp {d.tp} x pp {d.pp} (x{self.cfg.parallel.virtual_stages} virtual) x dp {d.dp} = "
+            f"{self.env.world_size} ranks, {self.env.backend} on {self.device.type}, {self.precision.dtype}\n"
+            f"batch: {t.global_batch_size} x {self.seq_len} tokens per step ({self.num_microbatches} micro-batches "
+            f"of {t.micro_batch_size} per rank), {self.total_steps} steps, data: {data}\n"
+            f"run directory: {self.run_dir}"
         )
 
     # ---- one step ---------------------------------------------------------------------------------------
