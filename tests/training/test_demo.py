@@ -33,3 +33,5 @@ def test_quick_demo_trains_with_falling_loss_and_saves(tmp_path):
         import megalith.training.generation  # noqa: F401
     except ImportError:
         assert "generation skipped: megalith.training.generation is missing" in out
+    else:
+        assert "--- prompt 'def '" in out and "--- prompt 'import os\\n'" in out
