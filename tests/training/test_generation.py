@@ -47,6 +47,15 @@ def test_greedy_equals_argmax_of_full_forward_at_every_step(family):
     assert len({t for o in outputs for t in o}) > 3  # not one token repeated everywhere
 
 
+def test_vocab_limit_keeps_ids_below_it():
+    model = _model("gpt")
+    outputs = generate(model, PROMPTS, max_new_tokens=6, vocab_limit=50)
+    with torch.no_grad():
+        for prompt, out in zip(PROMPTS, outputs, strict=True):
+            for i, token in enumerate(out):
+                assert model(torch.tensor([prompt + out[:i]]))[0, -1, :50].argmax().item() == token
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_of_different_lengths_equals_each_alone(side):
     model = _model("llama")

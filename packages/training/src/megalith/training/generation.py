@@ -133,6 +133,7 @@ def generate(
     seed: int = 0,
     eod: int | None = None,
     padding_side: str = "left",
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """Continues each prompt; returns the new token ids per prompt.
 
@@ -146,6 +147,7 @@ def generate(
         seed: seeds the sampling generator (the same seed gives the same text).
         eod: a row stops after producing this token (it is included in the output); None: never stop early.
         padding_side: "left" or "right"; the result does not depend on it.
+        vocab_limit: only ids below this are generated (a tokenizer smaller than the model's vocabulary).
     """
     _check_sampling(temperature, top_k, top_p)
     from megalith.core.models import KVCache
@@ -164,6 +166,8 @@ def generate(
         bad = [t for t in ids if not 0 <= t < config.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+    if vocab_limit is not None and not 0 < vocab_limit <= config.vocab_size:
+        raise ValueError(f"vocab_limit must be in [1, {config.vocab_size}], got {vocab_limit}")
     longest = max(len(ids) for ids in prompts)
     if longest + max_new_tokens > config.max_seq_len:
         raise ValueError(
@@ -188,12 +192,14 @@ def generate(
         finished_B = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             logits_BV = gather_vocab_logits(model, model.head(h_BH.unsqueeze(1)).squeeze(1))
+            if vocab_limit is not None:
+                logits_BV = logits_BV[:, :vocab_limit]
             tokens_B = sample_next_token(
                 logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
             tokens_B = _broadcast_tokens(model, tokens_B.masked_fill(finished_B, pad_id))
-            for row, token in enumerate(tokens_B.tolist()):
-                if not finished_B[row]:
+            for row, (token, done) in enumerate(zip(tokens_B.tolist(), finished_B.tolist(), strict=True)):
+                if not done:
                     outputs[row].append(token)
             if eod is not None:
                 finished_B |= tokens_B == eod
@@ -317,7 +323,7 @@ def generate_from_checkpoint(
                 raise ValueError(f"prompt {start + i} ({chunk[i]!r}) encodes to no tokens")
         new = generate(
             model, encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed + start, eod=eod,
+            seed=seed + start, eod=eod, vocab_limit=tokenizer.vocab_size,
         )  # fmt: skip
         texts += [tokenizer.decode([t for t in ids if t != eod]) for ids in new]
     return texts
