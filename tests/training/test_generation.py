@@ -149,7 +149,8 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     tok_dir = train_bpe(TEXTS * 4, 300, root / "tok", min_frequency=1)
     tokenizer = load_tokenizer(tok_dir)
-    config = llama_config(vocab_size=tokenizer.vocab_size, max_seq_len=48)
+    assert tokenizer.vocab_size < 320
+    config = llama_config(vocab_size=320, max_seq_len=48)  # more ids than the tokenizer: they are never produced
     model = Transformer(config, seed=21)
     tensors = (
         (n, canonical_from_local(p.data, getattr(p, "megalith_shard", None))) for n, p in model.named_parameters()
@@ -162,7 +163,7 @@ CLI_PROMPTS = ["def add(", "the quick", "import"]
 
 
 def _expected(model, tokenizer, prompts, **kw) -> list[str]:
-    new = generate(model, tokenizer.encode_batch(prompts), eod=tokenizer.eod, **kw)
+    new = generate(model, tokenizer.encode_batch(prompts), eod=tokenizer.eod, vocab_limit=tokenizer.vocab_size, **kw)
     return [tokenizer.decode([t for t in ids if t != tokenizer.eod]) for ids in new]
 
 
