@@ -3,6 +3,7 @@ seeded reproducibility, tp=2 against tp=1, and megalith-generate end to end on a
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -182,7 +183,8 @@ def _tp_rank(rank, world_size, root):
     sampled = generate_from_checkpoint(
         root, CLI_PROMPTS, max_new_tokens=10, temperature=1.0, top_k=40, seed=5, dtype=torch.float64
     )
-    return greedy, sampled
+    replicas = generate_from_checkpoint(root, CLI_PROMPTS, max_new_tokens=10, tp=1, dtype=torch.float64)
+    return greedy, sampled, replicas
 
 
 def test_tp2_generation_equals_tp1(checkpoint):
@@ -192,8 +194,9 @@ def test_tp2_generation_equals_tp1(checkpoint):
         root, CLI_PROMPTS, max_new_tokens=10, temperature=1.0, top_k=40, seed=5, dtype=torch.float64
     )
     assert greedy != sampled
-    assert run_distributed(_tp_rank, 2, str(root)) == [(greedy, sampled)] * 2
-    with pytest.raises(ValueError, match=r"tp=2 needs a world of exactly 2 processes, found 1"):
+    # tp=2, and two tp=1 replicas in the same 2-rank world
+    assert run_distributed(_tp_rank, 2, str(root)) == [(greedy, sampled, greedy)] * 2
+    with pytest.raises(ValueError, match=r"tp=2 needs a world of a multiple of 2 processes, found 1"):
         generate_from_checkpoint(root, CLI_PROMPTS, tp=2)
 
 
@@ -243,3 +246,9 @@ def test_tokenizer_kind_is_recognised_or_reported(tmp_path):
     with pytest.raises(ValueError, match=r"cannot tell the tokenizer kind from its files \['vocab.txt'\]"):
         load_tokenizer(tmp_path)
     assert load_tokenizer(None, "ByteTokenizer").eod == 256
+    # One *.tiktoken ranks file (here: the 256 single bytes) is recognised as a tiktoken BPE.
+    ranks = "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
+    (tmp_path / "bytes.tiktoken").write_text(ranks)
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode("hi") == [ord("h"), ord("i")]
+    assert tok.eod == 256

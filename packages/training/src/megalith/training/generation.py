@@ -250,8 +250,9 @@ def load_model(checkpoint_path, *, tp: int | None = None, device=None, dtype: to
     """Builds the model a checkpoint describes and loads its weights at tensor-parallel degree `tp`.
 
     Returns (model in eval mode, ModelCheckpointReader). `tp` defaults to the world size when torch.distributed
-    is initialised (every rank of the world must call; the world size must equal tp), else 1. Weights are read
-    through torch.distributed.checkpoint with a weights-only reader, whatever layout saved them.
+    is initialised, else 1; every rank of the world must call, and a world larger than tp holds world/tp
+    replicas that compute the same. Weights are read through torch.distributed.checkpoint with a weights-only
+    reader, whatever layout saved them.
     """
     from megalith.core.checkpoint import ModelCheckpointReader, load_sharded_state, model_sharded_state
     from megalith.core.config import ModelConfig
@@ -269,13 +270,13 @@ def load_model(checkpoint_path, *, tp: int | None = None, device=None, dtype: to
     tp = world if tp is None else int(tp)
     if tp < 1:
         raise ValueError(f"tp must be positive, got {tp}")
-    if tp != world:
+    if world % tp:
         hint = f"; run under `torchrun --nproc-per-node {tp}`" if world == 1 else ""
-        raise ValueError(f"generation with tp={tp} needs a world of exactly {tp} processes, found {world}{hint}")
+        raise ValueError(f"generation with tp={tp} needs a world of a multiple of {tp} processes, found {world}{hint}")
     device = _default_device() if device is None else torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dims = ParallelDims(tp=tp) if distributed else None
+    dims = ParallelDims(tp=tp, dp=world // tp) if distributed else None  # dp replicas repeat the same work
     model = Transformer(config, dims, device=device, dtype=dtype, empty_init=True)
     load_sharded_state(model_sharded_state(model), reader.path)
     return model.eval(), reader
