@@ -16,6 +16,7 @@ from torch import nn
 
 from megalith.core.checkpoint.spec import ShardSpec
 from megalith.core.config import ModelConfig
+from megalith.core.models.kv_cache import KVCache, LayerKVCache
 from megalith.core.models.ops import get_ops
 from megalith.core.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalith.core.parallel.layers import local_from_canonical, padded_vocab_size, vocab_shard_spec
@@ -27,6 +28,18 @@ IGNORE_INDEX = -100
 
 def rope_tables(seq_len: int, config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [S, D/2] (float32) for positions 0..S-1, with Llama-3 frequency scaling when configured."""
+    return rope_tables_at(torch.arange(seq_len, device=device), config)
+
+
+def rope_tables_at(positions: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [..., D/2] (float32) for integer `positions` of any shape (e.g. [B, S] when decoding)."""
+    inv_freq = rope_inv_freq(config, device=positions.device)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """The D/2 rotary frequencies (float64), Llama-3 scaled when `config.rope_scaling` is set."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
     scaling = config.rope_scaling
@@ -37,8 +50,7 @@ def rope_tables(seq_len: int, config: ModelConfig, device=None) -> tuple[torch.T
         wavelen = 2 * math.pi / inv_freq
         blend = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
         inv_freq = (1.0 - blend) * inv_freq / factor + blend * inv_freq
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return inv_freq
 
 
 class Norm(nn.Module):
@@ -94,12 +106,17 @@ class Attention(nn.Module):
         self.dropout_p = config.attention_dropout
         self.recompute_core = config.recompute == "selective"
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        """Self-attention over positions 0..S-1, or, with `cache`, over the cached slots plus the new ones."""
         qkv = self.qkv(x_BSH)  # [B, S, (N + 2K) D]: under SP the sequence was gathered to full length here
         b, s, _ = qkv.shape
         n, k, d = self.num_heads, self.num_kv_heads, self.head_dim
         q_BSND, k_BSKD, v_BSKD = qkv.split([n * d, k * d, k * d], dim=-1)
         q_BSND, k_BSKD, v_BSKD = q_BSND.view(b, s, n, d), k_BSKD.view(b, s, k, d), v_BSKD.view(b, s, k, d)
+        if cache is not None:  # incremental decoding: positions and the mask come from the cache
+            if self.config.position_embedding == "rope":
+                q_BSND, k_BSKD = cache.rope(q_BSND), cache.rope(k_BSKD)
+            return self.proj(cache.attend(q_BSND, k_BSKD, v_BSKD).reshape(b, s, n * d))
         if self.config.position_embedding == "rope":
             cos, sin = rope_tables(s, self.config, device=x_BSH.device)
             q_BSND, k_BSKD = self.ops.rope(q_BSND, cos, sin), self.ops.rope(k_BSKD, cos, sin)
@@ -148,13 +165,16 @@ class TransformerLayer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout, rng)
         self.recompute = config.recompute == "full" and layer_id % config.recompute_every == 0
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """One block; with `cache` (an open KVCache step), attention reads and extends the cache."""
+        if cache is not None:
+            return self._forward(x_BSH, cache.layer(self.layer_id))
         if self.recompute and self.training:
             return checkpoint(self._forward, x_BSH, rng=self.rng)
         return self._forward(x_BSH)
 
-    def _forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
-        x_BSH = x_BSH + self.dropout(self.attn(self.attn_norm(x_BSH)))
+    def _forward(self, x_BSH: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x_BSH = x_BSH + self.dropout(self.attn(self.attn_norm(x_BSH), cache))
         return x_BSH + self.dropout(self.mlp(self.mlp_norm(x_BSH)))
 
 
@@ -170,6 +190,7 @@ class Transformer(nn.Module):
         sequence_parallel: with dims.tp > 1, shard activations between layers along the sequence.
         seed: base seed of the initialisation (weights depend only on it and the canonical name) and dropout.
         device, dtype: where and in what precision to create the parameters.
+        empty_init: allocate the parameters without drawing initial values (they are about to be loaded).
     """
 
     def __init__(
@@ -184,6 +205,7 @@ class Transformer(nn.Module):
         seed: int = 0,
         device=None,
         dtype=None,
+        empty_init: bool = False,
     ):
         super().__init__()
         self.config = config
@@ -213,16 +235,26 @@ class Transformer(nn.Module):
             from megalith.core.parallelize import parallelize  # the model file stays free of parallel code
 
             parallelize(self, dims, sequence_parallel=sequence_parallel)
-        self.init_weights(seed, device=device, dtype=dtype)
+        self.init_weights(seed, device=device, dtype=dtype, empty=empty_init)
 
-    def embed_tokens(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
-        """Token (+ learned position) embeddings: [B, S] ids -> [B, S, H] hidden."""
+    def embed_tokens(self, input_ids_BS: torch.Tensor, positions_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Token (+ learned position) embeddings: [B, S] ids -> [B, S, H] hidden.
+
+        Positions are 0..S-1 unless `positions_BS` gives each token's own (incremental decoding).
+        """
         s = input_ids_BS.shape[1]
-        if s > self.config.max_seq_len:
+        if positions_BS is None and s > self.config.max_seq_len:
             raise ValueError(f"sequence length {s} exceeds max_seq_len {self.config.max_seq_len}")
         h_BSH = self.embed(input_ids_BS)
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and positions_BS is None:
             h_BSH = h_BSH + self.pos_embed(torch.arange(s, device=input_ids_BS.device)).unsqueeze(0)
+        elif self.pos_embed is not None:
+            top = int(positions_BS.max()) if positions_BS.numel() else 0
+            if top >= self.config.max_seq_len:
+                raise ValueError(
+                    f"position {top} exceeds the learned positions (max_seq_len {self.config.max_seq_len})"
+                )
+            h_BSH = h_BSH + self.pos_embed(positions_BS)
         return self.embed_dropout(h_BSH)
 
     def head(self, h_BSH: torch.Tensor) -> torch.Tensor:
@@ -254,12 +286,41 @@ class Transformer(nn.Module):
         logits_BSV = self.head(h_BSH)
         return logits_BSV if labels_BS is None else self.loss(logits_BSV, labels_BS)
 
+    def forward_cached(
+        self,
+        input_ids_BS: torch.Tensor,
+        cache: KVCache,
+        *,
+        valid_BS: torch.Tensor | None = None,
+        positions_BS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Incremental forward (inference, pp=1): appends S tokens per row to `cache`, returns hidden [B, S, H].
+
+        `valid_BS` marks the real tokens (False: padding, never attended to); positions default to the count
+        of real tokens before each one in its row. Apply `head` to the rows of interest to get logits.
+        """
+        if not (self.first_stage and self.last_stage):
+            raise ValueError("forward_cached needs the whole model (first and last stage)")
+        if self.training:
+            raise RuntimeError("forward_cached is for inference; call model.eval() first")
+        positions_BS = cache.begin(input_ids_BS.shape[1], valid_BS, positions_BS)
+        try:
+            h_BSH = self.embed_tokens(input_ids_BS, positions_BS)
+            for layer in self.layers.values():
+                h_BSH = layer(h_BSH, cache)
+        except BaseException:
+            cache.abort()
+            raise
+        cache.commit()
+        return h_BSH
+
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, *, device=None, dtype=None) -> None:
+    def init_weights(self, seed: int = 0, *, device=None, dtype=None, empty: bool = False) -> None:
         """Sets every parameter from its canonical full tensor, drawn from a generator seeded by (seed, name).
 
         The full tensor is drawn whatever this rank holds and then sliced, so the weights are the same for
-        every tp / pp layout. Vocabulary padding rows are zero.
+        every tp / pp layout. Vocabulary padding rows are zero. With `empty`, parameters are only allocated
+        (uninitialised, padding rows zero) for a checkpoint to fill.
         """
         for module_name, module in self.named_modules():
             for name, param in list(module._parameters.items()):
@@ -267,11 +328,16 @@ class Transformer(nn.Module):
                     continue
                 full_name = f"{module_name}.{name}" if module_name else name
                 spec: ShardSpec | None = getattr(param, "megalith_shard", None)
-                shape = spec.global_shape if spec is not None else tuple(param.shape)
-                full = init_tensor(full_name, shape, self.config, seed)
-                local = local_from_canonical(full, spec, param.shape)
                 target_device = device if device is not None else (None if param.is_meta else param.device)
                 target_dtype = dtype or (param.dtype if not param.is_meta else torch.get_default_dtype())
+                if empty:
+                    local = torch.empty(param.shape, device=target_device, dtype=target_dtype)
+                    if full_name in ("embed.weight", "output.weight"):
+                        local.zero_()  # vocabulary padding rows are never loaded
+                else:
+                    shape = spec.global_shape if spec is not None else tuple(param.shape)
+                    full = init_tensor(full_name, shape, self.config, seed)
+                    local = local_from_canonical(full, spec, param.shape)
                 new = nn.Parameter(local.to(device=target_device, dtype=target_dtype), param.requires_grad)
                 new.__dict__.update({k: v for k, v in param.__dict__.items() if k.startswith("megalith_")})
                 module._parameters[name] = new
