@@ -59,7 +59,7 @@ class ModelSource(Protocol):
 
 Sink = Callable[..., object]
 
-ROW_BLOCK_BYTES = 64 << 20
+ROW_BLOCK_BYTES = 16 << 20
 """Vocabulary-sized tensors (embedding, output) are streamed in row blocks of about this many bytes when the
 source can read row ranges (`read(name, rows=slice)` and `shape(name)`), so they never sit whole in memory."""
 
