@@ -75,11 +75,14 @@ class ModelCheckpointReader:
         """The full canonical tensor `name` (on CPU, in the dtype it was saved in), or rows `rows` of it.
 
         With `rows` (a step-1 slice of dimension 0), only those rows' bytes are read from each saved chunk, so
-        a large tensor (the embedding) can be streamed in row blocks with memory bounded by the block.
+        a large tensor (the embedding) can be streamed in row blocks with memory bounded by the block. Either way
+        the bytes go straight from the files into the result (one copy of the tensor in memory).
         """
         md = self._md(name)
         if rows is None:
-            return read_full_tensors(self.path, [MODEL_PREFIX + name], self._metadata)[MODEL_PREFIX + name]
+            if len(md.size) == 0:
+                return read_full_tensors(self.path, [MODEL_PREFIX + name], self._metadata)[MODEL_PREFIX + name]
+            rows = slice(0, md.size[0])  # read straight into the result (DCP would hold each chunk twice)
         if not isinstance(rows, slice) or len(md.size) == 0:
             raise TypeError(f"{name}: rows must be a slice of dimension 0 of a tensor with at least one dimension")
         start, stop, step = rows.indices(md.size[0])
