@@ -207,7 +207,7 @@ def test_train_two_steps_then_export_hf_matches_megalith(tmp_path, monkeypatch):
         reader = ModelCheckpointReader(ckpt)
         names = reader.tensor_names()
         assert "embed.weight" in names and ("output.weight" in names) == (not cfg["tie_embeddings"])
-        for name in ("embed.weight", "output.weight", "layers.1.mlp.fc1.weight"):
+        for name in ("embed.weight", "output.weight", "layers.1.mlp.fc1.weight", "layers.1.mlp.fc2.weight"):
             if name in names:
                 full = read_full_tensors(reader.path, [MODEL_PREFIX + name])[MODEL_PREFIX + name]  # DCP's own path
                 assert torch.equal(reader.read(name), full)

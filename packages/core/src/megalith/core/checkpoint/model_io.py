@@ -96,36 +96,39 @@ class ModelCheckpointReader:
             if lo >= hi:
                 continue
             info = self._metadata.storage_data[MetadataIndex(MODEL_PREFIX + name, chunk.offsets)]
-            block = self._chunk_rows(name, info, tuple(chunk.sizes), lo - c0, hi - c0, md.properties.dtype)
             dst = out[lo - start : hi - start]
             for d in range(1, len(md.size)):
                 dst = dst.narrow(d, chunk.offsets[d], chunk.sizes[d])
-            dst.copy_(block)
+            self._read_chunk_rows(name, info, tuple(chunk.sizes), lo - c0, dst)
         return out
 
-    def _chunk_rows(self, name, info: _StorageInfo, sizes, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows r0:r1 of one saved chunk, read from the bytes of its storage record without loading the rest."""
+    def _read_chunk_rows(self, name, info: _StorageInfo, sizes, r0: int, dst: torch.Tensor) -> None:
+        """Fills `dst` with rows r0:r0 + len(dst) of one saved chunk, read from the bytes of its storage record
+        (into `dst` itself when it is contiguous) without loading the rest of the chunk."""
         path = self.path / info.relative_path
+        r1 = r0 + dst.shape[0]
         with open(path, "rb", buffering=0) as f:
             located = None
             if not getattr(info, "transform_descriptors", None) and sys.byteorder == "little":
-                located = _locate_storage(_FileSlice(f, info.offset, info.length), sizes, dtype)
+                located = _locate_storage(_FileSlice(f, info.offset, info.length), sizes, dst.dtype)
             if located is None:  # an unusual record (transformed, or not one contiguous storage): load it whole
                 f.seek(info.offset)
                 whole = torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
-                return whole[r0:r1].clone()
-            row_elems = math.prod(sizes[1:])
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            nbytes = (r1 - r0) * row_elems * itemsize
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-            f.seek(info.offset + located + r0 * row_elems * itemsize)
-            view, done = memoryview(buffer.numpy()), 0
-            while done < nbytes:
-                got = f.readinto(view[done:])
-                if not got:
-                    raise ValueError(f"{path}: the stored chunk of {name!r} is truncated")
-                done += got
-        return buffer.view(dtype).reshape((r1 - r0, *sizes[1:]))
+                dst.copy_(whole[r0:r1])
+                return
+            row_bytes = math.prod(sizes[1:]) * dst.element_size()
+            target = dst if dst.is_contiguous() else torch.empty(dst.shape, dtype=dst.dtype)
+            nbytes = (r1 - r0) * row_bytes
+            if nbytes:
+                view, done = memoryview(target.reshape(-1).view(torch.uint8).numpy()), 0
+                f.seek(info.offset + located + r0 * row_bytes)
+                while done < nbytes:
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise ValueError(f"{path}: the stored chunk of {name!r} is truncated")
+                    done += got
+        if target is not dst:
+            dst.copy_(target)
 
     def _md(self, name: str):
         md = self._metadata.state_dict_metadata.get(MODEL_PREFIX + name)
