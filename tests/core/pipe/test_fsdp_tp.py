@@ -1,8 +1,9 @@
 """FSDP2 composed with tensor parallelism: tp2 x fsdp2 (4 ranks) trains the real Transformer like one process.
 
-Each rank's model is the tp-sharded Transformer; `apply_fsdp2` then shards every (tp-local) parameter over the
-dp group. Two AdamW steps later, each tp shard (gathered over dp) equals the matching slice of a one-process
-model trained on the whole global batch.
+Each rank's model is the tp-sharded Transformer (with and without sequence parallelism); `apply_fsdp2` then
+shards every (tp-local) parameter over the dp group and keeps the parameters' `megalith_*` attributes. Two AdamW
+steps later, each tp shard (gathered over dp) equals the matching slice of a one-process model trained on the
+whole global batch. With sequence parallelism the norm gradients are summed over tp by `finalize_fsdp2_grads`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ models = pytest.importorskip("megalith.core.models")
 from megalith.core import ParallelDims  # noqa: E402
 from megalith.core.config import ModelConfig  # noqa: E402
 from megalith.core.distributed import apply_fsdp2  # noqa: E402
+from megalith.core.distributed.fsdp import finalize_fsdp2_grads  # noqa: E402
 
 CONFIG = dict(
     family="llama", vocab_size=150, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2,
@@ -47,19 +49,27 @@ def _optimizer(model):
 
 def _worker(rank, world):
     dims = ParallelDims(tp=2, dp=DP)
-    model = models.Transformer(ModelConfig(**CONFIG), dims, seed=0)
-    specs = {n: getattr(p, "megalith_shard", None) for n, p in model.named_parameters()}
-    model = apply_fsdp2(model, dims)
-    opt = _optimizer(model)
-    losses = []
-    for step in range(STEPS):
-        opt.zero_grad()
-        loss = _loss(model, *_batch(step, dims.dp_rank))
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    return dims.tp_rank, losses, params, specs
+    out = {}
+    for sequence_parallel in (False, True):
+        model = models.Transformer(ModelConfig(**CONFIG), dims, sequence_parallel=sequence_parallel, seed=0)
+        attributes = {n: {k: v for k, v in vars(p).items() if k.startswith("megalith_")} for n, p in
+                      model.named_parameters()}  # fmt: skip
+        model = apply_fsdp2(model, dims)
+        kept = all(getattr(p, k, None) is v for n, p in model.named_parameters() for k, v in attributes[n].items())
+        opt = _optimizer(model)
+        losses = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss = _loss(model, *_batch(step, dims.dp_rank))
+            loss.backward()
+            finalize_fsdp2_grads(model, dims)
+            opt.step()
+            losses.append(float(loss.detach()))
+        params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        specs = {n: a.get("megalith_shard") for n, a in attributes.items()}
+        sp_marked = sum(bool(a.get("megalith_sequence_parallel")) for a in attributes.values())
+        out[sequence_parallel] = (dims.tp_rank, losses, params, specs, kept, sp_marked)
+    return out
 
 
 def test_fsdp2_with_tensor_parallel_matches_one_process():
@@ -75,19 +85,22 @@ def test_fsdp2_with_tensor_parallel_matches_one_process():
         ref_losses.append([float(x.detach()) for x in losses])
     ref = dict(model.named_parameters())
     results = run_distributed(_worker, 4, timeout=240)
-    for rank, (tp_rank, losses, params, specs) in enumerate(results):
-        dp_rank = rank // 2  # rank = tp_rank + 2 * dp_rank
-        assert tp_rank == rank % 2
-        assert losses == pytest.approx([r[dp_rank] for r in ref_losses], rel=1e-5), f"rank {rank}"
-        assert set(params) == set(ref)
-        for name, got in params.items():
-            spec = specs[name]
-            if spec is None:
-                torch.testing.assert_close(got, ref[name].detach(), rtol=1e-4, atol=2e-5, msg=f"{rank} {name}")
-                continue
-            for local_start, length, global_start in spec.pieces:
-                torch.testing.assert_close(
-                    got.narrow(spec.dim, local_start, length),
-                    ref[name].detach().narrow(spec.dim, global_start, length),
-                    rtol=1e-4, atol=2e-5, msg=f"rank {rank} {name}",
-                )  # fmt: skip
+    for rank, by_mode in enumerate(results):
+        for sequence_parallel, (tp_rank, losses, params, specs, kept, sp_marked) in by_mode.items():
+            where = f"rank {rank} sequence_parallel={sequence_parallel}"
+            dp_rank = rank // 2  # rank = tp_rank + 2 * dp_rank
+            assert tp_rank == rank % 2 and kept, where
+            assert (sp_marked > 0) == sequence_parallel, where  # the norms are marked only with SP
+            assert losses == pytest.approx([r[dp_rank] for r in ref_losses], rel=1e-5), where
+            assert set(params) == set(ref)
+            for name, got in params.items():
+                spec = specs[name]
+                if spec is None:
+                    torch.testing.assert_close(got, ref[name].detach(), rtol=1e-4, atol=2e-5, msg=f"{where} {name}")
+                    continue
+                for local_start, length, global_start in spec.pieces:
+                    torch.testing.assert_close(
+                        got.narrow(spec.dim, local_start, length),
+                        ref[name].detach().narrow(spec.dim, global_start, length),
+                        rtol=1e-4, atol=2e-5, msg=f"{where} {name}",
+                    )  # fmt: skip
