@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from megalith.export import mapping
-from megalith.export.io import ModelSource, Progress, atomic_output_dir, copy_tokenizer_files
+from megalith.export.io import ModelSource, Progress, atomic_output_dir, copy_tokenizer_files, reads_rows, row_blocks
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
 from megalith.export.spec import DTYPE_NAMES, NAME_TO_DTYPE, ConversionError, ModelSpec
 
@@ -247,6 +247,39 @@ def read_checked(source: ModelSource, entry: mapping.Entry, spec: ModelSpec, dty
     return tensor.to(device="cpu", dtype=dtype)
 
 
+VOCAB_TENSORS = ("embed.weight", "output.weight")
+
+
+def row_stream(
+    source: ModelSource, entry: mapping.Entry, spec: ModelSpec, dtype: torch.dtype
+) -> Iterator[tuple[int, torch.Tensor]] | None:
+    """(first row, block) pieces of a vocabulary-sized tensor, read in row blocks, when the source supports it.
+
+    None for other tensors or sources (they are read whole).
+    """
+    if entry.canonical not in VOCAB_TENSORS or not reads_rows(source):
+        return None
+    expected = mapping.canonical_shape(entry, spec)
+    shape = tuple(source.shape(entry.canonical))
+    if shape != expected:
+        raise ConversionError(
+            f"tensor {entry.canonical!r} has shape {list(shape)}, the model config implies {list(expected)}"
+        )
+
+    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+        for start, stop in row_blocks(expected[0], tensor_nbytes(dtype, expected[1:])):
+            block = source.read(entry.canonical, rows=slice(start, stop)).detach()
+            if tuple(block.shape) != (stop - start, *expected[1:]):
+                raise ConversionError(
+                    f"tensor {entry.canonical!r}: rows {start}:{stop} came back with shape {list(block.shape)}"
+                )
+            if not block.is_floating_point():
+                raise ConversionError(f"tensor {entry.canonical!r} has dtype {block.dtype}, expected a floating dtype")
+            yield start, block.to(device="cpu", dtype=dtype)
+
+    return blocks()
+
+
 def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     used = 0
@@ -291,6 +324,15 @@ def export_hf(source: ModelSource, out: str | os.PathLike, *, dtype: torch.dtype
                 writers.append(SafetensorsWriter(tmp / file, [(n, dtype, shapes[n]) for n in names], {"format": "pt"}))
                 where.update({n: writers[-1] for n in names})
             for entry in wanted:
+                stream = row_stream(source, entry, spec, dtype) if entry.param.hf_op == "copy" else None
+                if stream is not None:  # an embedding / output matrix, in row blocks
+                    (name,) = entry.hf
+                    nbytes = 0
+                    for start, block in stream:
+                        where[name].write_rows(name, start, block)
+                        nbytes += block.numel() * block.element_size()
+                    bar.tensor(mapping.group_name(entry), name, nbytes)
+                    continue
                 tensor = read_checked(source, entry, spec, dtype)
                 for name, part in zip(entry.hf, to_hf(entry, tensor, spec), strict=True):
                     where[name].write(name, part)

@@ -11,6 +11,7 @@ A *source* is anything with `model_config` (a dict in `ModelConfig.to_dict()` fo
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -58,6 +59,25 @@ class ModelSource(Protocol):
 
 Sink = Callable[..., object]
 
+ROW_BLOCK_BYTES = 16 << 20
+"""Vocabulary-sized tensors (embedding, output) are streamed in row blocks of about this many bytes when the
+source can read row ranges (`read(name, rows=slice)` and `shape(name)`), so they never sit whole in memory."""
+
+
+def reads_rows(source: ModelSource) -> bool:
+    """Whether `source.read` takes `rows=` (ModelCheckpointReader, CanonicalDirSource) and it has `shape`."""
+    try:
+        params = inspect.signature(source.read).parameters
+    except (TypeError, ValueError):
+        return False
+    return "rows" in params and callable(getattr(source, "shape", None))
+
+
+def row_blocks(num_rows: int, row_bytes: int, block_bytes: int | None = None) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of about `block_bytes` (default ROW_BLOCK_BYTES) each, covering 0 .. num_rows."""
+    step = max(1, (ROW_BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, row_bytes))
+    return [(a, min(num_rows, a + step)) for a in range(0, num_rows, step)]
+
 
 def _config_from_json(doc: dict, path: Path) -> dict:
     for key in ("model_config", "model"):
@@ -99,8 +119,11 @@ class CanonicalDirSource:
     def tensor_names(self) -> list[str]:
         return self._reader.names()
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._reader.read(name)
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._reader.shape(name)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        return self._reader.read(name, rows=rows)
 
 
 def open_source(path: str | os.PathLike) -> ModelSource:

@@ -88,7 +88,8 @@ class SafetensorsReader:
             raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {tag}")
         return TAG_TO_DTYPE[tag]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name`, or only rows `rows` (a step-1 slice of dimension 0) of it."""
         entry = self._entry(name)
         dtype, shape = self.dtype(name), tuple(entry["shape"])
         begin, end = entry["data_offsets"]
@@ -98,6 +99,16 @@ class SafetensorsReader:
                 f"{self.path}: tensor {name!r} holds {end - begin} bytes, but {entry['dtype']} {list(shape)} "
                 f"needs {expected}"
             )
+        if rows is not None:
+            if not shape:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} is a scalar; it has no rows to slice")
+            start, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise SafetensorsError(f"{self.path}: row slices must have step 1, got {step} for {name!r}")
+            stop = max(start, stop)
+            row_bytes = tensor_nbytes(dtype, shape[1:])
+            begin, shape = begin + start * row_bytes, (stop - start, *shape[1:])
+            expected = (stop - start) * row_bytes
         if expected == 0:
             return torch.empty(shape, dtype=dtype)
         buffer = torch.empty(expected, dtype=torch.uint8)  # read straight into the tensor's storage
@@ -147,6 +158,7 @@ class SafetensorsWriter:
         self._data_start = 8 + len(raw)
         self.total_bytes = offset
         self._pending = set(self._slots)
+        self._rows_done: dict[str, int] = {}
         self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close() or abort())
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
@@ -160,13 +172,41 @@ class SafetensorsWriter:
             raise ValueError(
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
             )
-        if name not in self._pending:
+        if name not in self._pending or name in self._rows_done:
             raise ValueError(f"{self.path}: tensor {name!r} was written twice")
+        self._put(offset, tensor)
+        self._pending.discard(name)
+
+    def write_rows(self, name: str, start: int, block: torch.Tensor) -> None:
+        """Writes rows start .. start + len(block) - 1 of tensor `name`; it is complete once every row is written.
+
+        For streaming a large tensor (an embedding) in row blocks; blocks must not overlap.
+        """
+        if name not in self._slots:
+            raise ValueError(f"{self.path}: tensor {name!r} is not in this file's manifest")
+        dtype, shape, offset = self._slots[name]
+        if not shape or block.dtype != dtype or tuple(block.shape[1:]) != shape[1:]:
+            raise ValueError(
+                f"{self.path}: row block of {name!r} is {block.dtype} {list(block.shape)}, expected {dtype} rows "
+                f"of {list(shape)}"
+            )
+        if name not in self._pending or not 0 <= start <= start + block.shape[0] <= shape[0]:
+            raise ValueError(
+                f"{self.path}: rows {start}..{start + block.shape[0]} of {name!r} do not fit {list(shape)}"
+            )
+        self._put(offset + start * tensor_nbytes(dtype, shape[1:]), block)
+        done = self._rows_done.get(name, 0) + block.shape[0]
+        self._rows_done[name] = done
+        if done == shape[0]:
+            self._pending.discard(name)
+        elif done > shape[0]:
+            raise ValueError(f"{self.path}: more rows than {list(shape)} written to {name!r}")
+
+    def _put(self, byte_offset: int, tensor: torch.Tensor) -> None:
         data = tensor.detach().contiguous().cpu()
-        self._file.seek(self._data_start + offset)
+        self._file.seek(self._data_start + byte_offset)
         if data.numel():
             self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
-        self._pending.discard(name)
 
     def close(self) -> None:
         if self._file.closed:

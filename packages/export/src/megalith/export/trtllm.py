@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from megalith.export import mapping
-from megalith.export.hf import check_source, read_checked
+from megalith.export.hf import check_source, read_checked, row_stream
 from megalith.export.io import ModelSource, Progress, atomic_output_dir
 from megalith.export.safetensors_io import SafetensorsWriter
 from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec
@@ -179,6 +179,31 @@ def trt_manifest(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict[
     return manifest
 
 
+_ROW_OPS = ("replicate", "lm_head")
+
+
+def _write_row_blocks(op: str, stream, files: list[SafetensorsWriter], name: str, spec: ModelSpec, tp: int) -> int:
+    """Writes a vocabulary-sized tensor from row blocks: whole on every tp rank ("replicate"), or split into
+    ceil(V / tp) rows per rank and zero-padded ("lm_head"). Returns the bytes written."""
+    rows = math.ceil(spec.vocab_size / tp) if op == "lm_head" else spec.vocab_size
+    nbytes, hidden, dtype = 0, None, None
+    for start, block in stream:
+        stop = start + block.shape[0]
+        hidden, dtype = block.shape[1:], block.dtype
+        for r, writer in enumerate(files):
+            first = 0 if op == "replicate" else r * rows  # this rank's first global row
+            lo, hi = max(start, first), min(stop, first + rows)
+            if lo < hi:
+                writer.write_rows(name, lo - first, block[lo - start : hi - start])
+                nbytes += (hi - lo) * block[0].numel() * block.element_size()
+    if op == "lm_head" and hidden is not None:
+        for r, writer in enumerate(files):
+            real = max(0, min(spec.vocab_size - r * rows, rows))
+            if real < rows:  # zero rows where the vocabulary runs out
+                writer.write_rows(name, real, torch.zeros((rows - real, *hidden), dtype=dtype))
+    return nbytes
+
+
 def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, pp: int = 1,
                   dtype: torch.dtype = torch.bfloat16, force: bool = False, progress: bool = True) -> Path:  # fmt: skip
     """Writes `source` as a TensorRT-LLM checkpoint for tp x pp ranks in `out`; returns its path."""
@@ -192,6 +217,13 @@ def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, p
         writers = {r: SafetensorsWriter(tmp / f"rank{r}.safetensors", m) for r, m in manifest.items()}
         try:
             for entry, pp_rank, local in _stage_entries(spec, pp):
+                stream = row_stream(source, entry, spec, dtype) if entry.param.trt_op in _ROW_OPS else None
+                if stream is not None:  # an embedding / lm_head, in row blocks
+                    (name,) = trt_names(entry, spec, local)
+                    files = [writers[pp_rank * tp + r] for r in range(tp)]
+                    nbytes = _write_row_blocks(entry.param.trt_op, stream, files, name, spec, tp)
+                    bar.tensor(mapping.group_name(entry), name, nbytes)
+                    continue
                 tensor = read_checked(source, entry, spec, dtype)
                 for tp_rank, pieces in enumerate(shard(entry, tensor, spec, tp)):
                     for name, piece in zip(trt_names(entry, spec, local), pieces, strict=True):

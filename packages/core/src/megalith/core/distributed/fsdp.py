@@ -5,17 +5,23 @@ backward and freed after), then the root module takes the rest (embedding, head)
 sharded over a 1-D data-parallel mesh built from the dp group, so tensor parallelism (a separate group) keeps
 working inside each layer. Mixed precision follows `PrecisionConfig`: compute in its dtype, fp32 sharded
 master parameters, gradients reduced in fp32.
+
+The `megalith_*` attributes core layers set on parameters (tp sharding, sequence parallelism, canonical
+placement) describe the tp-local tensor, which FSDP only splits further over dp; `fully_shard` replaces the
+parameters, so `apply_fsdp2` copies those attributes onto the new (DTensor) parameters. With sequence parallelism
+call `finalize_fsdp2_grads` after backward: it sums the sequence-parallel parameters' gradient shards over tp.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megalith.core.distributed.groups import ParallelGroups
 from megalith.core.precision import PrecisionConfig
 
-__all__ = ["apply_fsdp2"]
+__all__ = ["apply_fsdp2", "finalize_fsdp2_grads"]
 
 
 def apply_fsdp2(
@@ -50,7 +56,38 @@ def apply_fsdp2(
     mesh = DeviceMesh.from_group(groups.dp_group, device_type=device_type)
     compute = (precision or PrecisionConfig()).param_dtype
     policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute, reduce_dtype=torch.float32)
+    attributes = {
+        name: {k: v for k, v in vars(p).items() if k.startswith("megalith_")} for name, p in model.named_parameters()
+    }
     for layer in model.layers.values():
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for name, p in model.named_parameters():
+        for key, value in attributes.get(name, {}).items():
+            setattr(p, key, value)
     return model
+
+
+def finalize_fsdp2_grads(model: nn.Module, groups: ParallelGroups) -> None:
+    """Sums over tp the gradients of `megalith_sequence_parallel` parameters of an `apply_fsdp2` model.
+
+    Each tp rank saw only its part of the sequence for these replicated weights (norms, row-parallel biases),
+    so their gradients are partial sums; FSDP has already averaged them over dp into this rank's dp shard,
+    which is the same shard on every tp rank, so one all-reduce of the local shards completes them. Call after
+    backward, before clipping and the optimizer step; a no-op without tp.
+    """
+    if groups.tp == 1:
+        return
+    local = []
+    for p in model.parameters():
+        if getattr(p, "megalith_sequence_parallel", False) and p.grad is not None:
+            grad = p.grad
+            local.append(grad.to_local() if hasattr(grad, "to_local") else grad)
+    if not local:
+        return
+    flat = torch.cat([g.reshape(-1) for g in local])
+    dist.all_reduce(flat, group=groups.tp_group)
+    offset = 0
+    for g in local:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -3,6 +3,11 @@
 Stable (the global max is subtracted before exponentiating), with label smoothing spread over the true
 vocabulary only (padding columns never receive probability), and an ignore index whose tokens get zero loss
 and zero gradient. Each rank keeps only its [.., V/tp] logits; three small tensors are all-reduced.
+
+Two implementations with the same semantics: plain torch (`kernels="torch"`), and the compiled kernels of
+`megalith.kernels.ops` (`kernels="fused"`): `cross_entropy_partials` gives each shard's max, sum-exp, target logit
+and logit sum in one pass, and `cross_entropy_grad` the shard's gradient from the global log-sum-exp, so neither
+direction materialises a second [.., V/tp] float32 tensor.
 """
 
 from __future__ import annotations
@@ -68,6 +73,61 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None, None, None, None
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _kernel_ops():
+    try:
+        from megalith.kernels import ops
+    except ImportError as exc:
+        raise RuntimeError(
+            f"vocab_parallel_cross_entropy(kernels='fused') needs megalith.kernels.ops, which cannot be imported "
+            f"({exc}); install a megalith-kernels build or use kernels='torch'"
+        ) from exc
+    return ops
+
+
+class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
+    """The same loss through megalith.kernels.ops: per-shard partials, one MAX and one SUM all-reduce; the
+    backward recomputes softmax from the saved global log-sum-exp (one float32 per token)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group, vocab_start, vocab_size, label_smoothing, ignore_index):
+        ops = _kernel_ops()
+        num_real = max(0, min(logits.shape[-1], vocab_size - vocab_start))  # columns past vocab_size are padding
+        real = logits[..., :num_real]
+        if num_real > 0:
+            local_max, local_sumexp, target, logit_sum = ops.cross_entropy_partials(real, labels, vocab_start)
+        else:  # a shard of padding only
+            local_max = torch.full(labels.shape, float("-inf"), device=logits.device)
+            local_sumexp, target, logit_sum = (torch.zeros(labels.shape, device=logits.device) for _ in range(3))
+        row_max = _all_reduce(local_max.clone(), group, dist.ReduceOp.MAX)
+        scaled = local_sumexp * torch.exp(local_max - row_max)  # exp(-inf) = 0 for an empty shard
+        stats = _all_reduce(torch.stack([scaled, target, logit_sum], dim=0), group)
+        sum_exp, target, logit_sum = stats
+        lse = row_max + sum_exp.log()
+        loss = lse - target
+        if label_smoothing > 0:
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - logit_sum / vocab_size)
+        ignored = labels == ignore_index
+        loss = loss.masked_fill(ignored, 0.0)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.args = (num_real, vocab_start, vocab_size, ignore_index, label_smoothing)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, labels, lse = ctx.saved_tensors
+        num_real, vocab_start, vocab_size, ignore_index, label_smoothing = ctx.args
+        grad = torch.zeros_like(logits)  # padding columns get no gradient
+        if num_real > 0:
+            grad[..., :num_real] = _kernel_ops().cross_entropy_grad(
+                logits[..., :num_real], labels, lse, grad_loss.float().contiguous(), vocab_start, vocab_size,
+                ignore_index, label_smoothing,
+            )  # fmt: skip
+        return grad, None, None, None, None, None, None
+
+
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -77,6 +137,7 @@ def vocab_parallel_cross_entropy(
     vocab_size: int | None = None,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    kernels: str = "torch",
 ) -> torch.Tensor:
     """Per-token cross-entropy (float32, or float64 for float64 logits; 0 where `labels == ignore_index`).
 
@@ -89,7 +150,11 @@ def vocab_parallel_cross_entropy(
             (default: every column is real).
         label_smoothing: weight of the uniform distribution over the true vocabulary in the target.
         ignore_index: label value that contributes no loss and no gradient.
+        kernels: "torch" (plain torch ops) or "fused" (megalith.kernels.ops; as ModelConfig.kernels). The fused
+            path takes float32 and bfloat16 logits; other dtypes (float64, float16) use the torch path.
     """
+    if kernels not in ("torch", "fused"):
+        raise ValueError(f"vocab_parallel_cross_entropy: unknown kernels {kernels!r}; expected 'torch' or 'fused'")
     if vocab_size is None:
         vocab_size = vocab_start + logits.shape[-1] if group_size(group) == 1 else None
         if vocab_size is None:
@@ -102,6 +167,10 @@ def vocab_parallel_cross_entropy(
     if bool(bad.any()):
         raise ValueError(
             f"labels out of range [0, {vocab_size}) (ignore_index {ignore_index}): e.g. {labels[bad][0].item()}"
+        )
+    if kernels == "fused" and logits.dtype in _FUSED_DTYPES:
+        return _FusedVocabParallelCrossEntropy.apply(
+            logits, labels, group, vocab_start, vocab_size, float(label_smoothing), ignore_index
         )
     if group_size(group) == 1 and vocab_start == 0:
         # Everything is local: PyTorch's fused kernel has the same semantics on the true-vocabulary columns.

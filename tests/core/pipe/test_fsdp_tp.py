@@ -1,0 +1,106 @@
+"""FSDP2 composed with tensor parallelism: tp2 x fsdp2 (4 ranks) trains the real Transformer like one process.
+
+Each rank's model is the tp-sharded Transformer (with and without sequence parallelism); `apply_fsdp2` then
+shards every (tp-local) parameter over the dp group and keeps the parameters' `megalith_*` attributes. Two AdamW
+steps later, each tp shard (gathered over dp) equals the matching slice of a one-process model trained on the
+whole global batch. With sequence parallelism the norm gradients are summed over tp by `finalize_fsdp2_grads`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.harness import run_distributed
+
+models = pytest.importorskip("megalith.core.models")
+
+from megalith.core import ParallelDims  # noqa: E402
+from megalith.core.config import ModelConfig  # noqa: E402
+from megalith.core.distributed import apply_fsdp2  # noqa: E402
+from megalith.core.distributed.fsdp import finalize_fsdp2_grads  # noqa: E402
+
+CONFIG = dict(
+    family="llama", vocab_size=150, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+    ffn_hidden_size=48, max_seq_len=16, norm="rmsnorm", activation="swiglu", position_embedding="rope",
+    bias=False, tie_embeddings=True, init_std=0.2,
+)  # fmt: skip
+OPT = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+B, S, DP, STEPS = 2, 16, 2, 2
+
+
+def _batch(step: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + dp_rank)
+    ids = torch.randint(0, CONFIG["vocab_size"], (B, S), generator=gen)
+    labels = torch.randint(0, CONFIG["vocab_size"], (B, S), generator=gen)
+    labels[:, :3] = -100
+    return ids, labels
+
+
+def _loss(model, ids, labels) -> torch.Tensor:
+    return model(ids, labels).sum() / (labels != -100).sum()
+
+
+def _optimizer(model):
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], **OPT)
+
+
+def _worker(rank, world):
+    dims = ParallelDims(tp=2, dp=DP)
+    out = {}
+    for sequence_parallel in (False, True):
+        model = models.Transformer(ModelConfig(**CONFIG), dims, sequence_parallel=sequence_parallel, seed=0)
+        attributes = {n: {k: v for k, v in vars(p).items() if k.startswith("megalith_")} for n, p in
+                      model.named_parameters()}  # fmt: skip
+        model = apply_fsdp2(model, dims)
+        kept = all(getattr(p, k, None) is v for n, p in model.named_parameters() for k, v in attributes[n].items())
+        opt = _optimizer(model)
+        losses = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss = _loss(model, *_batch(step, dims.dp_rank))
+            loss.backward()
+            finalize_fsdp2_grads(model, dims)
+            opt.step()
+            losses.append(float(loss.detach()))
+        params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        specs = {n: a.get("megalith_shard") for n, a in attributes.items()}
+        sp_marked = sum(bool(a.get("megalith_sequence_parallel")) for a in attributes.values())
+        out[sequence_parallel] = (dims.tp_rank, losses, params, specs, kept, sp_marked)
+    return out
+
+
+def test_fsdp2_with_tensor_parallel_matches_one_process():
+    model = models.Transformer(ModelConfig(**CONFIG), seed=0)
+    opt = _optimizer(model)
+    ref_losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        losses = [_loss(model, *_batch(step, d)) for d in range(DP)]
+        loss = sum(losses) / DP
+        loss.backward()
+        opt.step()
+        ref_losses.append([float(x.detach()) for x in losses])
+    ref = dict(model.named_parameters())
+    results = run_distributed(_worker, 4, timeout=240)
+    for rank, by_mode in enumerate(results):
+        for sequence_parallel, (tp_rank, losses, params, specs, kept, sp_marked) in by_mode.items():
+            where = f"rank {rank} sequence_parallel={sequence_parallel}"
+            dp_rank = rank // 2  # rank = tp_rank + 2 * dp_rank
+            assert tp_rank == rank % 2 and kept, where
+            assert (sp_marked > 0) == sequence_parallel, where  # the norms are marked only with SP
+            assert losses == pytest.approx([r[dp_rank] for r in ref_losses], rel=1e-5), where
+            assert set(params) == set(ref)
+            for name, got in params.items():
+                spec = specs[name]
+                if spec is None:
+                    torch.testing.assert_close(got, ref[name].detach(), rtol=1e-4, atol=2e-5, msg=f"{where} {name}")
+                    continue
+                for local_start, length, global_start in spec.pieces:
+                    torch.testing.assert_close(
+                        got.narrow(spec.dim, local_start, length),
+                        ref[name].detach().narrow(spec.dim, global_start, length),
+                        rtol=1e-4, atol=2e-5, msg=f"{where} {name}",
+                    )  # fmt: skip
