@@ -21,9 +21,9 @@ def gpt_config(**overrides) -> ModelConfig:
 
 
 def llama_config(**overrides) -> ModelConfig:
-    """Llama style: RMSNorm, SwiGLU, scaled RoPE, grouped-query attention (8 q / 4 kv heads), untied output."""
+    """Llama style: RMSNorm, SwiGLU, scaled RoPE, GQA (8 q / 4 kv heads), untied output, odd vocabulary."""
     base = dict(
-        family="llama", vocab_size=300, hidden_size=64, num_layers=2, num_attention_heads=8, num_kv_heads=4,
+        family="llama", vocab_size=301, hidden_size=64, num_layers=2, num_attention_heads=8, num_kv_heads=4,
         ffn_hidden_size=96, max_seq_len=16, norm="rmsnorm", activation="swiglu", position_embedding="rope",
         rope_base=500.0, bias=False, tie_embeddings=False, label_smoothing=0.1,
         rope_scaling={"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -276,7 +276,7 @@ class Transformer(nn.Module):
         return vocab_parallel_cross_entropy(
             logits_BSV, labels_BS, group=self.tp_group, vocab_start=self.vocab_offset,
             vocab_size=self.config.vocab_size, label_smoothing=self.config.label_smoothing,
-            ignore_index=IGNORE_INDEX,
+            ignore_index=IGNORE_INDEX, kernels=self.config.kernels,
         )  # fmt: skip
 
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor | None = None) -> torch.Tensor:

@@ -120,7 +120,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("ColumnParallelLinear: padded_out_features works with a single part only")
         if gather_output and len(parts) > 1:
             raise ValueError("ColumnParallelLinear: gather_output would interleave the parts; keep it False")
-        for size in parts:
+        for size in parts if padded_out_features is None else ():  # a padded vocabulary splits evenly
             if size % tp:
                 raise ValueError(f"ColumnParallelLinear: output part of size {size} is not divisible by tp ({tp})")
         self.group, self.sequence_parallel, self.gather_output = group, sequence_parallel, gather_output
