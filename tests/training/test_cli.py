@@ -56,7 +56,6 @@ def test_print_config_resolves_preset_and_overrides(capsys):
         (["model.preset=null", "model.hidden_size=64"], "these fields must be set: vocab_size"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], "not a multiple of micro_batch_size"),
         (["parallel.fsdp=true"], "fsdp=true is not supported"),
-        (["optimizer.fused=true"], "leave optimizer.fused null"),
     ],
 )
 def test_config_errors_name_the_field_and_value(overrides, message, capsys):

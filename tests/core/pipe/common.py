@@ -69,6 +69,7 @@ def train_worker(
     initial_scale=2.0**16,
     bucket_size=300,
     overlap=True,
+    fused=False,
 ):
     """`steps` AdamW steps; returns losses, step results, final parameters and optimizer state bytes."""
     groups = build_groups(pp=pp, dp=world // pp)
@@ -81,7 +82,7 @@ def train_worker(
         dtype=pcfg.param_dtype,
     )
     scaler = make_loss_scaler(pcfg)
-    opt = AdamW(chunks, groups, OptimizerConfig(**OPT, clip_grad=clip), loss_scaler=scaler)
+    opt = AdamW(chunks, groups, OptimizerConfig(**OPT, clip_grad=clip, fused=fused), loss_scaler=scaler)
     losses, results, scales, history = [], [], [], []
     for step in range(steps):
         opt.zero_grad()

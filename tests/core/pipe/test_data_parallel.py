@@ -57,6 +57,17 @@ def test_data_parallel_adamw_matches_one_process(dp, zero):
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges)), "shards are disjoint"
 
 
+@pytest.mark.parametrize("zero", [False, True])
+def test_fused_adamw_matches_one_process(zero):
+    """torch's fused AdamW kernel (CPU here, CUDA on a GPU) under the flat fp32 buffers, sharded or not."""
+    cfg = TinyConfig(num_layers=2)
+    results = run_distributed(train_worker, 2, cfg, 1, 2, STEPS, zero=zero, clip=0.05, fused=True, timeout=120)
+    ref_losses, _, ref_params = reference_training(cfg, 2, 2, STEPS, clip=0.05)
+    for out in results:
+        assert out["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    _check_params(results, ref_params)
+
+
 def test_pipeline_times_data_parallel_with_zero_and_clipping():
     # pp2 x dp2, tied embeddings across the first and last stage, clipping active (threshold below the norm).
     cfg = TinyConfig(num_layers=4, tie_embeddings=True)

@@ -192,11 +192,6 @@ class RunConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
-            self.optimizer.fused is not True,
-            "optimizer.fused=true: megalith-train's AdamW (megalith.core.distributed) updates whole flat fp32 "
-            "buckets with a few large ops and has no separate fused kernel; leave optimizer.fused null",
-        )
         model = self.model.resolve()
         _check(
             self.data.seq_len <= model.max_seq_len,

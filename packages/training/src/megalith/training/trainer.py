@@ -172,6 +172,7 @@ class Trainer:
             eps=o.eps,
             weight_decay=o.weight_decay,
             clip_grad=o.clip_grad if o.clip_grad > 0 else None,
+            fused=o.fused if o.fused is not None else self.device.type == "cuda",
         )
         return AdamW(self.chunks, self.dims, config, loss_scaler=self.loss_scaler, no_decay=no_weight_decay)
 

@@ -38,6 +38,9 @@ class OptimizerConfig:
     """Decoupled weight decay for parameters `no_decay` does not exclude."""
     clip_grad: float | None = 1.0
     """Global gradient-norm threshold; None disables clipping (the norm is still reported)."""
+    fused: bool = False
+    """Apply the Adam update with torch's fused multi-tensor kernel (`torch._fused_adamw_`, CUDA and CPU) instead
+    of a few elementwise ops; the result is the same up to rounding."""
 
     def __post_init__(self) -> None:
         if self.lr < 0 or self.eps <= 0 or self.weight_decay < 0:
@@ -217,6 +220,14 @@ class AdamW:
             for s in r.segments:
                 if s.decay:
                     r.master[s.lo - r.lo : s.hi - r.lo].mul_(1.0 - lr * cfg.weight_decay)
+        if cfg.fused:
+            # The decay above is decoupled and masked per segment, so the kernel runs without its own decay.
+            step = torch.full((), float(t), dtype=torch.float32, device=r.master.device)
+            torch._fused_adamw_(
+                [r.master], [grad], [r.exp_avg], [r.exp_avg_sq], [], [step], amsgrad=False, lr=lr, beta1=beta1,
+                beta2=beta2, weight_decay=0.0, eps=cfg.eps, maximize=False, grad_scale=None, found_inf=None,
+            )  # fmt: skip
+            return
         r.exp_avg.lerp_(grad, 1.0 - beta1)
         r.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         step_size = lr / (1.0 - beta1**t)
