@@ -7,6 +7,8 @@ need a tp reduction under sequence parallelism, and give the model its per-rank 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -112,13 +114,32 @@ def _mark_sequence_parallel(*norms: nn.Module) -> None:
             p.megalith_sequence_parallel = True
 
 
-def reduce_sequence_parallel_grads(model: nn.Module, group) -> None:
-    """Sums over tp the gradients of parameters marked `megalith_sequence_parallel` (after backward).
+def reduce_sequence_parallel_grads(modules: nn.Module | Sequence[nn.Module], group) -> None:
+    """Sums over tp the gradients of parameters marked `megalith_sequence_parallel`, in one flat all-reduce.
 
-    Data-parallel wrappers do this as part of their reduction; call it directly when there is none.
+    Each tp rank saw only its part of the sequence for these replicated weights (norms, row-parallel biases
+    under sequence parallelism), so their gradients are partial sums. A parameter's gradient is its
+    `main_grad` (the fp32 buffer of our DDP wrapper) when it has one, else `.grad` (the local shard when it is a
+    DTensor, as under FSDP2, where every tp rank holds the same dp shard). The pipeline's `finalize_grads` and
+    `finalize_fsdp2_grads` call this; call it directly only for a model with neither wrapper, and only once.
     """
     if group_size(group) == 1:
         return
-    for p in model.parameters():
-        if getattr(p, "megalith_sequence_parallel", False) and p.grad is not None:
-            torch.distributed.all_reduce(p.grad, group=group)
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    grads = []
+    for p in dict.fromkeys(p for m in modules for p in m.parameters()):
+        if not getattr(p, "megalith_sequence_parallel", False):
+            continue
+        grad = getattr(p, "main_grad", None)
+        grad = p.grad if grad is None else grad
+        if grad is not None:
+            grads.append(grad.to_local() if hasattr(grad, "to_local") else grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -15,10 +15,10 @@ call `finalize_fsdp2_grads` after backward: it sums the sequence-parallel parame
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.parallelize import reduce_sequence_parallel_grads
 from megalith.core.precision import PrecisionConfig
 
 __all__ = ["apply_fsdp2", "finalize_fsdp2_grads"]
@@ -76,18 +76,5 @@ def finalize_fsdp2_grads(model: nn.Module, groups: ParallelGroups) -> None:
     which is the same shard on every tp rank, so one all-reduce of the local shards completes them. Call after
     backward, before clipping and the optimizer step; a no-op without tp.
     """
-    if groups.tp == 1:
-        return
-    local = []
-    for p in model.parameters():
-        if getattr(p, "megalith_sequence_parallel", False) and p.grad is not None:
-            grad = p.grad
-            local.append(grad.to_local() if hasattr(grad, "to_local") else grad)
-    if not local:
-        return
-    flat = torch.cat([g.reshape(-1) for g in local])
-    dist.all_reduce(flat, group=groups.tp_group)
-    offset = 0
-    for g in local:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    if groups.tp > 1:
+        reduce_sequence_parallel_grads(model, groups.tp_group)

@@ -22,6 +22,7 @@ from torch import nn
 
 from megalith.core.distributed.ddp import DistributedDataParallel
 from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.parallelize import reduce_sequence_parallel_grads
 from megalith.core.pipeline.p2p import PipeComm
 from megalith.core.pipeline.stages import allreduce_shared_embedding_grads, unwrap
 
@@ -142,23 +143,8 @@ def finalize_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
 
 def allreduce_sequence_parallel_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
     """Sums the `megalith_sequence_parallel` parameters' gradients over tp in one flat all-reduce."""
-    if groups.tp == 1:
-        return
-    grads = []
-    for chunk in chunks:
-        for p in dict.fromkeys(unwrap(chunk).parameters()):
-            grad = getattr(p, "main_grad", None)
-            grad = p.grad if grad is None else grad
-            if getattr(p, "megalith_sequence_parallel", False) and grad is not None:
-                grads.append(grad)
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=groups.tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    if groups.tp > 1:
+        reduce_sequence_parallel_grads([unwrap(chunk) for chunk in chunks], groups.tp_group)
 
 
 def forward_backward(
