@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from megalith.data import IndexedDataset
+from megalith.data.inputs import iter_chunks
 from megalith.data.preprocess import PreprocessError, main, preprocess
 from megalith.data.tokenizers import build_tokenizer
 
@@ -26,21 +27,25 @@ def test_workers_1_and_4_write_identical_bytes_that_match_the_tokenizer(
     tmp_path, corpus, corpus_texts, hf_tokenizer_dir
 ):
     outputs = {}
-    for workers in (1, 4):
+    # auto picks threads for this tokenizer; "process" forces worker processes; the chunk sizes put several
+    # documents in a chunk, and one document in several reads.
+    runs = [(1, "auto", 100_000), (4, "auto", 100_000), (4, "process", 100_000), (3, "thread", 7_000)]
+    for workers, kind, chunk_bytes in runs:
         stats = preprocess(
             [corpus],
-            str(tmp_path / f"w{workers}"),
+            str(tmp_path / f"w{workers}{kind}"),
             "HuggingFaceTokenizer",
             hf_tokenizer_dir,
             append_eod=True,
             workers=workers,
-            chunk_bytes=100_000,
+            chunk_bytes=chunk_bytes,
+            worker_kind=kind,
         )
         assert stats.documents == len(corpus_texts) and stats.bad_lines == 0
-        outputs[workers] = _files(tmp_path / f"w{workers}_text_document")
-    assert outputs[1] == outputs[4]
+        outputs[workers, kind] = _files(tmp_path / f"w{workers}{kind}_text_document")
+    assert all(output == outputs[1, "auto"] for output in outputs.values())
     tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir)
-    ds = IndexedDataset(tmp_path / "w1_text_document")
+    ds = IndexedDataset(tmp_path / "w1auto_text_document")
     assert ds.dtype == np.uint16 and len(ds) == len(corpus_texts)
     for i, text in enumerate(corpus_texts):
         assert ds[i].tolist() == [*tok.encode(text), tok.eod]
@@ -123,7 +128,8 @@ def test_bad_lines_error_names_file_and_line_and_leaves_nothing(tmp_path, capsys
     assert rc == 1 and "in.jsonl:2:" in capsys.readouterr().err
 
 
-def test_bad_lines_skip_counts_them(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_bad_lines_skip_counts_them(tmp_path, capsys, kind):
     path = _bad_input(tmp_path)
     rc = main(
         [
@@ -137,12 +143,33 @@ def test_bad_lines_skip_counts_them(tmp_path, capsys):
             "100",
             "--on-bad-line",
             "skip",
+            "--workers",
+            "2",
+            "--worker-kind",
+            kind,
         ]
     )
     out = capsys.readouterr().out
     assert rc == 0 and "2 documents" in out and "4 bad lines skipped" in out
     ds = IndexedDataset(tmp_path / "out_text_document")
     assert [s.tolist() for s in ds[0:2]] == [[1, 2], [5]]
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+@pytest.mark.parametrize("chunk_bytes", [5, 40, 1 << 20])
+def test_bad_line_numbers_do_not_depend_on_chunking(tmp_path, kind, chunk_bytes):
+    # The tokenizer rejects line 7 (id 999 >= vocab 100); JSON is bad on line 9. Lines 3 and 8 are blank.
+    lines = ['{"text": "1 2"}', '{"text": "3"}', "", '{"text": "4 5 6"}'] + ['{"text": "7"}'] * 2
+    lines += ['{"text": "8 999"}', "", "{bad", '{"text": "9"}']
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines))  # no final newline
+    kwargs = dict(vocab_size=100, workers=2, chunk_bytes=chunk_bytes, worker_kind=kind)
+    with pytest.raises(PreprocessError, match=r"in.jsonl:7: tokenizer failed on key 'text'"):
+        preprocess([path], str(tmp_path / "e"), "NullTokenizer", **kwargs)
+    stats = preprocess([path], str(tmp_path / "s"), "NullTokenizer", on_bad_line="skip", **kwargs)
+    assert (stats.documents, stats.bad_lines, stats.input_bytes) == (6, 2, path.stat().st_size)
+    ds = IndexedDataset(tmp_path / "s_text_document")
+    assert [s.tolist() for s in ds[0 : len(ds)]] == [[1, 2], [3], [4, 5, 6], [7], [7], [9]]
 
 
 def test_sigterm_leaves_no_output_under_final_names(tmp_path):
@@ -187,3 +214,20 @@ def test_other_tokenizer_types_through_the_command(tmp_path, kind, corpus_texts,
     tok = build_tokenizer(kind, model)
     ds = IndexedDataset(tmp_path / "o_text_document")
     assert [s.tolist() for s in ds[0 : len(ds)]] == [tok.encode(t[:3000]) for t in texts]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 16, 1000])
+def test_chunks_are_whole_lines_with_their_first_line_numbers(tmp_path, chunk_bytes):
+    rng = np.random.default_rng(chunk_bytes)
+    lines = [b"x" * int(n) for n in rng.integers(0, 40, size=50)]
+    data = b"\n".join(lines) + b"\r\n" + b"tail-without-newline"
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    chunks = list(iter_chunks([str(path)], chunk_bytes))
+    assert b"".join(c.payload for c in chunks) == data
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert all(chunk.payload.endswith(b"\n") for chunk in chunks[:-1])
+    offsets = np.cumsum([0] + [len(c.payload) for c in chunks[:-1]])
+    assert [c.first_line for c in chunks] == [1 + data[: int(o)].count(b"\n") for o in offsets]
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        next(iter_chunks([str(path)], 0))

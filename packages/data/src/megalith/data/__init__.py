@@ -6,21 +6,22 @@ imports torch or the rest of Megalith.
 
 from __future__ import annotations
 
-from megalith.data.blended import BlendedDataset, build_gpt_datasets, parse_blend, parse_split, split_ranges
-from megalith.data.gpt_dataset import GPTDataset, GPTDatasetConfig, build_gpt_indices
-from megalith.data.indexed import (
-    IndexedDataset,
-    IndexedDatasetError,
-    IndexedDatasetWriter,
-    optimal_dtype,
-)
-from megalith.data.indexing import (
-    build_blending_index,
-    build_exhaustive_blending_index,
-    build_sample_index,
-    count_samples,
-)
-from megalith.data.sampler import PretrainingSampler, collate
+import importlib
+
+# Submodules load on first use (PEP 562), so a command such as `megalith-preprocess` pays only for what it runs.
+_EXPORTS = {
+    "megalith.data.blended": ("BlendedDataset", "build_gpt_datasets", "parse_blend", "parse_split", "split_ranges"),
+    "megalith.data.gpt_dataset": ("GPTDataset", "GPTDatasetConfig", "build_gpt_indices"),
+    "megalith.data.indexed": ("IndexedDataset", "IndexedDatasetError", "IndexedDatasetWriter", "optimal_dtype"),
+    "megalith.data.indexing": (
+        "build_blending_index",
+        "build_exhaustive_blending_index",
+        "build_sample_index",
+        "count_samples",
+    ),
+    "megalith.data.sampler": ("PretrainingSampler", "collate"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "BlendedDataset",
@@ -42,3 +43,16 @@ __all__ = [
     "parse_split",
     "split_ranges",
 ]
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'megalith.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

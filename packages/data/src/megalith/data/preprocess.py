@@ -1,20 +1,29 @@
 """`megalith-preprocess`: tokenizes jsonl / jsonl.gz / text files into Megatron-format `.bin/.idx` datasets.
 
-Input is read in chunks of consecutive lines; `--workers N` worker processes tokenize chunks (each with its
-tokenizer's batch encoder) while the main process reads ahead a bounded number of chunks and writes results
-in input order, so the output bytes do not depend on N and memory does not grow with the corpus.
+Input is read in blocks of whole lines (chunks). Each chunk goes through three steps: `prepare` (split lines,
+parse JSON, collect the texts), `encode` (the tokenizer's batch encoder) and `finish` (ids into one token
+array per key). Two ways to run them with `--workers N`:
+
+- threads, for tokenizers whose encoder runs without the GIL (Hugging Face `tokenizers`, tiktoken) and
+  N <= MAX_THREAD_WORKERS: N threads only encode; the main thread reads, prepares the next chunks, finishes
+  the previous ones and writes, so reading, parsing and writing hide behind the encoders and nothing is
+  copied between processes;
+- processes, otherwise: N processes run all three steps and the main process only reads and writes.
+
+Either way results are written in input order with a bounded number of chunks in flight: the output bytes do
+not depend on N or on the way, and memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import multiprocessing as mp
 import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,130 +60,195 @@ class _ChunkResult:
     per_key: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
+@dataclass
+class _Prepared:
+    chunk: Chunk
+    records: list[dict]  # key -> str or list[str], one per good line
+    lines: list[int]  # the input line of each record
+    bad: list[tuple[int, str]]
+    texts: dict[str, list[str]]  # key -> every piece of every record, in order (what the encoder takes)
+
+
 def output_prefix(prefix: str, key: str) -> str:
     """Megatron-LM's naming: `{prefix}_{key}_document` (the `.bin/.idx` pair of one JSON key)."""
     return f"{prefix}_{key}_document"
 
 
-# Per-process encoder state, set by _init_worker (module-level so pool workers can reach it).
-_STATE: dict = {}
+def _pieces(value) -> list[str]:
+    return value if isinstance(value, list) else [value]
 
 
-def _init_worker(tokenizer_spec, keys, append_eod, dtype, stop_at_bad_line, in_pool) -> None:
-    if in_pool:
-        # The parent handles Ctrl-C and termination; workers are stopped by it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # One thread per worker: parallelism comes from the worker processes.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    type_, path, vocab_size = tokenizer_spec
-    _STATE.update(
-        tokenizer=build_tokenizer(type_, path, vocab_size=vocab_size),
-        keys=list(keys),
-        append_eod=append_eod,
-        dtype=np.dtype(dtype),
-        stop_at_bad_line=stop_at_bad_line,
-    )
+class _Encoder:
+    """Chunk -> _ChunkResult in three steps (see the module docstring); `encoder(chunk)` runs all three."""
 
+    def __init__(self, tokenizer, keys, append_eod: bool, dtype, stop_at_bad_line: bool) -> None:
+        self.tokenizer = tokenizer
+        self.keys = list(keys)
+        self.eod = tokenizer.eod if append_eod else None
+        self.dtype = np.dtype(dtype)
+        self.stop = stop_at_bad_line
 
-def _records(chunk: Chunk, keys, bad, stop_at_bad_line) -> list[dict]:
-    if not chunk.jsonl:
-        text = chunk.payload.decode("utf-8", errors="replace")
-        return [dict.fromkeys(keys, text)]
-    records = []
-    lines = chunk.payload.split(b"\n")
-    for offset, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(parse_json_line(line, keys))
-        except ValueError as exc:
-            bad.append((chunk.first_line + offset, str(exc)))
-            if stop_at_bad_line:
+    def prepare(self, chunk: Chunk) -> _Prepared:
+        bad: list[tuple[int, str]] = []
+        records: list[dict] = []
+        lines: list[int] = []
+        if not chunk.jsonl:
+            records.append(dict.fromkeys(self.keys, chunk.payload.decode("utf-8", errors="replace")))
+            lines.append(chunk.first_line)
+        else:
+            for offset, line in enumerate(chunk.payload.split(b"\n")):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(parse_json_line(line, self.keys))
+                except ValueError as exc:
+                    bad.append((chunk.first_line + offset, str(exc)))
+                    if self.stop:
+                        break
+                    continue
+                lines.append(chunk.first_line + offset)
+        return _Prepared(chunk, records, lines, bad, self._texts(records))
+
+    def _texts(self, records) -> dict[str, list[str]]:
+        return {key: [p for record in records for p in _pieces(record[key])] for key in self.keys}
+
+    def encode(self, prepared: _Prepared) -> dict:
+        """key -> the tokenizer's deferred result, or the exception it raised on the batch."""
+        out: dict = {}
+        for key in self.keys:
+            texts = prepared.texts[key]
+            try:
+                out[key] = self.tokenizer.encode_batch_deferred(texts) if texts else []
+            except Exception as exc:
+                out[key] = exc
+        return out
+
+    def finish(self, prepared: _Prepared, encoded: dict) -> _ChunkResult:
+        chunk, bad = prepared.chunk, prepared.bad
+        if any(isinstance(result, Exception) for result in encoded.values()):
+            # The records before a bad JSON line still go through this, so the first bad line is the one reported.
+            self._drop_failing(prepared)
+            if not (bad and self.stop):
+                encoded = self.encode(prepared)
+                failed = [result for result in encoded.values() if isinstance(result, Exception)]
+                if failed:
+                    raise failed[0]
+        bad.sort()
+        if bad and self.stop:
+            return _ChunkResult(chunk.seq, chunk.path, 0, len(chunk.payload), bad, {})
+        per_key = {}
+        for key in self.keys:
+            ids = self.tokenizer.ids_of(encoded[key])
+            counts = [len(r[key]) if isinstance(r[key], list) else 1 for r in prepared.records]
+            per_key[key] = _pack(ids, counts, self.eod, self.dtype)
+        return _ChunkResult(chunk.seq, chunk.path, len(prepared.records), len(chunk.payload), bad, per_key)
+
+    def _drop_failing(self, prepared: _Prepared) -> None:
+        """A batch failed: encodes record by record, moves the records the tokenizer rejects to `bad`."""
+        records, lines = [], []
+        for record, line in zip(prepared.records, prepared.lines, strict=True):
+            for key in self.keys:
+                try:
+                    self.tokenizer.encode_batch(_pieces(record[key]))
+                except Exception as exc:
+                    prepared.bad.append((line, f"tokenizer failed on key {key!r}: {exc}"))
+                    break
+            else:
+                records.append(record)
+                lines.append(line)
+                continue
+            if self.stop:
                 break
-            continue
-        records[-1]["_line"] = chunk.first_line + offset
-    return records
+        if len(records) == len(prepared.records):
+            raise RuntimeError("the tokenizer failed on a batch but on none of its records alone")
+        prepared.records, prepared.lines = records, lines
+        prepared.texts = self._texts(records)
+
+    def __call__(self, chunk: Chunk) -> _ChunkResult:
+        prepared = self.prepare(chunk)
+        return self.finish(prepared, self.encode(prepared))
 
 
-def _encode_key(tokenizer, records, key):
-    """Batch-encodes one key of every record: (encoded pieces, None), or (None, (record index, error))."""
-    pieces = [p for r in records for p in (r[key] if isinstance(r[key], list) else [r[key]])]
-    try:
-        return (tokenizer.encode_batch(pieces) if pieces else []), None
-    except Exception:
-        pass
-    for index, record in enumerate(records):
-        value = record[key]
-        try:
-            tokenizer.encode_batch(value if isinstance(value, list) else [value])
-        except Exception as exc:
-            return None, (index, exc)
-    raise RuntimeError(f"the tokenizer failed on a batch of key {key!r} but on none of its records")
-
-
-def _encode_chunk(chunk: Chunk) -> _ChunkResult:
-    tokenizer, keys, dtype = _STATE["tokenizer"], _STATE["keys"], _STATE["dtype"]
-    stop = _STATE["stop_at_bad_line"]
-    bad: list[tuple[int, str]] = []
-    records = _records(chunk, keys, bad, stop)
-    while True:
-        per_key, failed = {}, None
-        for key in keys:
-            encoded, failed = _encode_key(tokenizer, records, key)
-            if failed is not None:
-                index, exc = failed
-                bad.append((records[index].get("_line", 1), f"tokenizer failed on key {key!r}: {exc}"))
-                records.pop(index)
-                break
-            counts = [len(r[key]) if isinstance(r[key], list) else 1 for r in records]
-            per_key[key] = _pack(encoded, counts, tokenizer.eod if _STATE["append_eod"] else None, dtype)
-        if failed is None or stop:
-            break
-    bad.sort()
-    if bad and stop:
-        return _ChunkResult(chunk.seq, chunk.path, 0, len(chunk.payload), bad, {})
-    return _ChunkResult(chunk.seq, chunk.path, len(records), len(chunk.payload), bad, per_key)
-
-
-def _pack(encoded: list[list[int]], counts: list[int], eod: int | None, dtype) -> tuple:
-    """Flattens encoded pieces into (tokens, sequence lengths, sequences per document).
+def _pack(ids: list[list[int]], counts: list[int], eod: int | None, dtype) -> tuple:
+    """Flattens id lists into (tokens, sequence lengths, sequences per document).
 
     Empty pieces are dropped (a document can end up with no sequence at all, as in Megatron-LM); with `eod`,
-    the EOD id is appended to the last sequence of every non-empty document.
+    the EOD id is appended to the last sequence of every non-empty document. `ids` lists are modified.
     """
-    parts: list[list[int]] = []
-    lengths: list[int] = []
+    kept: list[list[int]] = []
     per_doc: list[int] = []
     position = 0
     for count in counts:
-        doc_pieces = [p for p in encoded[position : position + count] if p]
+        before = len(kept)
+        kept.extend(piece for piece in ids[position : position + count] if piece)
         position += count
-        parts.extend(doc_pieces)
-        lengths.extend(len(p) for p in doc_pieces)
-        if doc_pieces and eod is not None:
-            parts.append([eod])
-            lengths[-1] += 1
-        per_doc.append(len(doc_pieces))
-    total = sum(lengths)
-    tokens = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=total)
-    if total and (int(tokens.min()) < 0 or int(tokens.max()) > np.iinfo(dtype).max):
-        raise ValueError(f"token ids in [{tokens.min()}, {tokens.max()}] do not fit {np.dtype(dtype).name}")
-    return tokens.astype(dtype), np.asarray(lengths, np.int64), np.asarray(per_doc, np.int64)
+        if eod is not None and len(kept) > before:
+            kept[-1].append(eod)
+        per_doc.append(len(kept) - before)
+    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+    if not kept:
+        return np.empty(0, dtype), lengths, np.asarray(per_doc, np.int64)
+    tokens = np.concatenate([np.array(piece, dtype=np.int64) for piece in kept])
+    low, high = int(tokens.min()), int(tokens.max())
+    info = np.iinfo(dtype)
+    if low < info.min or high > info.max:
+        raise ValueError(f"token ids in [{low}, {high}] do not fit {np.dtype(dtype).name}")
+    return tokens.astype(dtype), lengths, np.asarray(per_doc, np.int64)
 
 
-def _ordered_results(chunks, workers: int, init_args):
-    """Encoded chunks in input order, from `workers` processes with a bounded number in flight."""
-    if workers == 1:
-        _init_worker(*init_args, in_pool=False)
-        yield from map(_encode_chunk, chunks)
-        return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(*init_args, True))
+# The main thread's share of the work (JSON, id lists, arrays) is about 5% of the BPE encoding time, so it keeps
+# up with this many encoding threads with room to spare; more workers run as processes.
+MAX_THREAD_WORKERS = 8
+
+
+def _threaded(encoder: _Encoder, chunks, workers: int):
+    """`workers` threads encode; this thread prepares the next chunks and finishes the earlier ones meanwhile."""
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="megalith-encode") as threads:
+        try:
+            for chunk in chunks:
+                prepared = encoder.prepare(chunk)
+                pending.append((prepared, threads.submit(encoder.encode, prepared)))
+                if len(pending) > 2 * workers:  # a slow chunk at the head leaves the others work to do
+                    prepared, future = pending.popleft()
+                    yield encoder.finish(prepared, future.result())
+            while pending:
+                prepared, future = pending.popleft()
+                yield encoder.finish(prepared, future.result())
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+# The encoder of a worker process: inherited from the parent under fork, built by _init_worker under spawn.
+_WORKER: dict = {}
+
+
+def _init_worker(spec) -> None:
+    # The parent handles Ctrl-C and termination; workers are stopped by it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if spec is not None:
+        (type_, path, vocab_size), keys, append_eod, dtype, stop = spec
+        tokenizer = build_tokenizer(type_, path, vocab_size=vocab_size)
+        _WORKER["encoder"] = _Encoder(tokenizer, keys, append_eod, dtype, stop)
+
+
+def _encode_in_worker(chunk: Chunk) -> _ChunkResult:
+    return _WORKER["encoder"](chunk)
+
+
+def _pooled(encoder: _Encoder, chunks, workers: int, spec):
+    """`workers` processes each run whole chunks; at most 3 per worker in flight; results in input order."""
+    fork = "fork" in mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if fork else "spawn")
+    if fork:
+        _WORKER["encoder"] = encoder  # the children get a copy of the tokenizer instead of loading it again
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(None if fork else spec,))
     try:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
             if len(pending) >= 3 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -183,6 +257,7 @@ def _ordered_results(chunks, workers: int, init_args):
         pool.join()
     finally:
         pool.terminate()
+        _WORKER.clear()
 
 
 class _Progress:
@@ -229,23 +304,40 @@ def preprocess(
     on_bad_line: str = "error",
     vocab_size: int | None = None,
     log_interval: int = 10000,
-    chunk_bytes: int = 1 << 20,
+    chunk_bytes: int = 1 << 18,
+    worker_kind: str = "auto",
     progress_stream=None,
 ) -> PreprocessStats:
-    """Tokenizes `inputs` into one dataset per JSON key; see the module docstring. Returns the counts."""
+    """Tokenizes `inputs` into one dataset per JSON key; see the module docstring. Returns the counts.
+
+    `worker_kind` "thread" or "process" overrides the choice the module docstring describes ("auto").
+    """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if worker_kind not in ("auto", "thread", "process"):
+        raise ValueError(f"worker_kind must be 'auto', 'thread' or 'process', got {worker_kind!r}")
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
     start = time.perf_counter()
     files = expand_inputs(inputs)
+    # One encoding thread per worker: the parallelism is the workers' (restored on return).
+    saved_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size=vocab_size)
     dtype = optimal_dtype(tokenizer.vocab_size)
     stats = PreprocessStats(outputs=[output_prefix(output_prefix_, key) for key in json_keys])
     writers = [IndexedDatasetWriter(prefix, dtype) for prefix in stats.outputs]
     progress = _Progress(log_interval, progress_stream)
-    init_args = ((tokenizer_type, tokenizer_model, vocab_size), json_keys, append_eod, dtype, on_bad_line == "error")
-    results = _ordered_results(iter_chunks(files, chunk_bytes), workers, init_args)
+    encoder = _Encoder(tokenizer, json_keys, append_eod, dtype, on_bad_line == "error")
+    chunks = iter_chunks(files, chunk_bytes)
+    if worker_kind == "auto":
+        threads = workers == 1 or (tokenizer.encodes_without_gil and workers <= MAX_THREAD_WORKERS)
+        worker_kind = "thread" if threads else "process"
+    if worker_kind == "thread":
+        results = _threaded(encoder, chunks, workers)
+    else:
+        spec = ((tokenizer_type, tokenizer_model, vocab_size), json_keys, append_eod, dtype, on_bad_line == "error")
+        results = _pooled(encoder, chunks, workers, spec)
     try:
         for result in results:
             if result.bad and on_bad_line == "error":
@@ -268,6 +360,10 @@ def preprocess(
         raise
     finally:
         results.close()  # stops the worker pool now, not when the traceback is freed
+        if saved_parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved_parallelism
         progress.close()
     stats.seconds = time.perf_counter() - start
     return stats
@@ -289,7 +385,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-model", default=None)
     parser.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
     parser.add_argument("--append-eod", action="store_true")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="encoding threads or processes")
+    parser.add_argument(
+        "--worker-kind",
+        choices=["auto", "thread", "process"],
+        default="auto",
+        help="auto: threads for GIL-free tokenizers (Hugging Face, tiktoken) up to "
+        f"{MAX_THREAD_WORKERS} workers, else processes",
+    )
     parser.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
     parser.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
     args = parser.parse_args(argv)
@@ -306,6 +409,7 @@ def main(argv=None) -> int:
             on_bad_line=args.on_bad_line,
             vocab_size=args.vocab_size,
             log_interval=args.log_interval,
+            worker_kind=args.worker_kind,
         )
     except (PreprocessError, FileNotFoundError, ValueError) as exc:
         print(f"megalith-preprocess: error: {exc}", file=sys.stderr)

@@ -32,6 +32,8 @@ class Tokenizer:
 
     #: a short string naming the tokenizer and its file; part of dataset cache keys.
     identifier: str
+    #: True when `encode_batch_deferred` runs without holding the GIL, so threads encode in parallel.
+    encodes_without_gil: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -56,6 +58,18 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encodes many texts; subclasses backed by a library with a batch encoder override this."""
         return [self.encode(text) for text in texts]
+
+    def encode_batch_deferred(self, texts: list[str]):
+        """Encodes many texts into the library's own result objects; `ids_of` turns them into id lists.
+
+        The split lets preprocessing run the encoding (which the Rust-backed libraries do without holding the
+        GIL) on one thread while another thread converts the previous batch into Python lists and arrays.
+        """
+        return self.encode_batch(texts)
+
+    def ids_of(self, deferred) -> list[list[int]]:
+        """The id lists of an `encode_batch_deferred` result (fresh lists the caller may modify)."""
+        return deferred
 
 
 def _require_file(path, what: str) -> Path:
@@ -93,6 +107,7 @@ class HuggingFaceTokenizer(Tokenizer):
         pad = self._special(config.get("pad_token"), _PAD_CANDIDATES)
         self._pad = self._eod if pad is None else pad
         self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        self.encodes_without_gil = True
 
     def _special(self, configured, candidates) -> int | None:
         if isinstance(configured, dict):
@@ -119,7 +134,13 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._batch(texts, add_special_tokens=False)]
+        return self.ids_of(self.encode_batch_deferred(texts))
+
+    def encode_batch_deferred(self, texts: list[str]):
+        return self._batch(texts, add_special_tokens=False)  # releases the GIL while it encodes
+
+    def ids_of(self, deferred) -> list[list[int]]:
+        return [encoding.ids for encoding in deferred]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -162,6 +183,7 @@ class TikTokenizer(Tokenizer):
         )
         self.identifier = f"TikTokenizer:{path.resolve()}:{num_special_tokens}"
         self._threads = 1
+        self.encodes_without_gil = True
 
     @property
     def vocab_size(self) -> int:
