@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -15,8 +16,8 @@ import pytest
 
 from megalith.data import IndexedDataset
 from megalith.data.inputs import iter_chunks
-from megalith.data.preprocess import PreprocessError, main, preprocess
-from megalith.data.tokenizers import build_tokenizer
+from megalith.data.preprocess import PreprocessError, _Encoder, _pooled, main, preprocess
+from megalith.data.tokenizers import ByteTokenizer, build_tokenizer
 
 
 def _files(prefix):
@@ -29,10 +30,14 @@ def test_workers_1_and_4_write_identical_bytes_that_match_the_tokenizer(
     outputs = {}
     # auto picks threads for this tokenizer; "process" forces worker processes; the chunk sizes put several
     # documents in a chunk, and one document in several reads.
+    # A gzip copy goes to the processes as bytes; the plain file as (offset, size), read by the workers.
+    gz = tmp_path / "corpus.jsonl.gz"
+    gz.write_bytes(gzip.compress(corpus.read_bytes()))
     runs = [(1, "auto", 100_000), (4, "auto", 100_000), (4, "process", 100_000), (3, "thread", 7_000)]
-    for workers, kind, chunk_bytes in runs:
+    runs += [(2, "process", 30_000, gz)]
+    for workers, kind, chunk_bytes, *source in runs:
         stats = preprocess(
-            [corpus],
+            source or [corpus],
             str(tmp_path / f"w{workers}{kind}"),
             "HuggingFaceTokenizer",
             hf_tokenizer_dir,
@@ -229,5 +234,43 @@ def test_chunks_are_whole_lines_with_their_first_line_numbers(tmp_path, chunk_by
     assert all(chunk.payload.endswith(b"\n") for chunk in chunks[:-1])
     offsets = np.cumsum([0] + [len(c.payload) for c in chunks[:-1]])
     assert [c.first_line for c in chunks] == [1 + data[: int(o)].count(b"\n") for o in offsets]
+    assert [c.offset for c in chunks] == offsets.tolist()
     with pytest.raises(ValueError, match="chunk_bytes"):
         next(iter_chunks([str(path)], 0))
+
+
+class _FailingTokenizer(ByteTokenizer):
+    """Byte tokenizer that breaks a worker on the text "boom": by raising outside the bad-line path, or by dying."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def encode_batch(self, texts):
+        if "boom" in texts:
+            if self.how == "die":
+                os._exit(3)
+            raise KeyError("the tokenizer broke")  # not a bad line: a failure of the run
+        return super().encode_batch(texts)
+
+    def ids_of(self, deferred):
+        if deferred is None:
+            raise KeyError("the tokenizer broke")
+        return deferred
+
+    def encode_batch_deferred(self, texts):
+        try:
+            return self.encode_batch(texts)
+        except KeyError:
+            return None
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the fake tokenizer needs fork")
+@pytest.mark.parametrize("how", ["raise", "die"])
+def test_a_failing_worker_process_stops_the_run_with_its_error(tmp_path, how):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "b", "boom", "c"] * 3))
+    encoder = _Encoder(_FailingTokenizer(how), ["text"], False, np.uint16, True)
+    expected = (KeyError, "the tokenizer broke") if how == "raise" else (RuntimeError, r"died \(exit code 3\)")
+    with pytest.raises(expected[0], match=expected[1]):
+        list(_pooled(encoder, iter_chunks([str(path)], 10), 2, None))
+    assert multiprocessing.active_children() == []

@@ -44,6 +44,7 @@ class Chunk:
     first_line: int  # 1-based line number of the first line (1 for text files)
     jsonl: bool
     payload: bytes
+    offset: int = 0  # where the payload starts in the (decompressed) file
 
 
 def iter_chunks(files: list[str], chunk_bytes: int = 1 << 18) -> Iterator[Chunk]:
@@ -60,7 +61,7 @@ def iter_chunks(files: list[str], chunk_bytes: int = 1 << 18) -> Iterator[Chunk]
                 yield Chunk(seq, path, 1, False, handle.read())
                 seq += 1
                 continue
-            line = 1
+            line, position = 1, 0
             carry: list[bytes] = []  # the unfinished last line, in pieces (a very long line stays linear)
             while True:
                 block = handle.read(chunk_bytes)
@@ -72,11 +73,12 @@ def iter_chunks(files: list[str], chunk_bytes: int = 1 << 18) -> Iterator[Chunk]
                     continue
                 payload = b"".join([*carry, block[:cut]]) if carry else block[:cut]
                 carry = [block[cut:]] if cut < len(block) else []
-                yield Chunk(seq, path, line, True, payload)
+                yield Chunk(seq, path, line, True, payload, position)
                 seq += 1
                 line += payload.count(b"\n")
+                position += len(payload)
             if carry:
-                yield Chunk(seq, path, line, True, b"".join(carry))
+                yield Chunk(seq, path, line, True, b"".join(carry), position)
                 seq += 1
 
 

@@ -8,7 +8,8 @@ array per key). Two ways to run them with `--workers N`:
   N <= MAX_THREAD_WORKERS: N threads only encode; the main thread reads, prepares the next chunks, finishes
   the previous ones and writes, so reading, parsing and writing hide behind the encoders and nothing is
   copied between processes;
-- processes, otherwise: N processes run all three steps and the main process only reads and writes.
+- processes, otherwise: N processes run all three steps and the main process only finds chunk boundaries
+  (workers read uncompressed files themselves) and writes.
 
 Either way results are written in input order with a bounded number of chunks in flight: the output bytes do
 not depend on N or on the way, and memory does not grow with the corpus.
@@ -18,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import pickle
 import signal
 import sys
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -220,44 +225,133 @@ def _threaded(encoder: _Encoder, chunks, workers: int):
                 future.cancel()
 
 
-# The encoder of a worker process: inherited from the parent under fork, built by _init_worker under spawn.
-_WORKER: dict = {}
-
-
-def _init_worker(spec) -> None:
+def _worker_main(tasks, results, encoder, spec) -> None:
+    """A worker process: chunks in, results out, until it reads None. Errors go back to the parent."""
     # The parent handles Ctrl-C and termination; workers are stopped by it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if spec is not None:
+    if encoder is None:  # spawn: build from the spec
         (type_, path, vocab_size), keys, append_eod, dtype, stop = spec
-        tokenizer = build_tokenizer(type_, path, vocab_size=vocab_size)
-        _WORKER["encoder"] = _Encoder(tokenizer, keys, append_eod, dtype, stop)
+        encoder = _Encoder(build_tokenizer(type_, path, vocab_size=vocab_size), keys, append_eod, dtype, stop)
+    files: dict[str, int] = {}
+    try:
+        while (task := tasks.recv()) is not None:
+            chunk, size = task
+            try:
+                if size is not None:  # a reference into an uncompressed file: read it here, not in the parent
+                    if chunk.path not in files:
+                        files[chunk.path] = os.open(chunk.path, os.O_RDONLY)
+                    chunk.payload = os.pread(files[chunk.path], size, chunk.offset)
+                    if len(chunk.payload) != size:
+                        raise OSError(f"{chunk.path} changed while it was being read")
+                results.send(encoder(chunk))
+            except Exception as exc:
+                results.send(_WorkerFailure(exc, traceback.format_exc()))
+    finally:
+        for fd in files.values():
+            os.close(fd)
 
 
-def _encode_in_worker(chunk: Chunk) -> _ChunkResult:
-    return _WORKER["encoder"](chunk)
+@dataclass
+class _WorkerFailure:
+    error: BaseException | None
+    text: str
+
+    def __reduce__(self):  # the exception itself when it pickles, its traceback text always
+        try:
+            error = pickle.loads(pickle.dumps(self.error))
+        except Exception:
+            error = None
+        return (_WorkerFailure, (error, self.text))
 
 
-def _pooled(encoder: _Encoder, chunks, workers: int, spec):
-    """`workers` processes each run whole chunks; at most 3 per worker in flight; results in input order."""
+def _pooled(encoder: _Encoder, chunks, workers: int, spec, depth: int = 3):
+    """`workers` processes run whole chunks, each given at most `depth` at a time (to whichever has fewest);
+    results come back in input order. Uncompressed inputs travel as (offset, size) and workers read them.
+    """
     fork = "fork" in mp.get_all_start_methods()
     ctx = mp.get_context("fork" if fork else "spawn")
-    if fork:
-        _WORKER["encoder"] = encoder  # the children get a copy of the tokenizer instead of loading it again
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(None if fork else spec,))
+    procs, tasks, results = [], [], []
     try:
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-            if len(pending) >= 3 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-        pool.close()
-        pool.join()
+        for _ in range(workers):
+            task_reader, task_writer = ctx.Pipe(duplex=False)
+            result_reader, result_writer = ctx.Pipe(duplex=False)
+            _grow_pipe(result_writer)  # a worker's result fits the pipe: it need not wait for the parent
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(task_reader, result_writer, encoder if fork else None, None if fork else spec),
+                daemon=True,
+            )
+            proc.start()
+            task_reader.close()
+            result_writer.close()
+            procs.append(proc)
+            tasks.append(task_writer)
+            results.append(result_reader)
+        in_flight = [0] * workers
+        done: dict[int, _ChunkResult] = {}
+        source = iter(chunks)
+        exhausted = False
+        next_seq = 0
+        readable: dict[str, bool] = {}  # path -> workers can read it themselves (a regular, uncompressed file)
+        while True:
+            while not exhausted and sum(in_flight) + len(done) < depth * workers:
+                chunk = next(source, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                worker = in_flight.index(min(in_flight))
+                if chunk.path not in readable:
+                    readable[chunk.path] = not chunk.path.endswith(".gz") and os.path.isfile(chunk.path)
+                reference = readable[chunk.path]
+                size = len(chunk.payload) if reference else None
+                payload_free = dataclasses.replace(chunk, payload=b"") if reference else chunk
+                tasks[worker].send((payload_free, size))
+                in_flight[worker] += 1
+            if not any(in_flight) and not done:
+                break
+            if next_seq not in done:
+                ready = mp.connection.wait([*results, *(p.sentinel for p in procs)])
+                for worker, (conn, proc) in enumerate(zip(results, procs, strict=True)):
+                    if conn not in ready and proc.sentinel not in ready:
+                        continue
+                    try:
+                        result = conn.recv()
+                    except EOFError:  # the pipe closed: the worker is gone
+                        proc.join(5)
+                        raise RuntimeError(
+                            f"preprocessing worker {proc.pid} died (exit code {proc.exitcode})"
+                        ) from None
+                    if isinstance(result, _WorkerFailure):
+                        if result.error is not None:
+                            raise result.error
+                        raise RuntimeError(f"a preprocessing worker failed:\n{result.text}")
+                    done[result.seq] = result
+                    in_flight[worker] -= 1
+            while next_seq in done:
+                yield done.pop(next_seq)
+                next_seq += 1
+        for conn in tasks:
+            conn.send(None)
+        for proc in procs:
+            proc.join()
     finally:
-        pool.terminate()
-        _WORKER.clear()
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        for conn in [*tasks, *results]:
+            conn.close()
+
+
+def _grow_pipe(connection, size: int = 1 << 20) -> None:
+    """Raises a pipe's capacity (Linux F_SETPIPE_SZ) where allowed; a no-op elsewhere."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(connection.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (OSError, ImportError, ValueError):
+        pass
 
 
 class _Progress:
