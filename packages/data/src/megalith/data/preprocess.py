@@ -201,6 +201,12 @@ def _pack(ids: list[list[int]], counts: list[int], eod: int | None, dtype) -> tu
     return tokens.astype(dtype), lengths, np.asarray(per_doc, np.int64)
 
 
+def _block_signals() -> None:
+    """Encoding threads leave SIGINT / SIGTERM to the main thread, so they interrupt its blocking reads."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 # The main thread's share of the work (JSON, id lists, arrays) is about 5% of the BPE encoding time, so it keeps
 # up with this many encoding threads with room to spare; more workers run as processes.
 MAX_THREAD_WORKERS = 8
@@ -209,7 +215,7 @@ MAX_THREAD_WORKERS = 8
 def _threaded(encoder: _Encoder, chunks, workers: int):
     """`workers` threads encode; this thread prepares the next chunks and finishes the earlier ones meanwhile."""
     pending: collections.deque = collections.deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="megalith-encode") as threads:
+    with ThreadPoolExecutor(workers, thread_name_prefix="megalith-encode", initializer=_block_signals) as threads:
         try:
             for chunk in chunks:
                 prepared = encoder.prepare(chunk)
@@ -306,7 +312,10 @@ def _pooled(encoder: _Encoder, chunks, workers: int, spec, depth: int = 3):
                 reference = readable[chunk.path]
                 size = len(chunk.payload) if reference else None
                 payload_free = dataclasses.replace(chunk, payload=b"") if reference else chunk
-                tasks[worker].send((payload_free, size))
+                try:
+                    tasks[worker].send((payload_free, size))
+                except (BrokenPipeError, ConnectionResetError):
+                    _died(procs[worker])
                 in_flight[worker] += 1
             if not any(in_flight) and not done:
                 break
@@ -318,10 +327,7 @@ def _pooled(encoder: _Encoder, chunks, workers: int, spec, depth: int = 3):
                     try:
                         result = conn.recv()
                     except EOFError:  # the pipe closed: the worker is gone
-                        proc.join(5)
-                        raise RuntimeError(
-                            f"preprocessing worker {proc.pid} died (exit code {proc.exitcode})"
-                        ) from None
+                        _died(proc)
                     if isinstance(result, _WorkerFailure):
                         if result.error is not None:
                             raise result.error
@@ -342,6 +348,11 @@ def _pooled(encoder: _Encoder, chunks, workers: int, spec, depth: int = 3):
             proc.join()
         for conn in [*tasks, *results]:
             conn.close()
+
+
+def _died(proc) -> None:
+    proc.join(5)
+    raise RuntimeError(f"preprocessing worker {proc.pid} died (exit code {proc.exitcode})")
 
 
 def _grow_pipe(connection, size: int = 1 << 20) -> None:
