@@ -64,7 +64,7 @@ def iter_chunks(files: list[str], chunk_bytes: int = 1 << 18) -> Iterator[Chunk]
             line, position = 1, 0
             carry: list[bytes] = []  # the unfinished last line, in pieces (a very long line stays linear)
             while True:
-                block = handle.read(chunk_bytes)
+                block = handle.read1(chunk_bytes)  # one system call: signals are seen between reads
                 if not block:
                     break
                 cut = block.rfind(b"\n") + 1
