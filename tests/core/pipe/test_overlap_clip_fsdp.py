@@ -103,7 +103,7 @@ def test_clip_grad_norm_counts_every_element_once_over_tp_and_pp():
             torch.testing.assert_close(got, orig * (max_norm / (expected + 1e-6)))
 
 
-def _fsdp_worker(rank, world, cfg, m, steps):
+def _fsdp_worker(rank, world, cfg, m, steps, clip=None):
     from megalith.core.distributed import apply_fsdp2
 
     groups = build_groups(dp=world)
@@ -111,14 +111,16 @@ def _fsdp_worker(rank, world, cfg, m, steps):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], **OPT)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         opt.zero_grad()
         loss = reference_loss(model, step_batches(cfg, step, m, world)[groups.dp_rank])
         loss.backward()
+        if clip is not None:
+            norms.append(float(clip_grad_norm_(model.parameters(), clip, groups)))
         opt.step()
         losses.append(float(loss.detach()))
-    return losses, {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    return losses, {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}, norms
 
 
 def test_fsdp2_matches_one_process():
@@ -128,8 +130,26 @@ def test_fsdp2_matches_one_process():
     ref_losses, _, ref_params = reference_training(cfg, m, 2, steps)
     mean_losses = [sum(r[0][s] for r in results) / 2 for s in range(steps)]
     assert mean_losses == pytest.approx(ref_losses, rel=1e-5)
-    for _, params in results:
+    for _, params, _ in results:
         assert set(params) == set(ref_params)
+        for name, value in params.items():
+            torch.testing.assert_close(value, ref_params[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_clip_grad_norm_matches_one_process(world):
+    """Clipping FSDP2's dp-sharded DTensor gradients: the same norm and the same update as torch's clip in one
+    process (3 ranks shard some parameters unevenly)."""
+    cfg = TinyConfig(num_layers=2)
+    m, steps = 2, 2
+    _, ref_norms, ref_params = reference_training(cfg, m, world, steps)  # the unclipped norms, to pick the bound
+    clip = min(ref_norms) / 4  # clips every step
+    results = run_distributed(_fsdp_worker, world, cfg, m, steps, clip, timeout=120)
+    ref_losses, ref_norms, ref_params = reference_training(cfg, m, world, steps, clip=clip)
+    mean_losses = [sum(r[0][s] for r in results) / world for s in range(steps)]
+    assert mean_losses == pytest.approx(ref_losses, rel=1e-5)
+    for _, params, norms in results:
+        assert norms == pytest.approx(ref_norms, rel=1e-5)
         for name, value in params.items():
             torch.testing.assert_close(value, ref_params[name], rtol=1e-4, atol=2e-5, msg=name)
 
@@ -189,3 +209,23 @@ def test_sequence_parallel_grads_are_summed_over_tp_and_averaged_over_dp():
         w_expected = sum(4.0 * (tp_rank + 2 * d + 1) for d in range(2)) / 2
         torch.testing.assert_close(w, torch.full((2, 3), w_expected))
         torch.testing.assert_close(b, torch.full((2,), 4.0 * 2))
+
+
+def _replicated_dtensor_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    groups = build_groups(dp=world)
+    mesh = init_device_mesh("cpu", (world,))
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    p.grad = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])
+    try:
+        clip_grad_norm_([p], 1.0, groups)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_clip_grad_norm_rejects_dtensor_gradients_not_sharded_over_dp():
+    for message in run_distributed(_replicated_dtensor_worker, 2, timeout=60):
+        assert message is not None and "(4, 3)" in message and "Replicate" in message

@@ -4,6 +4,8 @@ Every gradient element of the full model must be counted exactly once. Parameter
 weights, row-parallel biases: no `megalith_tp_sharded`) are counted on tp rank 0 only; the tied embedding held
 by both the first and the last pipeline stage (`megalith_shared_embedding`) on the first stage only. Squares
 are summed over tp and pp, and over dp too when each dp rank holds only a shard of the gradients (ZeRO-1).
+FSDP2 gradients are DTensors sharded over the dp group: their local shards' squares are always summed over dp,
+and clipping scales the local shards.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5
+    from torch.distributed._tensor import DTensor
 
 from megalith.core.distributed.groups import ParallelGroups
 
@@ -24,6 +31,18 @@ def param_is_counted(p: torch.Tensor, groups: ParallelGroups) -> bool:
         return False
     # The tied copy on the last stage carries the same (summed) gradient as the first stage's embedding.
     return not (getattr(p, "megalith_shared_embedding", False) and groups.pp_rank != 0)
+
+
+def _local_dp_shard(p: torch.Tensor, grad, groups: ParallelGroups) -> torch.Tensor:
+    """This rank's shard of an FSDP2 gradient, after checking it is sharded over exactly the dp group."""
+    mesh, placements = grad.device_mesh, grad.placements
+    if mesh.ndim != 1 or mesh.size() != groups.dp or not all(pl.is_shard() for pl in placements):
+        raise ValueError(
+            f"clip_grad_norm_: a DTensor gradient of shape {tuple(p.shape)} is laid out as {placements} over a "
+            f"mesh of {mesh.size()} ranks; only gradients sharded over the data-parallel group ({groups.dp} "
+            "ranks, as apply_fsdp2 lays them out) are supported"
+        )
+    return grad.to_local()
 
 
 def _sum_over(value: torch.Tensor, groups: ParallelGroups, dp_sharded: bool, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -64,16 +83,26 @@ def clip_grad_norm_(
     """
     params = list(dict.fromkeys(params))
     grads = []
-    squares = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+    # squares[0]: gradients laid out as `dp_sharded` says; squares[1]: dp-sharded DTensor (FSDP2) gradients
+    device = params[0].device if params else None
+    squares = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(2)]
+    has_dtensor = False  # the same on every rank: every rank holds the same parameters (its shards of them)
     for p in params:
         grad = getattr(p, "main_grad", None)
         grad = p.grad if grad is None else grad
         if grad is None:
             continue
+        kind = 0
+        if isinstance(grad, DTensor):
+            grad = _local_dp_shard(p, grad, groups)
+            has_dtensor, kind = True, 1
         grads.append(grad)
         if param_is_counted(p, groups):
-            squares = squares + grad.detach().double().pow(2).sum()
-    norm = global_norm(squares, groups, dp_sharded=dp_sharded)
+            squares[kind] += grad.detach().double().pow(2).sum()
+    if has_dtensor and not dp_sharded and groups.dp > 1:
+        dist.all_reduce(squares[1], group=groups.dp_group)  # squares[0] is replicated over dp
+    total = squares[0] + squares[1]
+    norm = global_norm(total, groups, dp_sharded=dp_sharded)
     if max_norm is not None and max_norm > 0:
         coef = max_norm / (float(norm) + 1e-6)
         if coef < 1.0:
