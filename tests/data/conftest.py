@@ -31,6 +31,17 @@ def hf_tokenizer_dir(tmp_path_factory, corpus_texts):
 
 
 @pytest.fixture(scope="session")
+def gpt2_files(tmp_path_factory, hf_tokenizer_dir):
+    """GPT-2's two-file format (`vocab.json`, `merges.txt` with its `#version` line) of the trained BPE."""
+    model = json.loads((hf_tokenizer_dir / "tokenizer.json").read_text())["model"]
+    out = tmp_path_factory.mktemp("gpt2")
+    (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return out / "vocab.json", out / "merges.txt"
+
+
+@pytest.fixture(scope="session")
 def sentencepiece_model(tmp_path_factory, corpus_texts):
     import sentencepiece
 

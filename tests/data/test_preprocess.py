@@ -221,6 +221,20 @@ def test_other_tokenizer_types_through_the_command(tmp_path, kind, corpus_texts,
     assert [s.tolist() for s in ds[0 : len(ds)]] == [tok.encode(t[:3000]) for t in texts]
 
 
+def test_gpt2_bpe_with_megatron_flags_matches_the_same_bpe_as_tokenizer_json(
+    tmp_path, corpus, hf_tokenizer_dir, gpt2_files
+):
+    """Megatron-LM's GPT-2 recipe flags (--vocab-file/--merge-file) write the bytes the same BPE writes from its
+    tokenizer.json (both byte-level, no prefix space, eod <|endoftext|>)."""
+    vocab, merges = gpt2_files
+    common = ["--input", str(corpus), "--append-eod", "--workers", "2"]
+    gpt2 = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(vocab), "--merge-file", str(merges)]
+    assert main([*common, *gpt2, "--worker-kind", "process", "--output-prefix", str(tmp_path / "gpt2")]) == 0
+    hf = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_tokenizer_dir)]
+    assert main([*common, *hf, "--worker-kind", "thread", "--output-prefix", str(tmp_path / "hf")]) == 0
+    assert _files(tmp_path / "gpt2_text_document") == _files(tmp_path / "hf_text_document")
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3, 16, 1000])
 def test_chunks_are_whole_lines_with_their_first_line_numbers(tmp_path, chunk_bytes):
     rng = np.random.default_rng(chunk_bytes)

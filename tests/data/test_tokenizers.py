@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 
@@ -14,9 +16,11 @@ SAMPLE = "def main(self):\n    return self.value  # naïve café ✓\n"
 
 
 @pytest.fixture
-def tokenizers(hf_tokenizer_dir, sentencepiece_model, tiktoken_file):
+def tokenizers(hf_tokenizer_dir, sentencepiece_model, tiktoken_file, gpt2_files):
+    vocab, merges = gpt2_files
     return {
         "HuggingFaceTokenizer": build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir),
+        "GPT2BPETokenizer": build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges),
         "TikTokenizer": build_tokenizer("TikTokenizer", tiktoken_file),
         "SentencePieceTokenizer": build_tokenizer("SentencePieceTokenizer", sentencepiece_model),
         "ByteTokenizer": build_tokenizer("ByteTokenizer"),
@@ -49,6 +53,79 @@ def test_specific_ids(tokenizers, tiktoken_file):
     assert (hf.eod, hf.pad, hf.vocab_size) == (0, 1, 600)
     sp = tokenizers["SentencePieceTokenizer"]
     assert (sp.eod, sp.pad, sp.vocab_size) == (2, 3, 400)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other 68 bytes take
+    the characters from U+0100 up, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(0x100 + n)
+    return table
+
+
+# GPT-2's split pattern with stdlib `re` classes: letters [^\W\d_], numbers \d, other (?:[^\s\w]|_). It agrees
+# with the \p{L} / \p{N} original on text whose digits are all decimal digits (the texts below).
+_GPT2_SPLIT = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+
+
+def _reference_gpt2_encode(text: str, vocab: dict[str, int], ranks: dict[tuple[str, str], int]) -> list[int]:
+    """GPT-2 BPE, written from its description: split, map bytes to characters, merge the lowest-ranked pair."""
+    table = _bytes_to_unicode()
+    ids = []
+    for piece in _GPT2_SPLIT.findall(text):
+        word = [table[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            best = min(pairwise(word), key=lambda pair: ranks.get(pair, len(ranks)))
+            if best not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids.extend(vocab[token] for token in word)
+    return ids
+
+
+def test_gpt2_bpe_matches_a_reference_implementation(gpt2_files, corpus_texts):
+    vocab_file, merges_file = gpt2_files
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    lines = merges_file.read_text(encoding="utf-8").splitlines()[1:]
+    ranks = {tuple(line.split(" ")): rank for rank, line in enumerate(lines)}
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file.parent)  # the folder form finds both files
+    texts = [t for t in corpus_texts[20:40] if t.isascii()]
+    texts += [SAMPLE, "I'm sure they'll say it's 42, isn't it?  \t\n\n  x", "Straße über 東京 naïve", "a  b   c \n"]
+    assert len(texts) > 10
+    for text in texts:
+        assert tok.encode(text) == _reference_gpt2_encode(text, vocab, ranks)
+    assert tok.eod == vocab["<|endoftext|>"] == tok.pad
+    # As in Megatron-LM, the end-of-text marker inside a text is ordinary text.
+    assert tok.eod not in tok.encode("a<|endoftext|>b")
+
+
+def test_gpt2_bpe_errors_name_the_file(tmp_path, gpt2_files):
+    vocab_file, merges_file = gpt2_files
+    with pytest.raises(ValueError, match="needs --vocab-file and --merge-file"):
+        build_tokenizer("GPT2BPETokenizer")
+    bad_merges = tmp_path / "merges.txt"
+    bad_merges.write_text("#version: 0.2\nzzzq qqqz\n")
+    with pytest.raises(ValueError, match=r"merges.txt:2: expected two vocabulary tokens"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab_file, merge_file=bad_merges)
+    bad_vocab = tmp_path / "vocab.json"
+    bad_vocab.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"vocab.json: expected a JSON object"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=bad_vocab, merge_file=merges_file)
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    del vocab["<|endoftext|>"]
+    bad_vocab.write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match=r"vocab.json: no end-of-document token"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=bad_vocab, merge_file=merges_file)
 
 
 def test_null_tokenizer():

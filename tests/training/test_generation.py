@@ -252,3 +252,17 @@ def test_tokenizer_kind_is_recognised_or_reported(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert tok.encode("hi") == [ord("h"), ord("i")]
     assert tok.eod == 256
+
+
+def test_gpt2_vocab_and_merges_folder_is_recognised(tmp_path):
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["hi"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nh i\n")
+    tok = load_tokenizer(tmp_path)
+    assert type(tok).__name__ == "GPT2BPETokenizer"
+    assert tok.encode("hi hx") == [vocab["hi"], vocab["Ġ"], vocab["h"], vocab["x"]]
+    assert tok.eod == vocab["<|endoftext|>"]

@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     inspect.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
     inspect.add_argument("--tokenizer-model", default=None)
     inspect.add_argument("--vocab-size", type=int, default=None)
+    inspect.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    inspect.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     inspect.add_argument("--show", type=int, default=1, help="documents to print")
     merge = commands.add_parser("merge", help="concatenate datasets (prefixes or directories) into one")
     merge.add_argument("--input", nargs="+", required=True)
@@ -76,7 +78,13 @@ def main(argv=None) -> int:
         if args.command == "inspect":
             tokenizer = None
             if args.tokenizer_type:
-                tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, vocab_size=args.vocab_size)
+                tokenizer = build_tokenizer(
+                    args.tokenizer_type,
+                    args.tokenizer_model,
+                    vocab_size=args.vocab_size,
+                    vocab_file=args.vocab_file,
+                    merge_file=args.merge_file,
+                )
             print(inspect_dataset(args.prefix, tokenizer, args.show))
             return 0
         return _merge(args.input, args.output_prefix)

@@ -237,8 +237,8 @@ def _worker_main(tasks, results, encoder, spec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if encoder is None:  # spawn: build from the spec
-        (type_, path, vocab_size), keys, append_eod, dtype, stop = spec
-        encoder = _Encoder(build_tokenizer(type_, path, vocab_size=vocab_size), keys, append_eod, dtype, stop)
+        (type_, path, options), keys, append_eod, dtype, stop = spec
+        encoder = _Encoder(build_tokenizer(type_, path, **options), keys, append_eod, dtype, stop)
     files: dict[str, int] = {}
     try:
         while (task := tasks.recv()) is not None:
@@ -408,6 +408,8 @@ def preprocess(
     workers: int = 1,
     on_bad_line: str = "error",
     vocab_size: int | None = None,
+    vocab_file=None,
+    merge_file=None,
     log_interval: int = 10000,
     chunk_bytes: int = 1 << 18,
     worker_kind: str = "auto",
@@ -428,7 +430,8 @@ def preprocess(
     # One encoding thread per worker: the parallelism is the workers' (restored on return).
     saved_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size=vocab_size)
+    options = {"vocab_size": vocab_size, "vocab_file": vocab_file, "merge_file": merge_file}
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, **options)
     dtype = optimal_dtype(tokenizer.vocab_size)
     stats = PreprocessStats(outputs=[output_prefix(output_prefix_, key) for key in json_keys])
     writers = [IndexedDatasetWriter(prefix, dtype) for prefix in stats.outputs]
@@ -441,7 +444,7 @@ def preprocess(
     if worker_kind == "thread":
         results = _threaded(encoder, chunks, workers)
     else:
-        spec = ((tokenizer_type, tokenizer_model, vocab_size), json_keys, append_eod, dtype, on_bad_line == "error")
+        spec = ((tokenizer_type, tokenizer_model, options), json_keys, append_eod, dtype, on_bad_line == "error")
         results = _pooled(encoder, chunks, workers, spec)
     try:
         for result in results:
@@ -489,6 +492,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     parser.add_argument("--tokenizer-model", default=None)
     parser.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only")
+    parser.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    parser.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     parser.add_argument("--append-eod", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="encoding threads or processes")
     parser.add_argument(
@@ -513,6 +518,8 @@ def main(argv=None) -> int:
             workers=args.workers,
             on_bad_line=args.on_bad_line,
             vocab_size=args.vocab_size,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
             log_interval=args.log_interval,
             worker_kind=args.worker_kind,
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "TOKENIZER_TYPES",
     "ByteTokenizer",
+    "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
     "NullTokenizer",
     "SentencePieceTokenizer",
@@ -95,15 +96,18 @@ class HuggingFaceTokenizer(Tokenizer):
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"HuggingFaceTokenizer: {file} does not exist")
-        self._tok = _HFTokenizer.from_file(str(file))
-        self.identifier = f"HuggingFaceTokenizer:{file.resolve()}"
         config = {}
         config_file = file.parent / "tokenizer_config.json"
         if config_file.is_file():
             config = json.loads(config_file.read_text())
+        self._setup(_HFTokenizer.from_file(str(file)), f"HuggingFaceTokenizer:{file.resolve()}", file, config)
+
+    def _setup(self, tok, identifier: str, where, config: dict) -> None:
+        self._tok = tok
+        self.identifier = identifier
         self._eod = self._special(config.get("eos_token"), _EOD_CANDIDATES)
         if self._eod is None:
-            raise ValueError(f"{file}: no end-of-document token found (looked for {', '.join(_EOD_CANDIDATES)})")
+            raise ValueError(f"{where}: no end-of-document token found (looked for {', '.join(_EOD_CANDIDATES)})")
         pad = self._special(config.get("pad_token"), _PAD_CANDIDATES)
         self._pad = self._eod if pad is None else pad
         self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
@@ -144,6 +148,47 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """GPT-2's byte-level BPE from its two original files, as Megatron-LM's `GPT2BPETokenizer` reads them.
+
+    `vocab.json` maps byte-level token strings to ids and `merges.txt` lists the merges by priority (an optional
+    `#version` first line). Text is split with GPT-2's pattern, without an added leading space; eod is the
+    vocabulary's `<|endoftext|>`, which is also the pad id (GPT-2 has no pad token). As in Megatron-LM, an
+    `<|endoftext|>` inside a document's text is encoded as ordinary text.
+    """
+
+    def __init__(self, vocab_file, merge_file) -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab_path = _require_file(vocab_file, "GPT2BPETokenizer vocabulary (--vocab-file)")
+        merges_path = _require_file(merge_file, "GPT2BPETokenizer merges (--merge-file)")
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{vocab_path}: not a JSON vocabulary ({exc})") from None
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise ValueError(f"{vocab_path}: expected a JSON object of token -> integer id")
+        merges = []
+        for number, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines(), 1):
+            if (number == 1 and line.startswith("#version")) or not line.strip():
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+                raise ValueError(
+                    f"{merges_path}:{number}: expected two vocabulary tokens whose concatenation is in "
+                    f"{vocab_path.name}, found {line[:80]!r}"
+                )
+            merges.append((pair[0], pair[1]))
+        tok = _HFTokenizer(models.BPE(vocab, merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        identifier = f"GPT2BPETokenizer:{vocab_path.resolve()}:{merges_path.resolve()}"
+        self._setup(tok, identifier, vocab_path, {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        if self._tok.id_to_token(self._eod) != "<|endoftext|>":
+            raise ValueError(f"{vocab_path}: GPT2BPETokenizer needs <|endoftext|> in the vocabulary")
 
 
 # GPT-2 / cl100k style pre-tokenization pattern (contractions, letters, numbers, punctuation, spaces).
@@ -304,6 +349,7 @@ class NullTokenizer(Tokenizer):
 
 TOKENIZER_TYPES = (
     "HuggingFaceTokenizer",
+    "GPT2BPETokenizer",
     "TikTokenizer",
     "SentencePieceTokenizer",
     "ByteTokenizer",
@@ -311,18 +357,31 @@ TOKENIZER_TYPES = (
 )
 
 
-def build_tokenizer(type: str, model_path=None, *, vocab_size: int | None = None) -> Tokenizer:
+def build_tokenizer(
+    type: str, model_path=None, *, vocab_size: int | None = None, vocab_file=None, merge_file=None
+) -> Tokenizer:
     """Builds a tokenizer by its Megatron-LM `--tokenizer-type` name.
 
     Args:
         type: one of `TOKENIZER_TYPES`.
         model_path: the tokenizer file (`tokenizer.json` or its directory, a tiktoken ranks file, a
-            SentencePiece `.model`); unused by ByteTokenizer and NullTokenizer.
+            SentencePiece `.model`, a directory holding GPT-2's `vocab.json` and `merges.txt`); unused by
+            ByteTokenizer and NullTokenizer.
         vocab_size: NullTokenizer only: the number of ordinary ids.
+        vocab_file, merge_file: GPT2BPETokenizer only (Megatron-LM's `--vocab-file` / `--merge-file`); each
+            defaults to `vocab.json` / `merges.txt` in the `model_path` directory.
     """
     model_path = os.fspath(model_path) if model_path is not None else None
     if type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(model_path)
+    if type == "GPT2BPETokenizer":
+        if (vocab_file is None or merge_file is None) and model_path is None:
+            raise ValueError("GPT2BPETokenizer needs --vocab-file and --merge-file (or a --tokenizer-model folder)")
+        folder = Path(model_path) if model_path is not None else None
+        return GPT2BPETokenizer(
+            vocab_file if vocab_file is not None else folder / "vocab.json",
+            merge_file if merge_file is not None else folder / "merges.txt",
+        )
     if type == "TikTokenizer":
         return TikTokenizer(model_path)
     if type == "SentencePieceTokenizer":

@@ -229,14 +229,16 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike | None, tokenizer_type: str 
     folder = Path(tokenizer_dir)
     if (folder / "tokenizer.json").is_file():
         return build_tokenizer("HuggingFaceTokenizer", folder)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return build_tokenizer("GPT2BPETokenizer", folder)
     for suffix, kind in ((".model", "SentencePieceTokenizer"), (".tiktoken", "TikTokenizer")):
         files = sorted(folder.glob(f"*{suffix}"))
         if len(files) == 1:
             return build_tokenizer(kind, files[0])
     names = sorted(p.name for p in folder.iterdir())
     raise ValueError(
-        f"{folder}: cannot tell the tokenizer kind from its files {names} (expected tokenizer.json, one *.model "
-        "or one *.tiktoken); pass --tokenizer-type and --tokenizer-model"
+        f"{folder}: cannot tell the tokenizer kind from its files {names} (expected tokenizer.json, vocab.json "
+        "with merges.txt, one *.model or one *.tiktoken); pass --tokenizer-type and --tokenizer-model"
     )
 
 
