@@ -235,6 +235,17 @@ def test_gpt2_bpe_with_megatron_flags_matches_the_same_bpe_as_tokenizer_json(
     assert _files(tmp_path / "gpt2_text_document") == _files(tmp_path / "hf_text_document")
 
 
+def test_spawned_workers_build_the_tokenizer_from_its_options(tmp_path, corpus, gpt2_files, monkeypatch):
+    """Where fork is missing (macOS, Windows) workers are spawned and rebuild the tokenizer from the options the
+    parent was given (here GPT-2's two files); the output is the forked workers' output."""
+    vocab, merges = gpt2_files
+    options = dict(append_eod=True, workers=2, worker_kind="process", vocab_file=vocab, merge_file=merges)
+    preprocess([corpus], str(tmp_path / "fork"), "GPT2BPETokenizer", **options)
+    monkeypatch.setattr("megalith.data.preprocess.mp.get_all_start_methods", lambda: ["spawn"])
+    preprocess([corpus], str(tmp_path / "spawn"), "GPT2BPETokenizer", **options)
+    assert _files(tmp_path / "spawn_text_document") == _files(tmp_path / "fork_text_document")
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3, 16, 1000])
 def test_chunks_are_whole_lines_with_their_first_line_numbers(tmp_path, chunk_bytes):
     rng = np.random.default_rng(chunk_bytes)
