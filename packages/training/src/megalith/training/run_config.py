@@ -149,7 +149,9 @@ class DataConfig:
         None, help="Deterministic synthetic token sequences instead of files; None: when no blend is set."
     )
     tokenizer_type: str | None = option(
-        None, help="HuggingFaceTokenizer, TikTokenizer, SentencePieceTokenizer, ByteTokenizer or NullTokenizer."
+        None,
+        help="HuggingFaceTokenizer, GPT2BPETokenizer, TikTokenizer, SentencePieceTokenizer, ByteTokenizer or "
+        "NullTokenizer.",
     )
     tokenizer_model: str | None = option(None, help="Tokenizer file or directory (copied into checkpoints).")
     seq_len: int = option(128, help="Tokens per training sample.")
