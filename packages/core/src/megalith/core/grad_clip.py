@@ -86,7 +86,7 @@ def clip_grad_norm_(
     # squares[0]: gradients laid out as `dp_sharded` says; squares[1]: dp-sharded DTensor (FSDP2) gradients
     device = params[0].device if params else None
     squares = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(2)]
-    has_dtensor = False  # the same on every rank: every rank holds the same parameters (its shards of them)
+    has_dtensor = False  # the same on all ranks of a dp group: they hold the same parameters (their shards)
     for p in params:
         grad = getattr(p, "main_grad", None)
         grad = p.grad if grad is None else grad
