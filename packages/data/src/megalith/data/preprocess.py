@@ -362,7 +362,7 @@ def _grow_pipe(connection, size: int = 1 << 20) -> None:
 
         fcntl.fcntl(connection.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
     except (OSError, ImportError, ValueError):
-        pass
+        return  # the default capacity still works: a worker then waits for the parent to read a large result
 
 
 class _Progress:
