@@ -85,15 +85,16 @@ def _release_worker(rank, world, release: bool):
     batches = step_batches(cfg, 0, 3, 1)[0]
     loss = forward_backward(chunks, batches, groups, hidden_shape=(MICRO_BATCH, 8, 16), dtype=torch.float32,
                             release_outputs=release)  # fmt: skip
-    return loss, [tuple(o.shape) for o in outputs]
+    return loss, [(tuple(o.shape), o.untyped_storage().nbytes()) for o in outputs]
 
 
 def test_sent_activations_are_released_and_backward_still_works():
     released = run_distributed(_release_worker, 2, True, timeout=120)
     kept = run_distributed(_release_worker, 2, False, timeout=120)
-    assert released[0][1] == [(1,)] * 3, "stage 0 freed each activation it sent"
-    assert kept[0][1] == [(2, 8, 16)] * 3
-    assert released[1][1] == kept[1][1] == [(2, 8, 16)] * 3, "the last stage sends no activations"
+    full = ((2, 8, 16), 2 * 8 * 16 * 4)
+    assert released[0][1] == [((2, 8, 16), 4)] * 3, "stage 0 freed each activation it sent (one float is left)"
+    assert kept[0][1] == [full] * 3
+    assert released[1][1] == kept[1][1] == [full] * 3, "the last stage sends no activations"
     assert released[0][0] == kept[0][0]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 from megalith.core.distributed.ddp import DistributedDataParallel, all_gather_into
 from megalith.core.distributed.groups import ParallelGroups
@@ -39,8 +40,8 @@ class OptimizerConfig:
     clip_grad: float | None = 1.0
     """Global gradient-norm threshold; None disables clipping (the norm is still reported)."""
     fused: bool = False
-    """Apply the Adam update with torch's fused multi-tensor kernel (`torch._fused_adamw_`, CUDA and CPU) instead
-    of a few elementwise ops; the result is the same up to rounding."""
+    """Apply the Adam update with torch's fused multi-tensor kernel (`torch.optim.adamw.adamw(fused=True)`, CUDA and
+    CPU) instead of a few elementwise ops; the result is the same up to rounding."""
 
     def __post_init__(self) -> None:
         if self.lr < 0 or self.eps <= 0 or self.weight_decay < 0:
@@ -221,11 +222,12 @@ class AdamW:
                 if s.decay:
                     r.master[s.lo - r.lo : s.hi - r.lo].mul_(1.0 - lr * cfg.weight_decay)
         if cfg.fused:
-            # The decay above is decoupled and masked per segment, so the kernel runs without its own decay.
-            step = torch.full((), float(t), dtype=torch.float32, device=r.master.device)
-            torch._fused_adamw_(
-                [r.master], [grad], [r.exp_avg], [r.exp_avg_sq], [], [step], amsgrad=False, lr=lr, beta1=beta1,
-                beta2=beta2, weight_decay=0.0, eps=cfg.eps, maximize=False, grad_scale=None, found_inf=None,
+            # The decay above is decoupled and masked per segment, so the kernel runs without its own decay. The
+            # functional optimizer counts the step itself (t - 1 -> t) before the update's bias correction.
+            step = torch.full((), float(t - 1), dtype=torch.float32, device=r.master.device)
+            adamw(
+                [r.master], [grad], [r.exp_avg], [r.exp_avg_sq], [], [step], fused=True, amsgrad=False, lr=lr,
+                beta1=beta1, beta2=beta2, weight_decay=0.0, eps=cfg.eps, maximize=False,
             )  # fmt: skip
             return
         r.exp_avg.lerp_(grad, 1.0 - beta1)

@@ -323,9 +323,7 @@ class Transformer(nn.Module):
         (uninitialised, padding rows zero) for a checkpoint to fill.
         """
         for module_name, module in self.named_modules():
-            for name, param in list(module._parameters.items()):
-                if param is None:
-                    continue
+            for name, param in list(module.named_parameters(recurse=False, remove_duplicate=False)):
                 full_name = f"{module_name}.{name}" if module_name else name
                 spec: ShardSpec | None = getattr(param, "megalith_shard", None)
                 target_device = device if device is not None else (None if param.is_meta else param.device)
@@ -340,7 +338,7 @@ class Transformer(nn.Module):
                     local = local_from_canonical(full, spec, param.shape)
                 new = nn.Parameter(local.to(device=target_device, dtype=target_dtype), param.requires_grad)
                 new.__dict__.update({k: v for k, v in param.__dict__.items() if k.startswith("megalith_")})
-                module._parameters[name] = new
+                module.register_parameter(name, new)
 
 
 def init_tensor(name: str, shape, config: ModelConfig, seed: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megalith.core._torch_compat import is_view
 from megalith.core.distributed.ddp import DistributedDataParallel
 from megalith.core.distributed.groups import ParallelGroups
 from megalith.core.parallelize import reduce_sequence_parallel_grads
@@ -105,26 +106,12 @@ def microbatch_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor
 
 
 def _release(t: torch.Tensor) -> None:
-    # Frees the activation's memory but keeps its autograd node: backward then runs from the node with the
-    # received gradient (which carries the real shape). Only for tensors that own their storage.
-    if t._base is None and t.grad_fn is not None:
-        t.data = torch.empty((1,), dtype=t.dtype, device=t.device)
-
-
-def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
-    if grad is None:
-        torch.autograd.backward(output)
-        return
-    # The engine call skips the shape check torch.autograd.backward does, which a released output would fail.
-    torch.autograd.Variable._execution_engine.run_backward(
-        tensors=(output,),
-        grad_tensors=(grad,),
-        keep_graph=False,
-        create_graph=False,
-        inputs=(),
-        allow_unreachable=True,
-        accumulate_grad=True,
-    )
+    # Frees the activation's memory but keeps its autograd node and its shape: the data becomes one element
+    # broadcast to the shape (stride 0), so torch.autograd.backward later accepts the received gradient for it.
+    # Autograd keeps its own reference to whatever the node saved, so backward is unaffected. A view is left alone:
+    # its memory belongs to its base, and autograd tracks a view through its base.
+    if t.grad_fn is not None and not is_view(t):
+        t.data = torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
 def finalize_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
@@ -248,7 +235,7 @@ class _Executor:
         if isinstance(self.chunks[chunk], DistributedDataParallel):
             self.chunks[chunk].set_grad_sync(sync_grads)  # reduce only during the chunk's last backward
         x, y = self.saved.pop((chunk, mb))
-        _backward(y, grad)
+        torch.autograd.backward(y, grad)
         del y
         if not first:
             self.comm.send(x.grad, False, self._tag(stage - 1, mb, True))
