@@ -3,6 +3,7 @@
 #
 #   make demo    set everything up, then run the end-to-end demo on the embedded data
 #   make test    set everything up, then run the test suite
+#   make test-floor  the same on the oldest supported torch, in its own environment .venv-floor
 #   make lint    ruff over the whole repository
 #   make build   rebuild the compiled module after editing cpp/ or cmake/
 #   make wheels  build a wheel of each of the five distributions into dist/
@@ -10,9 +11,19 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
-# Which torch to install when the environment has none: the normal PyPI build by default. CI pins the CPU
-# wheel (TORCH_SPEC=torch==2.13.0).
-TORCH_SPEC ?= torch
+# The supported torch range, read from the `torch` extra of pyproject.toml (the one place it is written; every
+# distribution that imports torch declares the same range). CI tests both ends: the newest release the range
+# allows (`make test`) and its floor (`make test-floor`).
+TORCH_REQUIREMENT := $(shell sed -n 's/^torch = \["\(torch[^"]*\)"\]$$/\1/p' pyproject.toml)
+TORCH_FLOOR := $(shell sed -n 's/^torch = \["torch>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+ifeq ($(and $(TORCH_REQUIREMENT),$(TORCH_FLOOR)),)
+$(error cannot read the torch range from the line 'torch = ["torch>=FLOOR,<=CEILING"]' in pyproject.toml)
+endif
+# Which torch to install when the environment has none: the newest normal PyPI build in the range, which is what
+# `pip install megalith-core` picks. Set it to try another, e.g. TORCH_SPEC=torch==2.13.0.
+TORCH_SPEC ?= $(TORCH_REQUIREMENT)
+# The environment `make test-floor` uses.
+FLOOR_VENV ?= .venv-floor
 # Build the CUDA kernels: AUTO (when nvcc is found), ON (fail without it) or OFF.
 MEGALITH_CUDA ?= AUTO
 export MEGALITH_CUDA
@@ -28,7 +39,7 @@ STAMP := $(VENV)/.megalith-setup
 SETUP_INPUTS := pyproject.toml CMakeLists.txt $(wildcard packages/*/pyproject.toml) $(wildcard requirements/*.txt) \
 	$(shell find cpp cmake -type f 2>/dev/null)
 
-.PHONY: setup demo test lint build wheels clean
+.PHONY: setup demo test test-floor lint build wheels clean
 
 setup: $(STAMP)
 
@@ -56,10 +67,13 @@ demo: setup
 	@$(PY) examples/demo.py $(DEMO_ARGS)
 
 test: setup
-	@echo "==> Running the test suite"
+	@echo "==> Running the test suite on torch $$($(PY) -c 'import torch; print(torch.__version__)') ($(VENV))"
 	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit code 5); that is a failure"; fi; \
 	exit $$status
+
+test-floor:
+	@$(MAKE) --no-print-directory test VENV=$(FLOOR_VENV) TORCH_SPEC=torch==$(TORCH_FLOOR)
 
 lint: setup
 	@echo "==> ruff check"
@@ -78,4 +92,4 @@ wheels: setup
 	@ls -1 dist
 
 clean:
-	rm -rf build dist $(VENV)
+	rm -rf build dist $(VENV) $(FLOOR_VENV)

@@ -6,6 +6,7 @@ virtual environment, so they are marked slow.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import venv
@@ -13,6 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["core", "data", "training", "export"]
@@ -72,6 +75,32 @@ def test_siblings_are_required_as_version_ranges(wheels):
         ]
         for requirement in requirements:
             assert requirement in lines, f"megalith-{name} should require {requirement}, has {lines}"
+
+
+def _imports_torch(folder: Path) -> bool:
+    pattern = re.compile(r"^\s*(import torch\b|from torch\b)", re.MULTILINE)
+    return any(pattern.search(path.read_text()) for path in folder.rglob("*.py"))
+
+
+def test_every_distribution_that_imports_torch_requires_the_tested_range(wheels):
+    """The range is written in each pyproject.toml; all must match the root's `torch` extra, floor and ceiling."""
+    sources = {"kernels": ROOT / "python", **{name: ROOT / "packages" / name / "src" for name in PACKAGES}}
+    ranges = {}
+    for name, wheel in wheels.items():
+        requirements = [
+            Requirement(line.split(":", 1)[1])
+            for line in _metadata(wheel).splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+        torch_specs = {str(r.specifier) for r in requirements if r.name == "torch"}
+        assert bool(torch_specs) == _imports_torch(sources[name]), f"megalith-{name} imports torch: {torch_specs}"
+        if torch_specs:
+            assert len(torch_specs) == 1, f"megalith-{name} requires torch twice: {torch_specs}"
+            ranges[name] = SpecifierSet(torch_specs.pop())
+    assert "data" not in ranges, "megalith-data never imports torch"
+    assert len({str(r) for r in ranges.values()}) == 1, f"the torch ranges differ: {ranges}"
+    operators = sorted(spec.operator for spec in ranges["kernels"])
+    assert operators == ["<=", ">="], f"the range needs a floor and a ceiling (CI tests both): {ranges['kernels']}"
 
 
 def test_compiled_module_does_not_link_libtorch(wheels, tmp_path):
