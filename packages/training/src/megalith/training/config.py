@@ -190,6 +190,12 @@ class CheckpointConfig:
     load_optimizer: bool = option(True, help="Load optimizer state when the checkpoint has it.")
     load_rng: bool = option(True, help="Restore RNG states (when the world size matches the saving one).")
     finetune: bool = option(False, help="Load weights only and start from step 0.")
+    verify: Literal["checksum", "size"] = option(
+        "checksum", help="What loading checks of every checkpoint file: size and CRC32, or the size only (faster)."
+    )
+    force: bool = option(
+        False, help="Save into checkpoint.save even when it holds another run's checkpoints (`latest` moves)."
+    )
 
     def __post_init__(self) -> None:
         _check(

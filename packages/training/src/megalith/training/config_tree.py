@@ -14,6 +14,7 @@ import functools
 import inspect
 import itertools
 import json
+import math
 import os
 import sys
 import textwrap
@@ -39,6 +40,7 @@ __all__ = [
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
+_YAML_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 class ConfigError(ValueError):
@@ -152,7 +154,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
-        if value in args:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans; take the spelling the choices use
+            value = next((a for a in args if isinstance(a, str) and _YAML_BOOLS.get(a.lower()) is value), value)
+        if any(value == a and type(value) is type(a) for a in args):
             return value
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
     if dataclasses.is_dataclass(tp):
@@ -189,9 +193,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {number}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{path}: expected a string, got {value!r}")

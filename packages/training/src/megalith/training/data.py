@@ -52,7 +52,7 @@ def load_tokenizer(data: DataConfig):
         return None
     from megalith.data.tokenizers import build_tokenizer
 
-    return build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+    return build_tokenizer(data.tokenizer_type, data.tokenizer_model, vocab_size=data.vocab_size)
 
 
 def build_datasets(

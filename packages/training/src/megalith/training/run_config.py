@@ -154,6 +154,9 @@ class DataConfig:
         "NullTokenizer.",
     )
     tokenizer_model: str | None = option(None, help="Tokenizer file or directory (copied into checkpoints).")
+    vocab_size: int | None = option(
+        None, help="NullTokenizer only: the number of ordinary token ids (Megatron-LM's --vocab-size)."
+    )
     seq_len: int = option(128, help="Tokens per training sample.")
     num_workers: int = option(0, help="DataLoader worker processes per rank (0: load in the training process).")
     eod_mask_loss: bool = option(False, help="Do not compute loss on end-of-document tokens.")
@@ -182,6 +185,14 @@ class DataConfig:
             self.tokenizer_model is None or self.tokenizer_type is not None,
             f"tokenizer_model is set ({self.tokenizer_model!r}) but tokenizer_type is not",
         )
+        null = self.tokenizer_type == "NullTokenizer"
+        _check(
+            (self.vocab_size is not None) == null,
+            "tokenizer_type NullTokenizer needs data.vocab_size"
+            if null
+            else f"data.vocab_size ({self.vocab_size}) is for tokenizer_type NullTokenizer only",
+        )
+        _check(self.vocab_size is None or self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +21,7 @@ import torch
 
 from megalith.core import ParallelDims, Transformer, count_parameters, flops_per_token
 from megalith.core.checkpoint import read_info
+from megalith.core.checkpoint.storage import probe_writable
 from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel
 from megalith.core.distributed import OptimizerConfig as CoreOptimizerConfig
 from megalith.core.parallel.random import derive_seed
@@ -35,6 +37,14 @@ from megalith.training.schedules import ParamScheduler
 from megalith.training.train_state import check_model_config, masters_from_params, model_state, optimizer_state
 
 __all__ = ["StepOutput", "Trainer", "no_weight_decay"]
+
+
+def _shared_run_id() -> str:
+    """A fresh identifier of this run, the same on every rank (rank 0 draws it)."""
+    box = [uuid.uuid4().hex]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -120,10 +130,17 @@ class Trainer:
             else None
         )
         self.run_dir = Path(cfg.logging.run_dir)
+        if self.rank == 0:
+            probe_writable(self.run_dir, "logging.run_dir")
+        if ck.save:
+            self.checkpoints.probe()
         self.logger = self._build_logger(stream)
         self.logger.message(self._banner())
+        self.run_id = _shared_run_id()
         if ck.load is not None:
             self.load_checkpoint(ck.load)
+        if ck.save:
+            self._check_save_folder(ck.save, ck.force)
 
     # ---- construction ---------------------------------------------------------------------------------
 
@@ -376,8 +393,29 @@ class Trainer:
         self.logger.message(f"checkpoint {what}: {path} ({time.perf_counter() - start:.2f} s)")
         return path
 
+    def _check_save_folder(self, root: str, force: bool) -> None:
+        """Refuses to save into a folder whose latest checkpoint belongs to another run (unless `force`)."""
+        ckpt = find_checkpoint(root)
+        if ckpt is None:
+            return
+        try:
+            other = (read_info(ckpt).get("extra") or {}).get("run_id")
+        except ValueError as exc:  # corrupt: still another run's folder as far as we can tell
+            other = f"unreadable ({exc})"
+        if other == self.run_id:
+            return
+        if force:
+            self.logger.message(f"checkpoint.save {root} holds another run's checkpoints; saving there anyway (force)")
+            return
+        raise ValueError(
+            f"checkpoint.save {root} already holds checkpoints of another run (latest {ckpt.name}); resume that "
+            f"run with --load {root}, choose another checkpoint.save, or pass --force (checkpoint.force=true) to "
+            f"save into it anyway"
+        )
+
     def _extra_state(self) -> dict[str, Any]:
         return {
+            "run_id": self.run_id,
             "step": self.step,
             "consumed_samples": self.consumed_samples,
             "adam_step": self.optimizer.step_count,
@@ -410,7 +448,7 @@ class Trainer:
         state = model_state(self.chunks)
         if resume:
             state.update(optimizer_state(self.optimizer))
-        loaded = self.checkpoints.load(state, ckpt, load_rng=ck.load_rng and resume)
+        loaded = self.checkpoints.load(state, ckpt, load_rng=ck.load_rng and resume, verify=ck.verify)
         if not resume:
             masters_from_params(self.optimizer)
             self.optimizer.sync_params_from_master()
@@ -426,6 +464,7 @@ class Trainer:
         self.loss_scaler.load_state_dict(extra["loss_scaler"])
         self.nonfinite.load_state_dict(extra["nonfinite"])
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.run_id = extra.get("run_id", self.run_id)  # the resumed run keeps its identity
         self.logger.message(f"resumed from {loaded.path} at step {self.step}")
 
     def close(self) -> None:
