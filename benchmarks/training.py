@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from megalith.core import Transformer, flops_per_token
+from megalith.core import build_loss_fn, build_model_chunks, flops_per_token
 from megalith.training.config_tree import load_config
 from megalith.training.run_config import RunConfig
 from megalith.training.trainer import Trainer
@@ -162,14 +162,15 @@ def loop_table(steps: int, repeats: int = 3) -> list[tuple[str, str]]:
 
 
 def _plain_torch(trainer: Trainer, micro, steps: int) -> float:
-    model = Transformer(trainer.model_config, seed=1)
+    (model,) = build_model_chunks(trainer.model_config, seed=1)
+    loss_fn = build_loss_fn(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()
         opt.zero_grad()
         for b in micro:
-            (model(b["input_ids"], b["labels"]).mean() / len(micro)).backward()
+            (loss_fn(model(b["input_ids"]), b["labels"]).mean() / len(micro)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         times.append(time.perf_counter() - start)
@@ -182,7 +183,7 @@ def gpu_table(steps: int) -> list[tuple[str, str]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(RunConfig, None, [
-            "model.preset=llama3-1b", "data.seq_len=2048", "parallel.precision=bf16", "parallel.device=cuda",
+            "model.preset=llama3-1b", "data.seq_len=2048", "precision.dtype=bf16", "parallel.device=cuda",
             "training.micro_batch_size=2", "training.global_batch_size=8", f"training.train_iters={steps + 3}",
             "logging.tensorboard=false", f"logging.run_dir={tmp}/run", "logging.log_interval=1000",
         ])  # fmt: skip

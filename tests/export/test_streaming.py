@@ -83,7 +83,8 @@ def test_unfinished_row_writes_are_reported(tmp_path):
 
 
 def test_checkpoint_row_reads(tmp_path):
-    model_io = pytest.importorskip("megalith.core.checkpoint.model_io")
+    from megalith.core.checkpoint import model_io
+
     cfg = CONFIGS["llama_gqa"]
     tensors = {n: t.to(torch.bfloat16) for n, t in random_tensors(cfg).items()}
     model_io.write_model_checkpoint(tmp_path / "ckpt", cfg, tensors.items())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalith.core import build_model_chunks
 from megalith.core.checkpoint import list_checkpoints, write_model_checkpoint
 from megalith.training.cli import main
 from megalith.training.config_tree import ConfigError, load_config
@@ -123,7 +124,7 @@ def _cli_base() -> list[str]:
 @pytest.mark.parametrize("cli", sorted(_HOSTILE_CLIS))
 def test_the_clis_refuse_a_doctored_checkpoint_without_running_it(tmp_path, cli):
     cfg = load_config(RunConfig, None, _cli_base())
-    model = cfg.model_config()
+    model = cfg.model
     tensors = _model_tensors(cfg)
     ckpt = write_model_checkpoint(tmp_path / "ckpt", model.to_dict(), tensors.items())
     marker = tmp_path / "pwned"
@@ -140,9 +141,7 @@ def test_the_clis_refuse_a_doctored_checkpoint_without_running_it(tmp_path, cli)
 
 
 def _model_tensors(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    from megalith.core import Transformer
-
-    model = Transformer(cfg.model_config())
+    (model,) = build_model_chunks(cfg.model)
     return {name: p.detach() for name, p in model.named_parameters()}
 
 

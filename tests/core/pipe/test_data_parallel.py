@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.core.pipe.common import OPT, reference_training, train_worker
-from tests.core.pipe.model import TinyConfig
+from tests.core.pipe.model import tiny_config
 from tests.harness import run_distributed
 
 STEPS = 3
@@ -28,7 +28,7 @@ def _check_params(results, ref_params, atol=2e-5):
 @pytest.mark.parametrize("dp", [2, 4])
 @pytest.mark.parametrize("zero", [False, True])
 def test_data_parallel_adamw_matches_one_process(dp, zero):
-    cfg = TinyConfig(num_layers=2)
+    cfg = tiny_config(num_layers=2)
     m = 2
     results = run_distributed(train_worker, dp, cfg, 1, m, STEPS, zero=zero, timeout=120)
     ref_losses, _, ref_params = reference_training(cfg, m, dp, STEPS)
@@ -60,7 +60,7 @@ def test_data_parallel_adamw_matches_one_process(dp, zero):
 @pytest.mark.parametrize("zero", [False, True])
 def test_fused_adamw_matches_one_process(zero):
     """torch's fused AdamW kernel (CPU here, CUDA on a GPU) under the flat fp32 buffers, sharded or not."""
-    cfg = TinyConfig(num_layers=2)
+    cfg = tiny_config(num_layers=2)
     results = run_distributed(train_worker, 2, cfg, 1, 2, STEPS, zero=zero, clip=0.05, fused=True, timeout=120)
     ref_losses, _, ref_params = reference_training(cfg, 2, 2, STEPS, clip=0.05)
     for out in results:
@@ -70,7 +70,7 @@ def test_fused_adamw_matches_one_process(zero):
 
 def test_pipeline_times_data_parallel_with_zero_and_clipping():
     # pp2 x dp2, tied embeddings across the first and last stage, clipping active (threshold below the norm).
-    cfg = TinyConfig(num_layers=4, tie_embeddings=True)
+    cfg = tiny_config(num_layers=4, tie_embeddings=True)
     m, clip = 3, 0.5
     results = run_distributed(train_worker, 4, cfg, 2, m, STEPS, zero=True, clip=clip, timeout=120)
     ref_losses, ref_norms, ref_params = reference_training(cfg, m, 2, STEPS, clip=clip)
@@ -82,7 +82,7 @@ def test_pipeline_times_data_parallel_with_zero_and_clipping():
 
 
 def test_interleaved_pipeline_times_data_parallel():
-    cfg = TinyConfig(num_layers=4)
+    cfg = tiny_config(num_layers=4)
     m = 2
     results = run_distributed(train_worker, 4, cfg, 2, m, 2, vp=2, clip=1e9, timeout=120)
     ref_losses, ref_norms, ref_params = reference_training(cfg, m, 2, 2)
@@ -93,7 +93,7 @@ def test_interleaved_pipeline_times_data_parallel():
 
 
 def test_fp16_overflow_skips_exactly_that_step_and_lowers_the_scale():
-    cfg = TinyConfig(num_layers=2)
+    cfg = tiny_config(num_layers=2)
     m, steps, bad = 2, 4, 1
     results = run_distributed(
         train_worker, 2, cfg, 1, m, steps, zero=True, precision="fp16", inject_inf_step=bad, timeout=120
@@ -118,7 +118,7 @@ def test_fp16_overflow_skips_exactly_that_step_and_lowers_the_scale():
 
 
 def test_bf16_keeps_fp32_main_grads_and_masters_and_tracks_fp32():
-    cfg = TinyConfig(num_layers=2)
+    cfg = tiny_config(num_layers=2)
     results = run_distributed(train_worker, 2, cfg, 1, 2, STEPS, zero=True, precision="bf16", timeout=120)
     ref_losses, _, ref_params = reference_training(cfg, 2, 2, STEPS)
     for out in results:

@@ -391,3 +391,23 @@ def build_tokenizer(
     if type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     raise ValueError(f"unknown tokenizer type {type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def tokenizer_from_folder(folder: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved in `folder` (a checkpoint's `tokenizer/`), its kind recognised from the files:
+    `tokenizer.json` (Hugging Face), `vocab.json` + `merges.txt` (GPT-2 BPE), one `*.model` (SentencePiece) or
+    one `*.tiktoken` (tiktoken)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return build_tokenizer("HuggingFaceTokenizer", folder)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return build_tokenizer("GPT2BPETokenizer", folder)
+    for suffix, kind in ((".model", "SentencePieceTokenizer"), (".tiktoken", "TikTokenizer")):
+        files = sorted(folder.glob(f"*{suffix}"))
+        if len(files) == 1:
+            return build_tokenizer(kind, files[0])
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise ValueError(
+        f"{folder}: cannot tell the tokenizer kind from its files {names} (expected tokenizer.json, vocab.json "
+        "with merges.txt, one *.model or one *.tiktoken)"
+    )

@@ -301,7 +301,7 @@ class CheckpointManager:
 
 def _to_cpu(name: str, value: torch.Tensor | LocalShard) -> LocalShard:
     """A CPU copy the training thread may keep modifying the original of."""
-    shard = value if isinstance(value, LocalShard) else LocalShard(value, getattr(value, "megalith_shard", None))
+    shard = value if isinstance(value, LocalShard) else LocalShard(value)
     copy = shard.tensor.detach().to("cpu", copy=True)
     return LocalShard(copy, shard.spec, flat_range=shard.flat_range, local_shape=shard.local_shape)
 

@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(format_config(cfg), end="")
         return 0
-    from megalith.training.resilience import NonFiniteLossError, destroy_distributed
+    from megalith.core.world import destroy_distributed
+    from megalith.training.resilience import NonFiniteLossError
     from megalith.training.trainer import Trainer
 
     try:

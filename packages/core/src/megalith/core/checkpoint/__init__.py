@@ -25,9 +25,9 @@ from megalith.core.checkpoint.sharded import (
     read_tensor_metadata,
     save_sharded_state,
 )
-from megalith.core.checkpoint.spec import ShardSpec
 from megalith.core.checkpoint.state import model_sharded_state, optimizer_sharded_state, prepare_optimizer_state
 from megalith.core.checkpoint.storage import CheckpointCorruptError
+from megalith.core.placement import ShardSpec
 
 __all__ = [
     "INFO_FILE",

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from megalith.core.checkpoint.layout import INFO_FILE
-from megalith.core.checkpoint.spec import ShardSpec
 from megalith.core.checkpoint.storage import (
     INDEX_FILE,
     CheckpointCorruptError,
@@ -39,6 +38,7 @@ from megalith.core.checkpoint.storage import (
     record_file,
     verify_file,
 )
+from megalith.core.placement import ShardSpec
 
 __all__ = [
     "VERIFY_CHOICES",
@@ -190,7 +190,7 @@ def _as_shard(name: str, value: Any) -> LocalShard:
     if isinstance(value, LocalShard):
         return value
     if isinstance(value, torch.Tensor):
-        return LocalShard(value, getattr(value, "megalith_shard", None))
+        return LocalShard(value)
     raise TypeError(f"{name}: sharded state holds tensors or LocalShard objects, got {type(value).__name__}")
 
 
@@ -277,10 +277,10 @@ def save_sharded_state(
     """Saves `state` (canonical name -> local tensor or LocalShard) as one checkpoint in directory `path`.
 
     Collective over `process_group` (the default group when torch.distributed is initialised): every rank
-    passes the same names with its own local parts. A plain tensor uses its `megalith_shard` attribute when
-    present, else counts as the whole (replicated) tensor. Boxes held by several ranks are written once. Rank 0
-    also records the size and CRC32 of the other files already in `path` (RNG states, a tokenizer). A write
-    error on any rank (a full disk names the path) is raised on every rank.
+    passes the same names with its own local parts. A plain tensor counts as the whole (replicated) tensor.
+    Boxes held by several ranks are written once. Rank 0 also records the size and CRC32 of the other files
+    already in `path` (RNG states, a tokenizer). A write error on any rank (a full disk names the path) is
+    raised on every rank.
     """
     root = Path(path)
     rank, world = _rank_world(process_group)

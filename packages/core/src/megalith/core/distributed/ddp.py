@@ -19,23 +19,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.fields import option
+from megalith.core.parallel_dims import ParallelDims
+from megalith.core.placement import named_placements
 
 __all__ = ["Bucket", "DDPConfig", "DistributedDataParallel", "all_gather_into", "reduce_scatter_into"]
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class DDPConfig:
     """How gradients are bucketed and reduced over the data-parallel group."""
 
-    bucket_size: int | None = 40_000_000
-    """Elements per bucket (a bucket closes once it reaches this size); None puts everything in one bucket."""
-    use_distributed_optimizer: bool = False
-    """Reduce-scatter instead of all-reduce, and keep parameters in one contiguous buffer per module so the
-    distributed optimizer can all-gather updated shards straight into them (ZeRO-1)."""
-    overlap_grad_reduce: bool = True
-    """Launch each bucket's collective during backward as soon as it is complete; False waits for
-    `finish_grad_sync` and reduces every bucket there."""
+    bucket_size: int | None = option(
+        40_000_000, help="Elements per gradient bucket (a bucket closes once it reaches this size); None: one bucket."
+    )
+    use_distributed_optimizer: bool = option(
+        False,
+        help="ZeRO-1: reduce-scatter gradients and shard the fp32 master weights and Adam moments over dp; updated "
+        "shards are all-gathered straight into the parameters.",
+    )
+    overlap_grad_reduce: bool = option(
+        True, help="Reduce each bucket during backward as soon as it is complete (False: all at the end)."
+    )
 
     def __post_init__(self) -> None:
         if self.bucket_size is not None and self.bucket_size < 1:
@@ -76,18 +81,18 @@ class DistributedDataParallel(nn.Module):
 
     Args:
         module: the model chunk (all its trainable parameters must share one dtype and device).
-        groups: any `ParallelGroups`; only `dp_group`, `dp` and `dp_rank` are used here.
+        dims: the topology; only `dp_group`, `dp` and `dp_rank` are used here.
         config: bucket size and reduction mode.
 
     Usage per optimizer step: `zero_grad_buffer()`, then the schedule runs micro-batches with
     `set_grad_sync(i == last)` before each backward, then `finish_grad_sync()` before the optimizer step.
     """
 
-    def __init__(self, module: nn.Module, groups: ParallelGroups, config: DDPConfig | None = None) -> None:
+    def __init__(self, module: nn.Module, dims: ParallelDims, config: DDPConfig | None = None) -> None:
         super().__init__()
         self.module = module
         self.config = config or DDPConfig()
-        self.dp_group, self.dp, self.dp_rank = groups.dp_group, groups.dp, groups.dp_rank
+        self.dp_group, self.dp, self.dp_rank = dims.dp_group, dims.dp, dims.dp_rank
         params = [p for p in dict.fromkeys(module.parameters()) if p.requires_grad]
         if not params:
             raise ValueError("DistributedDataParallel: the module has no trainable parameters")
@@ -96,7 +101,8 @@ class DistributedDataParallel(nn.Module):
         if len(dtypes) > 1 or len(devices) > 1:
             raise ValueError(f"DistributedDataParallel: parameters must share one dtype/device, got {dtypes} {devices}")
         self.param_dtype = params[0].dtype
-        self.buckets = self._make_buckets(list(reversed(params)))
+        shared = {id(p) for _, p, where in named_placements(module) if where.shared_embedding}
+        self.buckets = self._make_buckets(list(reversed(params)), shared)
         total = self.buckets[-1].end
         device = params[0].device
         self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
@@ -120,7 +126,7 @@ class DistributedDataParallel(nn.Module):
         self._synced = False  # finish_grad_sync ran since the last zero_grad_buffer
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
 
-    def _make_buckets(self, params: list[nn.Parameter]) -> list[Bucket]:
+    def _make_buckets(self, params: list[nn.Parameter], shared: set[int]) -> list[Bucket]:
         # Shared (tied) embeddings get a bucket of their own: then their layout, and so their reduce-scatter
         # shards, are the same on the first and the last pipeline stage, whose gradients are summed elementwise.
         align = self.dp if self.config.use_distributed_optimizer else 1
@@ -139,7 +145,7 @@ class DistributedDataParallel(nn.Module):
                 current = []
 
         for p in params:
-            if getattr(p, "megalith_shared_embedding", False):
+            if id(p) in shared:
                 close()
                 current = [p]
                 close()

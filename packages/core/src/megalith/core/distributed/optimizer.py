@@ -12,43 +12,51 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from megalith.core.distributed.ddp import DistributedDataParallel, all_gather_into
-from megalith.core.distributed.groups import ParallelGroups
-from megalith.core.grad_clip import any_nonfinite, global_norm, param_is_counted
+from megalith.core.fields import option
+from megalith.core.grad_clip import any_nonfinite, global_norm, is_counted
+from megalith.core.parallel_dims import ParallelDims
+from megalith.core.placement import named_placements
 from megalith.core.precision import ConstantLossScaler, DynamicLossScaler
 
 __all__ = ["AdamW", "OptimizerConfig", "StepResult"]
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """AdamW hyper-parameters (torch.optim.AdamW semantics: decoupled weight decay)."""
+    """AdamW hyper-parameters (torch.optim.AdamW semantics: decoupled weight decay) and gradient clipping."""
 
-    lr: float = 1e-3
-    """Learning rate (the training loop may change `AdamW.lr` every step for a schedule)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam's moment decay rates."""
-    eps: float = 1e-8
-    """Added to the denominator."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay for parameters `no_decay` does not exclude."""
-    clip_grad: float | None = 1.0
-    """Global gradient-norm threshold; None disables clipping (the norm is still reported)."""
-    fused: bool = False
-    """Apply the Adam update with torch's fused multi-tensor kernel (`torch._fused_adamw_`, CUDA and CPU) instead
-    of a few elementwise ops; the result is the same up to rounding."""
+    name: Literal["adamw"] = option("adamw", help="Optimizer (AdamW, decoupled weight decay).")
+    lr: float = option(3e-4, help="Peak learning rate (a schedule may change it every step).")
+    weight_decay: float = option(0.1, help="Weight decay of matrices (norms and biases get none).")
+    beta1: float = option(0.9, help="Adam beta1.")
+    beta2: float = option(0.95, help="Adam beta2.")
+    eps: float = option(1e-8, help="Adam epsilon (added to the denominator).")
+    clip_grad: float = option(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
+    fused: bool | None = option(
+        None, help="Apply the update with torch's fused AdamW kernel; None: on when the parameters are on a GPU."
+    )
 
     def __post_init__(self) -> None:
-        if self.lr < 0 or self.eps <= 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"OptimizerConfig: bad lr ({self.lr}), eps ({self.eps}) or weight_decay ({self.weight_decay})"
-            )
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"OptimizerConfig.betas must lie in [0, 1), got {self.betas}")
+        checks = [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}"),
+            (0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}"),
+            (self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
+        ]
+        for name in ("lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"OptimizerConfig.{name} must be finite, got {getattr(self, name)}")
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"OptimizerConfig.{message}")
 
 
 @dataclass
@@ -100,7 +108,7 @@ class AdamW:
 
     Args:
         chunks: the DDP-wrapped model chunks of this rank (one per virtual pipeline stage).
-        groups: the topology (for clipping, the overflow check and the shard all-gather).
+        dims: the topology (for clipping, the overflow check and the shard all-gather).
         config: hyper-parameters.
         loss_scaler: the scale the schedule multiplied the loss by (fp16's DynamicLossScaler); default 1.
         no_decay: `(name, param) -> bool` selecting parameters without weight decay (default: 1-D ones).
@@ -109,7 +117,7 @@ class AdamW:
     def __init__(
         self,
         chunks: Sequence[DistributedDataParallel],
-        groups: ParallelGroups,
+        dims: ParallelDims,
         config: OptimizerConfig | None = None,
         loss_scaler: DynamicLossScaler | ConstantLossScaler | None = None,
         no_decay: Callable[[str, nn.Parameter], bool] = _default_no_decay,
@@ -121,17 +129,21 @@ class AdamW:
             raise ValueError("AdamW: chunks disagree on DDPConfig.use_distributed_optimizer")
         self.sharded = modes.pop()
         self.chunks = list(chunks)
-        self.groups = groups
+        self.dims = dims
         self.config = config or OptimizerConfig()
-        self.lr = self.config.lr
+        # One param group: what an lr/weight-decay scheduler writes (torch.optim's interface); the decay is
+        # applied only to the parameters `no_decay` does not exclude.
+        self.param_groups = [{"lr": self.config.lr, "weight_decay": self.config.weight_decay}]
+        device = chunks[0].grad_buffer.device
+        self.fused = self.config.fused if self.config.fused is not None else device.type == "cuda"
         self.loss_scaler = loss_scaler or ConstantLossScaler(1.0)
         self.step_count = 0
         self.ranges: list[_Range] = []
         for ddp in self.chunks:
-            names = {p: n for n, p in ddp.module.named_parameters()}
+            placed = {p: (n, where) for n, p, where in named_placements(ddp.module)}
             for bucket in ddp.buckets:
                 lo, hi = ddp.local_range(bucket)
-                segments = self._segments(ddp, bucket, lo, hi, names, no_decay)
+                segments = self._segments(ddp, bucket, lo, hi, placed, no_decay)
                 master = torch.zeros(hi - lo, dtype=torch.float32, device=ddp.grad_buffer.device)
                 for s in segments:
                     master[s.lo - lo : s.hi - lo].copy_(s.param.detach().reshape(-1)[s.plo : s.plo + s.hi - s.lo])
@@ -141,15 +153,27 @@ class AdamW:
                     )
                 )
 
-    def _segments(self, ddp, bucket, lo, hi, names, no_decay) -> list[_Segment]:
+    def _segments(self, ddp, bucket, lo, hi, placed, no_decay) -> list[_Segment]:
         segments = []
         for p in bucket.params:
             start, _ = ddp.param_index[p]
             a, b = max(lo, start), min(hi, start + p.numel())
             if a < b:
-                decay = not no_decay(names.get(p, ""), p)
-                segments.append(_Segment(p, a, b, a - start, decay, param_is_counted(p, self.groups)))
+                name, where = placed[p]
+                segments.append(_Segment(p, a, b, a - start, not no_decay(name, p), is_counted(where, self.dims)))
         return segments
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.param_groups[0]["lr"] = value
+
+    @property
+    def weight_decay(self) -> float:
+        return self.param_groups[0]["weight_decay"]
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank: fp32 master weights and both moments of the owned ranges."""
@@ -198,14 +222,14 @@ class AdamW:
                 if s.counted:
                     squares += g[s.lo - r.lo : s.hi - r.lo].double().pow(2).sum()
             local_nonfinite = local_nonfinite or not bool(torch.isfinite(g).all())
-        found_inf = any_nonfinite(local_nonfinite, device, self.groups)
+        found_inf = any_nonfinite(local_nonfinite, device, self.dims)
         self.loss_scaler.update(found_inf)
         if found_inf:
             return StepResult(applied=False, grad_norm=float("nan"), loss_scale=scale)
         # Non-sharded, the gradients (and so the squares) are the same on every dp rank: do not sum over dp.
-        norm = float(global_norm(squares, self.groups, dp_sharded=self.sharded))
+        norm = float(global_norm(squares, self.dims, dp_sharded=self.sharded))
         clip = self.config.clip_grad
-        coef = clip / (norm + 1e-6) if clip is not None and clip > 0 and norm > clip else 1.0
+        coef = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
         self.step_count += 1
         for r in self.ranges:
             self._update(r, coef)
@@ -213,14 +237,14 @@ class AdamW:
         return StepResult(applied=True, grad_norm=norm, loss_scale=scale)
 
     def _update(self, r: _Range, coef: float) -> None:
-        cfg, lr, t = self.config, self.lr, self.step_count
-        beta1, beta2 = cfg.betas
+        cfg, lr, wd, t = self.config, self.lr, self.weight_decay, self.step_count
+        beta1, beta2 = cfg.beta1, cfg.beta2
         grad = r.grad if coef == 1.0 else r.grad * coef
-        if cfg.weight_decay > 0:
+        if wd > 0:
             for s in r.segments:
                 if s.decay:
-                    r.master[s.lo - r.lo : s.hi - r.lo].mul_(1.0 - lr * cfg.weight_decay)
-        if cfg.fused:
+                    r.master[s.lo - r.lo : s.hi - r.lo].mul_(1.0 - lr * wd)
+        if self.fused:
             # The decay above is decoupled and masked per segment, so the kernel runs without its own decay.
             step = torch.full((), float(t), dtype=torch.float32, device=r.master.device)
             torch._fused_adamw_(
