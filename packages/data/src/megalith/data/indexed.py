@@ -44,9 +44,9 @@ DTYPE_CODES: dict[int, np.dtype] = {
     8: np.dtype(np.uint16),
 }
 _HEADER = struct.Struct("<9sQBQQ")
-# Entries checked per numpy step when opening: large enough to run at memory speed, small enough that the
-# temporaries stay a few MB whatever the index size.
-_CHECK_CHUNK = 1 << 20
+# Entries checked per numpy step when opening: enough to make the per-step overhead negligible, few enough that the
+# temporaries (2 MB) stay in the CPU cache, which measured faster than larger steps.
+_CHECK_CHUNK = 1 << 18
 
 
 class IndexedDatasetError(ValueError):
