@@ -13,6 +13,7 @@ import torch
 
 from megalith.export import mapping
 from megalith.export.io import ModelSource, Progress, atomic_output_dir, copy_tokenizer_files, reads_rows, row_blocks
+from megalith.export.paths import file_in_folder
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
 from megalith.export.spec import DTYPE_NAMES, NAME_TO_DTYPE, ConversionError, ModelSpec
 
@@ -367,15 +368,25 @@ _IGNORED = {
 }
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a safetensors index (tensor name -> file name), every file checked to lie in its folder."""
+    try:
+        doc = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{index}: not a safetensors index ({exc})") from exc
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ConversionError(f"{index}: not a safetensors index (needs a 'weight_map' of tensor name -> file name)")
+    for file in sorted(set(weight_map.values())):
+        file_in_folder(index.parent, file, listed_in=index)
+    return weight_map
+
+
 def _weight_files(hf_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a Hugging Face directory (single file or index + shards)."""
     index, single = hf_dir / INDEX_FILE, hf_dir / "model.safetensors"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConversionError(f"{index}: not a safetensors index ({exc})") from exc
-        return {name: hf_dir / file for name, file in weight_map.items()}
+        return {name: hf_dir / file for name, file in read_index(index).items()}
     if single.is_file():
         return dict.fromkeys(SafetensorsReader(single).names(), single)
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):

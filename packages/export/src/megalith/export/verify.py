@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megalith.export.hf import INDEX_FILE, hf_dtype, hf_manifest, spec_from_hf_config
+from megalith.export.hf import INDEX_FILE, hf_dtype, hf_manifest, read_index, spec_from_hf_config
 from megalith.export.safetensors_io import DTYPE_TO_TAG, TAG_TO_DTYPE, SafetensorsError, read_header, tensor_nbytes
 from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
 from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
@@ -73,10 +73,7 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
     dtype = hf_dtype(config, path / "config.json")
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            return [f"{index.name}: not a safetensors index ({exc})"]
+        weight_map = read_index(index)
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         weight_map, files = None, ["model.safetensors"]
