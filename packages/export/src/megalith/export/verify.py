@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megalith.export.hf import INDEX_FILE, hf_dtype, hf_manifest, read_index, spec_from_hf_config
-from megalith.export.safetensors_io import DTYPE_TO_TAG, TAG_TO_DTYPE, SafetensorsError, read_header, tensor_nbytes
+from megalith.export.safetensors_io import DTYPE_TO_TAG, SafetensorsError, SafetensorsReader
 from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
 from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
 from megalith.export.trtllm import check_trt_family, trt_manifest
@@ -36,21 +36,14 @@ def verify_dir(path: str | os.PathLike) -> list[str]:
         return [str(exc)]
 
 
-def _header_entries(file: Path, problems: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype tag, shape) of one file, recording malformed entries as problems."""
+def _header_entries(file: Path, problems: list[str]) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict]:
+    """name -> (dtype tag, shape) of one file and its metadata; an unreadable file is recorded as a problem."""
     try:
-        header, _, _ = read_header(file)
-    except (OSError, SafetensorsError) as exc:
-        problems.append(f"{file.name}: unreadable ({exc})")
-        return {}
-    out = {}
-    for name, entry in header.items():
-        tag, shape = entry["dtype"], tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        if tag in TAG_TO_DTYPE and end - begin != tensor_nbytes(TAG_TO_DTYPE[tag], shape):
-            problems.append(f"{file.name}: {name}: {end - begin} data bytes do not hold {tag} {list(shape)}")
-        out[name] = (tag, shape)
-    return out
+        reader = SafetensorsReader(file)
+    except SafetensorsError as exc:
+        problems.append(str(exc))
+        return {}, {}
+    return {name: (reader.dtype_tag(name), reader.shape(name)) for name in reader.names()}, reader.metadata
 
 
 def _compare(where: str, found: dict, expected: list[tuple[str, torch.dtype, tuple[int, ...]]], problems: list[str]):
@@ -84,9 +77,8 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
         if not (path / file).is_file():
             problems.append(f"{INDEX_FILE}: lists {file}, which does not exist")
             continue
-        entries = _header_entries(path / file, problems)
-        metadata = read_header(path / file)[1] if entries else {}
-        if metadata.get("format") != "pt":
+        entries, metadata = _header_entries(path / file, problems)
+        if entries and metadata.get("format") != "pt":
             problems.append(f"{file}: safetensors metadata {metadata} lacks format 'pt'")
         for name, value in entries.items():
             if weight_map is not None and weight_map.get(name) != file:
@@ -157,7 +149,7 @@ def _verify_trtllm(path: Path, config: dict) -> list[str]:
         if not file.is_file():
             problems.append(f"{file.name}: missing (world_size {tp * pp})")
             continue
-        _compare(file.name, _header_entries(file, problems), manifest, problems)
+        _compare(file.name, _header_entries(file, problems)[0], manifest, problems)
     for file in sorted(path.glob("rank*.safetensors")):
         match = re.fullmatch(r"rank(\d+)\.safetensors", file.name)
         if match is None or int(match.group(1)) >= tp * pp:
