@@ -11,6 +11,7 @@ from pathlib import Path
 from megalith.export.hf import DEFAULT_MAX_SHARD_BYTES, HFModelSource, export_hf
 from megalith.export.io import (
     atomic_output_dir,
+    check_output_apart,
     checkpoint_sink,
     copy_tokenizer_files,
     open_source,
@@ -71,6 +72,7 @@ def export_main(argv: list[str] | None = None) -> int:
                 print(problem)
             print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
             return 1 if problems else 0
+        check_output_apart(args.out, [args.load])  # the folder named, which may hold more than the source reads
         source = _load(args.load)
         dtype = parse_dtype(args.dtype)
         if args.command == "hf":
@@ -115,7 +117,8 @@ def import_main(argv: list[str] | None = None) -> int:
         source = HFModelSource(args.hf, dtype=parse_dtype(args.dtype))
         check_training_layout(source.spec, args.tp, args.pp)
         sink = write_canonical_dir if args.format == "canonical" else checkpoint_sink()
-        with tempfile.TemporaryDirectory() as staging, atomic_output_dir(args.out, args.force) as tmp:
+        output = atomic_output_dir(args.out, args.force, [source.path])
+        with tempfile.TemporaryDirectory() as staging, output as tmp:
             tokenizer = Path(staging) / "tokenizer"
             has_tokenizer = bool(copy_tokenizer_files(source.path, tokenizer))
             tmp.rmdir()  # the sink creates the directory itself (a checkpoint writer may insist on a new one)

@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 
 from megalith.export import mapping
-from megalith.export.io import ModelSource, Progress, atomic_output_dir, copy_tokenizer_files, reads_rows, row_blocks
+from megalith.export.io import (
+    ModelSource,
+    Progress,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    reads_rows,
+    row_blocks,
+    source_paths,
+)
 from megalith.export.paths import file_in_folder
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
 from megalith.export.spec import DTYPE_NAMES, NAME_TO_DTYPE, ConversionError, ModelSpec
@@ -318,7 +326,7 @@ def export_hf(source: ModelSource, out: str | os.PathLike, *, dtype: torch.dtype
     ]  # fmt: skip
     ids = _token_ids(source, token_ids or {})
     bar = Progress(spec.num_layers + 2, enabled=progress)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, source_paths(source)) as tmp:
         writers, where = [], {}
         try:
             for file, names in zip(files, shards, strict=True):

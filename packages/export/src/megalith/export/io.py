@@ -193,13 +193,47 @@ def copy_tokenizer_files(src, dst, *, skip: tuple[str, ...] = ()) -> list[str]:
     return names
 
 
+def source_paths(source: ModelSource) -> list[Path]:
+    """The folders a source reads from (its own path where it has one, and its tokenizer folder)."""
+    paths = [getattr(source, "path", None), source.tokenizer_dir]
+    return [Path(p) for p in paths if p is not None]
+
+
+def check_output_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuses an output that is, contains or lies inside one of `inputs` (after resolving symlinks).
+
+    Replacing such an output would delete (part of) the input it is made from, so `force` does not override this.
+    """
+    out = Path(out)
+    target = out.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        resolved = Path(src).resolve()
+        if target == resolved:
+            relation = "is"
+        elif resolved.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(resolved):
+            relation = "lies inside"
+        else:
+            continue
+        raise ConversionError(
+            f"output {out} {relation} the input {src}; choose another output directory (--force does not override this)"
+        )
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `out`; on success it replaces `out`, on failure it is removed.
 
     An existing `out` is refused unless `force`; with `force` it is replaced only after the new one is complete.
+    An `out` that is, contains or lies inside one of `inputs` is always refused (see `check_output_apart`).
     """
     out = Path(out)
+    check_output_apart(out, inputs)
     if out.exists() and not force:
         raise ConversionError(f"output {out} already exists (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
