@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from megalith.export import mapping
+from megalith.export.hf_spec import ARCHITECTURES, GPT2_ACTIVATION, spec_from_hf_config
 from megalith.export.io import (
     ModelSource,
     Progress,
@@ -23,14 +23,8 @@ from megalith.export.io import (
 )
 from megalith.export.paths import file_in_folder
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
-from megalith.export.spec import DTYPE_NAMES, NAME_TO_DTYPE, ConversionError, ModelSpec
+from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec
 
-ARCHITECTURES = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
-MODEL_TYPES = {"gpt2": "gpt", "llama": "llama"}
-# Megalith's "gelu" is the tanh approximation GPT-2 was trained with; Hugging Face calls it "gelu_new"
-# ("gelu_pytorch_tanh" and "gelu_fast" are the same function computed differently).
-GPT2_ACTIVATION = "gelu_new"
-GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 
@@ -90,127 +84,6 @@ def hf_config(spec: ModelSpec, dtype: torch.dtype, token_ids: dict) -> dict:
         "mlp_bias": spec.bias,
         "pretraining_tp": 1,
     }
-
-
-def _get(config: dict, key: str, path: Path, default=None):
-    if key in config and config[key] is not None:
-        return config[key]
-    if default is None:
-        raise ConversionError(f"{path}: lacks the field {key!r}")
-    return default
-
-
-def spec_from_hf_config(config: dict, path: Path) -> ModelSpec:
-    """Canonical model description of a Hugging Face GPT-2 or Llama config.json; raises for anything else."""
-    architectures = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES or any(a not in ARCHITECTURES.values() for a in architectures):
-        raise ConversionError(
-            f"{path}: unsupported architecture {architectures} (model_type {model_type!r}); "
-            f"supported: {sorted(ARCHITECTURES.values())}"
-        )
-    if model_type == "gpt2":
-        return _gpt2_spec(config, path)
-    return _llama_spec(config, path)
-
-
-def _gpt2_spec(config: dict, path: Path) -> ModelSpec:
-    act = _get(config, "activation_function", path, "gelu_new")
-    if act == "gelu":
-        warnings.warn(
-            f"{path}: activation_function 'gelu' is the exact (erf) GELU; Megalith computes the tanh approximation "
-            "(gelu_new), so logits will differ slightly (about 1e-4 relative)",
-            stacklevel=3,
-        )
-    elif act not in GPT2_TANH_GELUS:
-        raise ConversionError(f"{path}: activation_function {act!r} is not supported (use gelu_new)")
-    for key, want in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
-        if config.get(key, want) != want:
-            raise ConversionError(f"{path}: {key} = {config[key]!r} is not supported (needs {want})")
-    hidden = _get(config, "n_embd", path)
-    return ModelSpec.from_config(
-        {
-            "family": "gpt",
-            "vocab_size": _get(config, "vocab_size", path),
-            "hidden_size": hidden,
-            "num_layers": _get(config, "n_layer", path),
-            "num_attention_heads": _get(config, "n_head", path),
-            "num_kv_heads": _get(config, "n_head", path),
-            "ffn_hidden_size": config.get("n_inner") or 4 * hidden,
-            "max_seq_len": _get(config, "n_positions", path),
-            "norm": "layernorm",
-            "norm_eps": float(_get(config, "layer_norm_epsilon", path, 1e-5)),
-            "activation": "gelu",
-            "position_embedding": "learned",
-            "rope_base": 10000.0,
-            "rope_scaling": None,
-            "bias": True,
-            "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
-            "init_std": float(config.get("initializer_range", 0.02)),
-        }
-    )
-
-
-def _llama_rope(config: dict, path: Path) -> tuple[float, dict | None]:
-    params = config.get("rope_parameters") or {}
-    base = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    if not scaling:
-        return base, None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return base, None
-    if kind != "llama3":
-        raise ConversionError(f"{path}: rope_scaling type {kind!r} is not supported (only llama3): {scaling}")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in scaling]
-    if missing:
-        raise ConversionError(f"{path}: rope_scaling lacks {missing}: {scaling}")
-    return base, {k: scaling[k] for k in keys}
-
-
-def _llama_spec(config: dict, path: Path) -> ModelSpec:
-    if _get(config, "hidden_act", path, "silu") != "silu":
-        raise ConversionError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (needs silu)")
-    hidden, heads = _get(config, "hidden_size", path), _get(config, "num_attention_heads", path)
-    head_dim = config.get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise ConversionError(
-            f"{path}: head_dim ({head_dim}) * num_attention_heads ({heads}) != hidden_size ({hidden}); "
-            "Megalith needs head_dim = hidden_size / num_attention_heads"
-        )
-    attn_bias, mlp_bias = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
-    if attn_bias != mlp_bias:
-        raise ConversionError(f"{path}: attention_bias ({attn_bias}) != mlp_bias ({mlp_bias}) is not supported")
-    base, scaling = _llama_rope(config, path)
-    return ModelSpec.from_config(
-        {
-            "family": "llama",
-            "vocab_size": _get(config, "vocab_size", path),
-            "hidden_size": hidden,
-            "num_layers": _get(config, "num_hidden_layers", path),
-            "num_attention_heads": heads,
-            "num_kv_heads": config.get("num_key_value_heads") or heads,
-            "ffn_hidden_size": _get(config, "intermediate_size", path),
-            "max_seq_len": _get(config, "max_position_embeddings", path),
-            "norm": "rmsnorm",
-            "norm_eps": float(_get(config, "rms_norm_eps", path, 1e-6)),
-            "activation": "swiglu",
-            "position_embedding": "rope",
-            "rope_base": base,
-            "rope_scaling": scaling,
-            "bias": attn_bias,
-            "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
-            "init_std": float(config.get("initializer_range", 0.02)),
-        }
-    )
-
-
-def hf_dtype(config: dict, path: Path) -> torch.dtype:
-    name = config.get("torch_dtype") or config.get("dtype") or "float32"
-    if name not in NAME_TO_DTYPE:
-        raise ConversionError(f"{path}: torch_dtype {name!r} is not one of {sorted(NAME_TO_DTYPE)}")
-    return NAME_TO_DTYPE[name]
 
 
 def hf_manifest(spec: ModelSpec) -> list[tuple[mapping.Entry, str, tuple[int, ...]]]:

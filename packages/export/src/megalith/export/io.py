@@ -99,6 +99,10 @@ class CanonicalDirSource:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConversionError(f"{config_path}: cannot read the model config ({exc})") from exc
         self._config = _config_from_json(doc, config_path)
+        try:
+            ModelSpec.from_config(self._config)
+        except ConversionError as exc:
+            raise ConversionError(f"{config_path}: {exc}") from None
         self._reader = SafetensorsReader(self.path / CANONICAL_WEIGHTS)
         tokenizer = self.path / "tokenizer"
         self._tokenizer = tokenizer if tokenizer.is_dir() else None

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from megalith.export.hf import INDEX_FILE, hf_dtype, hf_manifest, read_index, spec_from_hf_config
+from megalith.export.fields import Fields
+from megalith.export.hf import INDEX_FILE, hf_manifest, read_index
+from megalith.export.hf_spec import hf_dtype, spec_from_hf_config
 from megalith.export.safetensors_io import DTYPE_TO_TAG, SafetensorsError, SafetensorsReader
 from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
 from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
@@ -29,7 +31,7 @@ def verify_dir(path: str | os.PathLike) -> list[str]:
     except (OSError, json.JSONDecodeError) as exc:
         return [f"{config_path}: cannot read ({exc})"]
     try:
-        if "architecture" in config:
+        if isinstance(config, dict) and "architecture" in config:
             return _verify_trtllm(path, config)
         return _verify_hf(path, config)
     except ConversionError as exc:
@@ -91,53 +93,59 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
     return problems
 
 
-def spec_from_trt_config(config: dict, path: Path) -> tuple[ModelSpec, torch.dtype, int, int]:
+def spec_from_trt_config(config: object, path: Path) -> tuple[ModelSpec, torch.dtype, int, int]:
+    """Model, dtype, tp and pp a TensorRT-LLM config.json describes, every field it uses type-checked."""
+    fields = Fields(config, path)
     families = {a: f for f, a in TRT_ARCHITECTURES.items()}
-    arch = config.get("architecture")
+    arch = fields.string("architecture")
     if arch not in families:
         raise ConversionError(f"{path}: architecture {arch!r} is not one of {sorted(families)}")
     family = families[arch]
-    required = ["dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mapping"]
-    missing = [k for k in required if k not in config]
-    if missing:
-        raise ConversionError(f"{path}: lacks {missing}")
-    if config["dtype"] not in NAME_TO_DTYPE:
-        raise ConversionError(f"{path}: dtype {config['dtype']!r} is not one of {sorted(NAME_TO_DTYPE)}")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_size", hidden // heads) * heads != hidden:
-        raise ConversionError(f"{path}: head_size {config['head_size']} * {heads} heads != hidden_size {hidden}")
+    dtype = fields.string("dtype")
+    if dtype not in NAME_TO_DTYPE:
+        raise ConversionError(f"{path}: dtype {dtype!r} is not one of {sorted(NAME_TO_DTYPE)}")
+    hidden, heads = fields.integer("hidden_size"), fields.integer("num_attention_heads")
+    head_size = fields.integer("head_size", hidden // heads or 1)
+    if head_size * heads != hidden:
+        raise ConversionError(f"{path}: head_size {head_size} * {heads} heads != hidden_size {hidden}")
     if family == "llama":
-        if config.get("attn_bias", False) != config.get("mlp_bias", False):
+        bias = fields.boolean("attn_bias", False)
+        if bias != fields.boolean("mlp_bias", False):
             raise ConversionError(f"{path}: attn_bias != mlp_bias is not a layout Megalith writes")
-        bias, gated, norm = bool(config.get("attn_bias", False)), True, "rmsnorm"
+        gated, norm = True, "rmsnorm"
     else:
-        bias, gated, norm = bool(config.get("bias", True)), config.get("hidden_act") in ("swiglu",), "layernorm"
-    learned = config.get("position_embedding_type", "learned_absolute") == "learned_absolute"
-    spec = ModelSpec.from_config(
-        {
-            "family": family,
-            "vocab_size": config["vocab_size"],
-            "hidden_size": hidden,
-            "num_layers": config["num_hidden_layers"],
-            "num_attention_heads": heads,
-            "num_kv_heads": config.get("num_key_value_heads") or heads,
-            "ffn_hidden_size": config.get("intermediate_size") or 4 * hidden,
-            "max_seq_len": config.get("max_position_embeddings") or 0,
-            "norm": norm,
-            "norm_eps": float(config.get("norm_epsilon", 1e-5)),
-            "activation": "swiglu" if gated else "gelu",
-            "position_embedding": "learned" if learned else "rope",
-            "bias": bias,
-            "tie_embeddings": False,  # lm_head is a tensor of its own in every TensorRT-LLM checkpoint
-        }
-    )
+        bias, gated, norm = fields.boolean("bias", True), fields.string("hidden_act", "gelu") == "swiglu", "layernorm"
+    learned = fields.string("position_embedding_type", "learned_absolute") == "learned_absolute"
+    canonical = {
+        "family": family,
+        "vocab_size": fields.integer("vocab_size"),
+        "hidden_size": hidden,
+        "num_layers": fields.integer("num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_kv_heads": fields.integer("num_key_value_heads", heads),
+        "ffn_hidden_size": fields.integer("intermediate_size", 4 * hidden),
+        "max_seq_len": fields.integer("max_position_embeddings"),
+        "norm": norm,
+        "norm_eps": fields.number("norm_epsilon", 1e-5, positive=True),
+        "activation": "swiglu" if gated else "gelu",
+        "position_embedding": "learned" if learned else "rope",
+        "bias": bias,
+        "tie_embeddings": False,  # lm_head is a tensor of its own in every TensorRT-LLM checkpoint
+    }
+    try:
+        spec = ModelSpec.from_config(canonical)
+    except ConversionError as exc:
+        raise ConversionError(f"{path}: {exc}") from None
     check_trt_family(spec)
-    mapping_cfg = config["mapping"]
-    tp, pp = int(mapping_cfg.get("tp_size", 1)), int(mapping_cfg.get("pp_size", 1))
-    if mapping_cfg.get("world_size", tp * pp) != tp * pp:
-        raise ConversionError(f"{path}: mapping world_size {mapping_cfg['world_size']} != tp {tp} * pp {pp}")
+    mapping_fields = fields.nested("mapping")
+    if mapping_fields is None:
+        raise ConversionError(f"{path}: lacks the field 'mapping'")
+    tp, pp = mapping_fields.integer("tp_size", 1), mapping_fields.integer("pp_size", 1)
+    world_size = mapping_fields.integer("world_size", tp * pp)
+    if world_size != tp * pp:
+        raise ConversionError(f"{path}: mapping world_size {world_size} != tp {tp} * pp {pp}")
     spec.check_parallel(tp, pp, allow_kv_duplication=True)
-    return spec, NAME_TO_DTYPE[config["dtype"]], tp, pp
+    return spec, NAME_TO_DTYPE[dtype], tp, pp
 
 
 def _verify_trtllm(path: Path, config: dict) -> list[str]:
