@@ -21,7 +21,7 @@ from megalith.export.io import (
     row_blocks,
     source_paths,
 )
-from megalith.export.paths import file_in_folder
+from megalith.export.paths import file_in_folder, read_json
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
 from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec
 
@@ -177,8 +177,8 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
 def _token_ids(source: ModelSource, overrides: dict) -> dict:
     ids = {}
     tokenizer_dir = source.tokenizer_dir
-    if tokenizer_dir is not None and (Path(tokenizer_dir) / "generation_config.json").is_file():
-        gen = json.loads((Path(tokenizer_dir) / "generation_config.json").read_text())
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "generation_config.json").exists():
+        gen = read_json(Path(tokenizer_dir) / "generation_config.json")
         ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None}
     ids.update({k: v for k, v in overrides.items() if v is not None})
     return ids
@@ -251,10 +251,7 @@ _IGNORED = {
 
 def read_index(index: Path) -> dict[str, str]:
     """The weight_map of a safetensors index (tensor name -> file name), every file checked to lie in its folder."""
-    try:
-        doc = json.loads(index.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{index}: not a safetensors index ({exc})") from exc
+    doc = read_json(index)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise ConversionError(f"{index}: not a safetensors index (needs a 'weight_map' of tensor name -> file name)")
@@ -266,9 +263,9 @@ def read_index(index: Path) -> dict[str, str]:
 def _weight_files(hf_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a Hugging Face directory (single file or index + shards)."""
     index, single = hf_dir / INDEX_FILE, hf_dir / "model.safetensors"
-    if index.is_file():
+    if index.exists():
         return {name: hf_dir / file for name, file in read_index(index).items()}
-    if single.is_file():
+    if single.exists():
         return dict.fromkeys(SafetensorsReader(single).names(), single)
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
         raise ConversionError(f"{hf_dir}: only safetensors weights are read (pickled .bin/.pt files are never loaded)")
@@ -281,10 +278,7 @@ class HFModelSource:
     def __init__(self, hf_dir: str | os.PathLike, dtype: torch.dtype | None = None):
         self.path = Path(hf_dir)
         config_path = self.path / "config.json"
-        try:
-            self.hf_config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConversionError(f"{config_path}: cannot read ({exc})") from exc
+        self.hf_config = read_json(config_path)
         self.spec = spec_from_hf_config(self.hf_config, config_path)
         self.dtype = dtype
         self._entries = {e.canonical: e for e in mapping.entries(self.spec)}
@@ -295,8 +289,9 @@ class HFModelSource:
     @staticmethod
     def looks_like(path: str | os.PathLike) -> bool:
         path = Path(path)
-        return (path / "config.json").is_file() and (
-            (path / "model.safetensors").is_file() or (path / INDEX_FILE).is_file()
+        # exists(), not is_file(): a damaged file (a directory, unreadable) is reported by the reader, by name.
+        return (path / "config.json").exists() and (
+            (path / "model.safetensors").exists() or (path / INDEX_FILE).exists()
         )
 
     def _normalised(self, files: dict[str, Path]) -> dict[str, tuple[Path, str]]:
@@ -315,8 +310,6 @@ class HFModelSource:
 
     def _reader(self, path: Path) -> SafetensorsReader:
         if path not in self._readers:
-            if not path.is_file():
-                raise ConversionError(f"{path}: listed in {INDEX_FILE} but missing")
             self._readers[path] = SafetensorsReader(path)
         return self._readers[path]
 

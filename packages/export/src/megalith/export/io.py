@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from megalith.export.paths import read_json, require_file
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter
 from megalith.export.spec import ConversionError, ModelSpec
 
@@ -94,10 +95,7 @@ class CanonicalDirSource:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         config_path = self.path / CANONICAL_CONFIG
-        try:
-            doc = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConversionError(f"{config_path}: cannot read the model config ({exc})") from exc
+        doc = read_json(config_path)
         self._config = _config_from_json(doc, config_path)
         try:
             ModelSpec.from_config(self._config)
@@ -110,7 +108,8 @@ class CanonicalDirSource:
     @staticmethod
     def looks_like(path: str | os.PathLike) -> bool:
         path = Path(path)
-        return (path / CANONICAL_WEIGHTS).is_file() and (path / CANONICAL_CONFIG).is_file()
+        # exists(), not is_file(): a damaged file (a directory, unreadable) is reported when read, by name.
+        return (path / CANONICAL_WEIGHTS).exists() and (path / CANONICAL_CONFIG).exists()
 
     @property
     def model_config(self) -> dict:
@@ -144,7 +143,10 @@ def open_source(path: str | os.PathLike) -> ModelSource:
             f"--load {path}: not a canonical directory ({CANONICAL_WEIGHTS} + {CANONICAL_CONFIG}), and "
             f"megalith.core.checkpoint.ModelCheckpointReader is unavailable to read a training checkpoint ({exc})"
         ) from exc
-    return ModelCheckpointReader(str(path))
+    try:
+        return ModelCheckpointReader(str(path))
+    except (OSError, ValueError) as exc:  # what the checkpoint reader raises for a folder it cannot read
+        raise ConversionError(f"--load {path}: {exc}") from None
 
 
 def checkpoint_sink() -> Sink:
@@ -189,11 +191,15 @@ def write_canonical_dir(out_dir, model_config: dict, named_tensors: Iterable[tup
 def copy_tokenizer_files(src, dst, *, skip: tuple[str, ...] = ()) -> list[str]:
     """Copies the known tokenizer files present in `src` into `dst`; returns their names."""
     src, dst = Path(src), Path(dst)
-    names = [n for n in TOKENIZER_FILES if (src / n).is_file() and n not in skip]
+    names = [n for n in TOKENIZER_FILES if (src / n).exists() and n not in skip]
     if names:
         dst.mkdir(parents=True, exist_ok=True)
     for name in names:
-        shutil.copyfile(src / name, dst / name)
+        try:
+            with open(require_file(src / name), "rb") as fin, open(dst / name, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        except OSError as exc:
+            raise ConversionError(f"{src / name}: cannot copy to {dst / name} ({exc.strerror or exc})") from None
     return names
 
 

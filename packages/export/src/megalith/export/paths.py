@@ -1,11 +1,57 @@
-"""Checks on the files conversion reads and writes: files named by an input folder stay inside it."""
+"""Reading input files safely: regular files only, bounded JSON reads, names that stay inside their folder.
+
+Every failure is a ConversionError whose message starts with the file: "<file>: cannot read (Permission denied)".
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import stat
 from pathlib import Path
 
 from megalith.export.spec import ConversionError
+
+MAX_JSON_BYTES = 64 << 20
+"""Largest JSON file read (configs are kilobytes; the safetensors index of a large MoE model a few megabytes)."""
+
+
+def require_file(path: str | os.PathLike) -> Path:
+    """`path`, checked to be a regular file this process can open (a FIFO or device is never opened).
+
+    Raises:
+        ConversionError: "<path>: cannot read (<reason>)" for a missing, unreadable or non-regular file.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            reason = os.strerror(errno.EISDIR)
+        elif not stat.S_ISREG(mode):
+            reason = "not a regular file"
+        else:
+            with open(path, "rb"):
+                return path
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    raise ConversionError(f"{path}: cannot read ({reason})")
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> object:
+    """The parsed contents of a JSON file of at most `limit` bytes; errors name the file."""
+    path = require_file(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as exc:
+        raise ConversionError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise ConversionError(f"{path}: larger than {limit} bytes, too large for a JSON config or index")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad JSON or encoding, over-long integers, deep nesting
+        raise ConversionError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _allowed_roots(folder: Path) -> list[Path]:

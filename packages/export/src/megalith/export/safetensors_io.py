@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from megalith.export.paths import require_file
 from megalith.export.spec import ConversionError
 
 DTYPE_TO_TAG = {
@@ -69,6 +70,7 @@ class SafetensorsReader:
 
     @contextlib.contextmanager
     def _open(self) -> Iterator:
+        require_file(self.path)
         try:
             handle = safe_open(str(self.path), framework="pt")
         except SafetensorError as exc:

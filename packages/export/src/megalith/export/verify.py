@@ -6,7 +6,6 @@ reported, not just the first.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -16,7 +15,8 @@ import torch
 from megalith.export.fields import Fields
 from megalith.export.hf import INDEX_FILE, hf_manifest, read_index
 from megalith.export.hf_spec import hf_dtype, spec_from_hf_config
-from megalith.export.safetensors_io import DTYPE_TO_TAG, SafetensorsError, SafetensorsReader
+from megalith.export.paths import read_json
+from megalith.export.safetensors_io import DTYPE_TO_TAG, SafetensorsReader
 from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
 from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
 from megalith.export.trtllm import check_trt_family, trt_manifest
@@ -27,10 +27,7 @@ def verify_dir(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     config_path = path / "config.json"
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return [f"{config_path}: cannot read ({exc})"]
-    try:
+        config = read_json(config_path)
         if isinstance(config, dict) and "architecture" in config:
             return _verify_trtllm(path, config)
         return _verify_hf(path, config)
@@ -42,7 +39,7 @@ def _header_entries(file: Path, problems: list[str]) -> tuple[dict[str, tuple[st
     """name -> (dtype tag, shape) of one file and its metadata; an unreadable file is recorded as a problem."""
     try:
         reader = SafetensorsReader(file)
-    except SafetensorsError as exc:
+    except ConversionError as exc:  # unreadable or corrupt: one problem, the other files are still checked
         problems.append(str(exc))
         return {}, {}
     return {name: (reader.dtype_tag(name), reader.shape(name)) for name in reader.names()}, reader.metadata
@@ -67,16 +64,16 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
     spec = spec_from_hf_config(config, path / "config.json")
     dtype = hf_dtype(config, path / "config.json")
     index = path / INDEX_FILE
-    if index.is_file():
+    if index.exists():
         weight_map = read_index(index)
         files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
+    elif (path / "model.safetensors").exists():
         weight_map, files = None, ["model.safetensors"]
     else:
         return [f"{path}: has neither model.safetensors nor {INDEX_FILE}"]
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
-        if not (path / file).is_file():
+        if not (path / file).exists():
             problems.append(f"{INDEX_FILE}: lists {file}, which does not exist")
             continue
         entries, metadata = _header_entries(path / file, problems)
@@ -154,7 +151,7 @@ def _verify_trtllm(path: Path, config: dict) -> list[str]:
     expected = trt_manifest(spec, dtype, tp, pp)
     for rank, manifest in expected.items():
         file = path / f"rank{rank}.safetensors"
-        if not file.is_file():
+        if not file.exists():
             problems.append(f"{file.name}: missing (world_size {tp * pp})")
             continue
         _compare(file.name, _header_entries(file, problems)[0], manifest, problems)
