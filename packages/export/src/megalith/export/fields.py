@@ -91,6 +91,14 @@ class Fields:
             raise self._bad(key, value, "a list of strings")
         return value
 
+    def token_ids(self, key: str) -> int | list[int]:
+        """A token id (an integer >= 0) or a non-empty list of them (Llama 3 lists several eos ids)."""
+        value = self._get(key, _REQUIRED)
+        ids = value if isinstance(value, list) and value else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise self._bad(key, value, "a token id (an integer >= 0) or a list of them")
+        return value
+
     def nested(self, key: str) -> Fields | None:
         """The JSON object in field `key` (None when absent or null)."""
         value = self._get(key, None)

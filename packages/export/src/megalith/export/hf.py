@@ -11,12 +11,15 @@ from pathlib import Path
 import torch
 
 from megalith.export import mapping
+from megalith.export.fields import Fields
 from megalith.export.hf_spec import ARCHITECTURES, GPT2_ACTIVATION, spec_from_hf_config
 from megalith.export.io import (
+    SOURCE_READ_ERRORS,
     ModelSource,
     Progress,
     atomic_output_dir,
     copy_tokenizer_files,
+    describe,
     reads_rows,
     row_blocks,
     source_paths,
@@ -106,24 +109,43 @@ def to_hf(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelSpec) -> list[t
     return list(torch.split(tensor, mapping.split_sizes(entry, spec), dim=0))
 
 
+def _read(source: ModelSource, name: str, rows: slice | None = None) -> torch.Tensor:
+    """`source.read`, its failures (a damaged checkpoint, say) turned into ConversionErrors naming the tensor."""
+    try:
+        return (source.read(name) if rows is None else source.read(name, rows=rows)).detach()
+    except ConversionError:
+        raise
+    except SOURCE_READ_ERRORS as exc:
+        raise ConversionError(f"tensor {name!r}: cannot read ({describe(exc)})") from None
+
+
+def _check_shape(entry: mapping.Entry, shape: tuple[int, ...], spec: ModelSpec) -> None:
+    expected = mapping.canonical_shape(entry, spec)
+    if tuple(shape) != expected:
+        raise ConversionError(
+            f"tensor {entry.canonical!r} has shape {list(shape)}, the model config implies {list(expected)}"
+        )
+
+
 def check_source(source: ModelSource, spec: ModelSpec) -> list[mapping.Entry]:
-    """The model's entries; raises naming every canonical tensor the source lacks or has in excess."""
+    """The model's entries; raises naming every canonical tensor the source lacks or has in excess, and, for a
+    source that declares shapes, every shape the config does not imply (before any output is laid out)."""
+    names = set(source.tensor_names())
+    mapping.check_tensor_count(spec, len(names), getattr(source, "path", "the source"))
     wanted = mapping.entries(spec)
     expected = {e.canonical for e in wanted}
-    names = set(source.tensor_names())
     missing, extra = sorted(expected - names), sorted(names - expected)
     if missing or extra:
         raise ConversionError(f"source tensors do not match the model config: missing {missing}, unexpected {extra}")
+    if callable(getattr(source, "shape", None)):
+        for entry in wanted:
+            _check_shape(entry, tuple(source.shape(entry.canonical)), spec)
     return wanted
 
 
 def read_checked(source: ModelSource, entry: mapping.Entry, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
-    tensor = source.read(entry.canonical).detach()
-    expected = mapping.canonical_shape(entry, spec)
-    if tuple(tensor.shape) != expected:
-        raise ConversionError(
-            f"tensor {entry.canonical!r} has shape {list(tensor.shape)}, the model config implies {list(expected)}"
-        )
+    tensor = _read(source, entry.canonical)
+    _check_shape(entry, tuple(tensor.shape), spec)
     if not tensor.is_floating_point():
         raise ConversionError(f"tensor {entry.canonical!r} has dtype {tensor.dtype}, expected a floating dtype")
     return tensor.to(device="cpu", dtype=dtype)
@@ -142,15 +164,11 @@ def row_stream(
     if entry.canonical not in VOCAB_TENSORS or not reads_rows(source):
         return None
     expected = mapping.canonical_shape(entry, spec)
-    shape = tuple(source.shape(entry.canonical))
-    if shape != expected:
-        raise ConversionError(
-            f"tensor {entry.canonical!r} has shape {list(shape)}, the model config implies {list(expected)}"
-        )
+    _check_shape(entry, tuple(source.shape(entry.canonical)), spec)
 
     def blocks() -> Iterator[tuple[int, torch.Tensor]]:
         for start, stop in row_blocks(expected[0], tensor_nbytes(dtype, expected[1:])):
-            block = source.read(entry.canonical, rows=slice(start, stop)).detach()
+            block = _read(source, entry.canonical, rows=slice(start, stop))
             if tuple(block.shape) != (stop - start, *expected[1:]):
                 raise ConversionError(
                     f"tensor {entry.canonical!r}: rows {start}:{stop} came back with shape {list(block.shape)}"
@@ -178,8 +196,9 @@ def _token_ids(source: ModelSource, overrides: dict) -> dict:
     ids = {}
     tokenizer_dir = source.tokenizer_dir
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "generation_config.json").exists():
-        gen = read_json(Path(tokenizer_dir) / "generation_config.json")
-        ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None}
+        path = file_in_folder(tokenizer_dir, "generation_config.json")
+        gen = Fields(read_json(path), path)
+        ids = {k: gen.token_ids(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.has(k)}
     ids.update({k: v for k, v in overrides.items() if v is not None})
     return ids
 
@@ -266,7 +285,7 @@ def _weight_files(hf_dir: Path) -> dict[str, Path]:
     if index.exists():
         return {name: hf_dir / file for name, file in read_index(index).items()}
     if single.exists():
-        return dict.fromkeys(SafetensorsReader(single).names(), single)
+        return dict.fromkeys(SafetensorsReader(file_in_folder(hf_dir, single.name)).names(), single)
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
         raise ConversionError(f"{hf_dir}: only safetensors weights are read (pickled .bin/.pt files are never loaded)")
     raise ConversionError(f"{hf_dir}: has neither model.safetensors nor {INDEX_FILE}")
@@ -277,13 +296,14 @@ class HFModelSource:
 
     def __init__(self, hf_dir: str | os.PathLike, dtype: torch.dtype | None = None):
         self.path = Path(hf_dir)
-        config_path = self.path / "config.json"
+        config_path = file_in_folder(self.path, "config.json")
         self.hf_config = read_json(config_path)
         self.spec = spec_from_hf_config(self.hf_config, config_path)
         self.dtype = dtype
-        self._entries = {e.canonical: e for e in mapping.entries(self.spec)}
-        self._files = self._normalised(_weight_files(self.path))
         self._readers: dict[Path, SafetensorsReader] = {}
+        self._files = self._normalised(_weight_files(self.path))
+        mapping.check_tensor_count(self.spec, len(self._files), config_path, side="hf")
+        self._entries = {e.canonical: e for e in mapping.entries(self.spec)}
         self._check()
 
     @staticmethod
@@ -342,7 +362,14 @@ class HFModelSource:
 
     def read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        parts = [self._reader(self._files[n][0]).read(self._files[n][1]) for n in entry.hf]
+        parts = []
+        for hf_name in entry.hf:
+            path, stored = self._files[hf_name]
+            part = self._reader(path).read(stored)
+            if not part.is_floating_point():
+                tag = self._reader(path).dtype_tag(stored)
+                raise ConversionError(f"{path}: tensor {stored!r} has dtype {tag}, expected a floating dtype")
+            parts.append(part)
         op = entry.param.hf_op
         tensor = parts[0].t().contiguous() if op == "transpose" else parts[0] if op == "copy" else torch.cat(parts)
         return tensor if self.dtype is None else tensor.to(self.dtype)

@@ -14,6 +14,8 @@ import contextlib
 import inspect
 import json
 import os
+import pickle
+import secrets
 import shutil
 import sys
 import time
@@ -23,7 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from megalith.export.paths import read_json, require_file
+from megalith.export.paths import file_in_folder, read_json, require_file
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter
 from megalith.export.spec import ConversionError, ModelSpec
 
@@ -80,6 +82,21 @@ def row_blocks(num_rows: int, row_bytes: int, block_bytes: int | None = None) ->
     return [(a, min(num_rows, a + step)) for a in range(0, num_rows, step)]
 
 
+# What a source raises for a file it cannot read or parse: a training checkpoint's reader surfaces torch's
+# RuntimeError and pickle's errors for damaged chunk or metadata files, besides OSError and ValueError.
+SOURCE_READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def describe(exc: BaseException) -> str:
+    """One short line for an exception raised by code outside this package (its type unless obvious)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0][:300] if lines else ""
+    if isinstance(exc, OSError | ValueError):
+        return text
+    # Only the first sentence: torch's follow-up advice (such as loading with weights_only=False) is not for here.
+    return f"{type(exc).__name__}: {text.split('. ')[0]}"
+
+
 def _config_from_json(doc: dict, path: Path) -> dict:
     for key in ("model_config", "model"):
         if isinstance(doc.get(key), dict):
@@ -94,16 +111,17 @@ class CanonicalDirSource:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        config_path = self.path / CANONICAL_CONFIG
+        config_path = file_in_folder(self.path, CANONICAL_CONFIG)
         doc = read_json(config_path)
         self._config = _config_from_json(doc, config_path)
         try:
             ModelSpec.from_config(self._config)
         except ConversionError as exc:
             raise ConversionError(f"{config_path}: {exc}") from None
-        self._reader = SafetensorsReader(self.path / CANONICAL_WEIGHTS)
+        self._reader = SafetensorsReader(file_in_folder(self.path, CANONICAL_WEIGHTS))
         tokenizer = self.path / "tokenizer"
-        self._tokenizer = tokenizer if tokenizer.is_dir() else None
+        # Its files are checked against the tokenizer folder when copied; the folder itself must be ours.
+        self._tokenizer = file_in_folder(self.path, "tokenizer") if tokenizer.is_dir() else None
 
     @staticmethod
     def looks_like(path: str | os.PathLike) -> bool:
@@ -145,8 +163,10 @@ def open_source(path: str | os.PathLike) -> ModelSource:
         ) from exc
     try:
         return ModelCheckpointReader(str(path))
-    except (OSError, ValueError) as exc:  # what the checkpoint reader raises for a folder it cannot read
-        raise ConversionError(f"--load {path}: {exc}") from None
+    except ConversionError:
+        raise
+    except SOURCE_READ_ERRORS as exc:
+        raise ConversionError(f"--load {path}: {describe(exc)}") from None
 
 
 def checkpoint_sink() -> Sink:
@@ -195,8 +215,10 @@ def copy_tokenizer_files(src, dst, *, skip: tuple[str, ...] = ()) -> list[str]:
     if names:
         dst.mkdir(parents=True, exist_ok=True)
     for name in names:
+        # A link out of the folder would copy an unrelated file (a credential, say) into the output.
+        path = require_file(file_in_folder(src, name))
         try:
-            with open(require_file(src / name), "rb") as fin, open(dst / name, "wb") as fout:
+            with open(path, "rb") as fin, open(dst / name, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
         except OSError as exc:
             raise ConversionError(f"{src / name}: cannot copy to {dst / name} ({exc.strerror or exc})") from None
@@ -246,11 +268,12 @@ def atomic_output_dir(
     check_output_apart(out, inputs)
     if out.exists() and not force:
         raise ConversionError(f"output {out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+        raise ConversionError(f"output {out}: cannot create {exc.filename or out.parent} ({reason})") from None
+    tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
     except BaseException:
@@ -258,13 +281,28 @@ def atomic_output_dir(
         raise
     if not tmp.is_dir():
         raise ConversionError(f"{tmp}: the output was not written")
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
+    holder = None
+    if out.exists() or out.is_symlink():
+        # Moved aside whole (a symlink as the link itself, its target untouched), deleted once the new one is in.
+        holder = _fresh_dir(out.parent, f".{out.name}.old-")
+        out.rename(holder / out.name)
     tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if holder is not None:
+        shutil.rmtree(holder)
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A directory `parent / (prefix + random)` created new: a leftover or planted one of that name is never used."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConversionError(f"{parent}: cannot create a working directory ({exc.strerror})") from None
+    raise ConversionError(f"{parent}: cannot create a working directory {prefix}* (every name tried exists)")
 
 
 class Progress:

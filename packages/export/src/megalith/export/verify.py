@@ -15,7 +15,8 @@ import torch
 from megalith.export.fields import Fields
 from megalith.export.hf import INDEX_FILE, hf_manifest, read_index
 from megalith.export.hf_spec import hf_dtype, spec_from_hf_config
-from megalith.export.paths import read_json
+from megalith.export.mapping import check_tensor_count
+from megalith.export.paths import file_in_folder, read_json
 from megalith.export.safetensors_io import DTYPE_TO_TAG, SafetensorsReader
 from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
 from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
@@ -25,9 +26,8 @@ from megalith.export.trtllm import check_trt_family, trt_manifest
 def verify_dir(path: str | os.PathLike) -> list[str]:
     """Every mismatch between the directory and its config.json; an empty list means it is consistent."""
     path = Path(path)
-    config_path = path / "config.json"
     try:
-        config = read_json(config_path)
+        config = read_json(file_in_folder(path, "config.json"))
         if isinstance(config, dict) and "architecture" in config:
             return _verify_trtllm(path, config)
         return _verify_hf(path, config)
@@ -68,7 +68,7 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
         weight_map = read_index(index)
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").exists():
-        weight_map, files = None, ["model.safetensors"]
+        weight_map, files = None, [file_in_folder(path, "model.safetensors").name]
     else:
         return [f"{path}: has neither model.safetensors nor {INDEX_FILE}"]
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -86,6 +86,7 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
     if weight_map is not None:
         for name in sorted(weight_map.keys() - found.keys()):
             problems.append(f"{INDEX_FILE}: maps {name} to {weight_map[name]}, which does not hold it")
+    check_tensor_count(spec, len(found), path / "config.json", side="hf")  # bounds the list below
     _compare("model", found, [(n, dtype, s) for _, n, s in hf_manifest(spec)], problems)
     return problems
 
@@ -148,15 +149,19 @@ def spec_from_trt_config(config: object, path: Path) -> tuple[ModelSpec, torch.d
 def _verify_trtllm(path: Path, config: dict) -> list[str]:
     problems: list[str] = []
     spec, dtype, tp, pp = spec_from_trt_config(config, path / "config.json")
-    expected = trt_manifest(spec, dtype, tp, pp)
-    for rank, manifest in expected.items():
-        file = path / f"rank{rank}.safetensors"
-        if not file.exists():
-            problems.append(f"{file.name}: missing (world_size {tp * pp})")
-            continue
-        _compare(file.name, _header_entries(file, problems)[0], manifest, problems)
+    present: dict[int, dict] = {}
     for file in sorted(path.glob("rank*.safetensors")):
         match = re.fullmatch(r"rank(\d+)\.safetensors", file.name)
         if match is None or int(match.group(1)) >= tp * pp:
             problems.append(f"{file.name}: unexpected file (world_size {tp * pp})")
+            continue
+        file_in_folder(path, file.name)
+        present[int(match.group(1))] = _header_entries(file, problems)[0]
+    stored = sum(len(entries) for entries in present.values())
+    check_tensor_count(spec, stored, path / "config.json", tp=tp)  # bounds the lists below
+    for rank, manifest in trt_manifest(spec, dtype, tp, pp).items():
+        if rank not in present:
+            problems.append(f"rank{rank}.safetensors: missing (world_size {tp * pp})")
+            continue
+        _compare(f"rank{rank}.safetensors", present[rank], manifest, problems)
     return problems
