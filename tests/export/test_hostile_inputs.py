@@ -263,3 +263,16 @@ def test_every_damaged_file_of_a_training_checkpoint_is_a_one_line_error(how, hf
         failures += rc == 2
         victim.write_bytes(raw)
     assert failures >= 2  # at least the model description and the tensor data are needed
+
+
+def test_symlink_loops_are_one_line_errors(hf, tmp_path, capsys):
+    path = hf[0]
+    (path / "config.json").unlink()
+    (path / "config.json").symlink_to(path / "config.json")
+    assert import_main(["hf", "--hf", str(path), "--out", str(tmp_path / "c"), "--format", "canonical"]) == 2
+    assert capsys.readouterr().err == f"megalith-import: error: {path / 'config.json'}: cannot resolve (symlink loop)\n"
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    canon = _canonical(tmp_path, CONFIGS["llama_gqa"], hf[2])
+    assert export_main(["hf", "--load", str(canon), "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"megalith-export: error: {tmp_path / 'a'}: cannot resolve (symlink loop)\n"

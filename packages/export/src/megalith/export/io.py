@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from megalith.export.paths import file_in_folder, read_json, require_file
+from megalith.export.paths import file_in_folder, read_json, require_file, resolve
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter
 from megalith.export.spec import ConversionError, ModelSpec
 
@@ -237,11 +237,11 @@ def check_output_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
     Replacing such an output would delete (part of) the input it is made from, so `force` does not override this.
     """
     out = Path(out)
-    target = out.resolve()
+    target = resolve(out)
     for src in inputs:
         if src is None:
             continue
-        resolved = Path(src).resolve()
+        resolved = resolve(src)
         if target == resolved:
             relation = "is"
         elif resolved.is_relative_to(target):

@@ -54,8 +54,16 @@ def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> object:
         raise ConversionError(f"{path}: not valid JSON ({exc})") from None
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """`path` with every symlink resolved; a symlink loop is a ConversionError naming the path."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):  # RuntimeError before Python 3.13, OSError (ELOOP) after
+        raise ConversionError(f"{path}: cannot resolve (symlink loop)") from None
+
+
 def _allowed_roots(folder: Path) -> list[Path]:
-    root = folder.resolve()
+    root = resolve(folder)
     # huggingface_hub's cache keeps <repo>/snapshots/<revision>/<file> as links to <repo>/blobs/<hash>; a snapshot
     # is the folder users point at, so links into its own repository's blobs count as inside.
     if root.parent.name == "snapshots":
@@ -79,7 +87,7 @@ def file_in_folder(folder: str | os.PathLike, name: str, listed_in: str | os.Pat
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise ConversionError(f"{where}leads outside the folder {folder}")
     path = folder / name
-    target = path.resolve()
+    target = resolve(path)
     if not any(target == root or target.is_relative_to(root) for root in _allowed_roots(folder)):
         raise ConversionError(f"{where}resolves to {target}, outside the folder {folder}")
     return path

@@ -5,7 +5,10 @@ cover the data exactly) and maps the file. The mapped pages a read touches count
 for as long as the file stays open, so one handle held through an export grows to the whole file: reading every
 tensor of a 168 MB file through one handle raised the peak RSS by 177 MB, against 14-18 MB for a whole HF or
 TensorRT-LLM export when each read opens the file, takes its tensor (or row block) and closes it again, which is
-what `SafetensorsReader` does (the header is parsed again per read; it is small next to a tensor).
+what `SafetensorsReader` does (the header is parsed again per read; it is small next to a tensor). A tensor read
+this way is a private copy-on-write view of the file, loaded as it is touched: changing it never changes the file,
+but a file truncated by someone else while such a tensor is alive faults the process (SIGBUS) when it is touched,
+as with any memory-mapped reader; the exporters convert and write each tensor straight away.
 
 Writing: the library's `save_file` needs every tensor of a file in memory at once (169 MB peak for the same file),
 so `SafetensorsWriter` is our own: it lays out the header from a manifest known in advance, then puts each tensor,
