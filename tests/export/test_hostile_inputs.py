@@ -276,3 +276,17 @@ def test_symlink_loops_are_one_line_errors(hf, tmp_path, capsys):
     canon = _canonical(tmp_path, CONFIGS["llama_gqa"], hf[2])
     assert export_main(["hf", "--load", str(canon), "--out", str(tmp_path / "a"), "--quiet"]) == 2
     assert capsys.readouterr().err == f"megalith-export: error: {tmp_path / 'a'}: cannot resolve (symlink loop)\n"
+
+
+def test_long_lists_of_unexpected_tensors_are_cut_short(hf, tmp_path, capsys):
+    path = hf[0]
+    files = load_file(path / "model.safetensors")
+    files.update({f"junk.{k:04d}": torch.zeros(1) for k in range(500)})
+    save_file(files, path / "model.safetensors", metadata={"format": "pt"})
+    assert import_main(["hf", "--hf", str(path), "--out", str(tmp_path / "c"), "--format", "canonical"]) == 2
+    err = capsys.readouterr().err
+    listed = ", ".join(f"'junk.{k:04d}'" for k in range(20))
+    assert err == (
+        f"megalith-import: error: {path}: tensors do not match config.json: missing [], unexpected [{listed}] "
+        "(and 480 more)\n"
+    )

@@ -26,7 +26,7 @@ from megalith.export.io import (
 )
 from megalith.export.paths import file_in_folder, read_json
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
-from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec
+from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec, name_list
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -136,7 +136,9 @@ def check_source(source: ModelSource, spec: ModelSpec) -> list[mapping.Entry]:
     expected = {e.canonical for e in wanted}
     missing, extra = sorted(expected - names), sorted(names - expected)
     if missing or extra:
-        raise ConversionError(f"source tensors do not match the model config: missing {missing}, unexpected {extra}")
+        raise ConversionError(
+            f"source tensors do not match the model config: missing {name_list(missing)}, unexpected {name_list(extra)}"
+        )
     if callable(getattr(source, "shape", None)):
         for entry in wanted:
             _check_shape(entry, tuple(source.shape(entry.canonical)), spec)
@@ -339,7 +341,8 @@ class HFModelSource:
         missing, extra = sorted(names - self._files.keys()), sorted(self._files.keys() - names)
         if missing or extra:
             raise ConversionError(
-                f"{self.path}: tensors do not match config.json: missing {missing}, unexpected {extra}"
+                f"{self.path}: tensors do not match config.json: missing {name_list(missing)}, "
+                f"unexpected {name_list(extra)}"
             )
         for _, name, shape in expected:
             path, stored = self._files[name]

@@ -23,6 +23,13 @@ class ConversionError(ValueError):
     """Input that cannot be converted; the message names the file, field or tensor and the values involved."""
 
 
+def name_list(names: list[str], limit: int = 20) -> str:
+    """`names` as a Python list, only the first `limit` of them when there are more (an input may hold millions)."""
+    if len(names) <= limit:
+        return str(names)
+    return f"{names[:limit]} (and {len(names) - limit} more)"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConversionError(f"--dtype {name!r} is not one of {sorted(DTYPES)}")
