@@ -14,7 +14,6 @@ import contextlib
 import inspect
 import json
 import os
-import pickle
 import secrets
 import shutil
 import sys
@@ -82,19 +81,15 @@ def row_blocks(num_rows: int, row_bytes: int, block_bytes: int | None = None) ->
     return [(a, min(num_rows, a + step)) for a in range(0, num_rows, step)]
 
 
-# What a source raises for a file it cannot read or parse: a training checkpoint's reader surfaces torch's
-# RuntimeError and pickle's errors for damaged chunk or metadata files, besides OSError and ValueError.
-SOURCE_READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError)
+# What a source raises for data it cannot read: ModelCheckpointReader's CheckpointCorruptError is a ValueError,
+# a file it cannot open an OSError.
+SOURCE_READ_ERRORS = (OSError, ValueError)
 
 
 def describe(exc: BaseException) -> str:
-    """One short line for an exception raised by code outside this package (its type unless obvious)."""
+    """The first line of an exception's message, at most 300 characters (a source's message may run on)."""
     lines = str(exc).strip().splitlines()
-    text = lines[0][:300] if lines else ""
-    if isinstance(exc, OSError | ValueError):
-        return text
-    # Only the first sentence: torch's follow-up advice (such as loading with weights_only=False) is not for here.
-    return f"{type(exc).__name__}: {text.split('. ')[0]}"
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _config_from_json(doc: dict, path: Path) -> dict:
