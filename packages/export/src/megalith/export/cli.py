@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 from megalith.export.hf import DEFAULT_MAX_SHARD_BYTES, HFModelSource, export_hf
 from megalith.export.io import (
     atomic_output_dir,
+    check_output_apart,
     checkpoint_sink,
     copy_tokenizer_files,
     open_source,
@@ -25,9 +27,20 @@ _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, 
 
 def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 1000000")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    size = float(match.group(1)) * _UNITS.get(match.group(2).upper(), math.nan) if match else math.nan
+    if not math.isfinite(size) or size <= 0:  # too many digits overflow to inf
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a size such as 5GB, 500MB or 1000000")
+    return int(size)
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters (newlines, terminal escapes from file or tensor names) spelled out."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _fail(prog: str, exc: Exception) -> int:
+    print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
+    return 2
 
 
 def _load(path: str):
@@ -68,9 +81,10 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             problems = verify_dir(args.dir)
             for problem in problems:
-                print(problem)
+                print(_one_line(problem))
             print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
             return 1 if problems else 0
+        check_output_apart(args.out, [args.load])  # the folder named, which may hold more than the source reads
         source = _load(args.load)
         dtype = parse_dtype(args.dtype)
         if args.command == "hf":
@@ -80,9 +94,8 @@ def export_main(argv: list[str] | None = None) -> int:
         else:
             export_trtllm(source, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
                           progress=not args.quiet)  # fmt: skip
-    except ConversionError as exc:
-        print(f"megalith-export: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConversionError, OSError) as exc:  # OSError: the output could not be written (disk full, ...)
+        return _fail("megalith-export", exc)
     print(f"wrote {args.out}")
     return 0
 
@@ -115,13 +128,13 @@ def import_main(argv: list[str] | None = None) -> int:
         source = HFModelSource(args.hf, dtype=parse_dtype(args.dtype))
         check_training_layout(source.spec, args.tp, args.pp)
         sink = write_canonical_dir if args.format == "canonical" else checkpoint_sink()
-        with tempfile.TemporaryDirectory() as staging, atomic_output_dir(args.out, args.force) as tmp:
+        output = atomic_output_dir(args.out, args.force, [source.path])
+        with tempfile.TemporaryDirectory() as staging, output as tmp:
             tokenizer = Path(staging) / "tokenizer"
             has_tokenizer = bool(copy_tokenizer_files(source.path, tokenizer))
             tmp.rmdir()  # the sink creates the directory itself (a checkpoint writer may insist on a new one)
             sink(tmp, source.model_config, source.named_tensors(), tokenizer_dir=tokenizer if has_tokenizer else None)
-    except ConversionError as exc:
-        print(f"megalith-import: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConversionError, OSError) as exc:  # OSError: the output could not be written (disk full, ...)
+        return _fail("megalith-import", exc)
     print(f"wrote {args.out}")
     return 0

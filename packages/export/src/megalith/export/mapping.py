@@ -164,6 +164,33 @@ def entries(spec: ModelSpec) -> list[Entry]:
     return out
 
 
+MAX_MISSING = 10_000
+"""How many more tensors than an input holds a config may imply before it is refused without listing them."""
+
+
+def num_tensors(spec: ModelSpec, side: str = "canonical") -> int:
+    """How many canonical ("canonical") or Hugging Face ("hf") tensors the model has, counted without listing them."""
+    counts = {"first": 0, "layer": 0, "last": 0}
+    for param in TABLES[spec.family]:
+        if applies(param.when, spec):
+            counts[stage_of(param)] += len(param.hf) if side == "hf" else 1
+    return counts["first"] + spec.num_layers * counts["layer"] + counts["last"]
+
+
+def check_tensor_count(spec: ModelSpec, available: int, where: object, *, side: str = "canonical", tp: int = 1) -> None:
+    """Refuses a config implying far more tensors than the input holds, before any list of names is built.
+
+    A hostile num_layers (or TensorRT-LLM tp) would otherwise make the lists of expected tensors unbounded; within
+    MAX_MISSING of the input, the missing tensors are listed by name as usual.
+    """
+    needed = num_tensors(spec, side) * tp
+    if needed > available + MAX_MISSING:
+        detail = f"{spec.num_layers} layers" + (f", tp {tp}" if tp > 1 else "")
+        raise ConversionError(
+            f"{where}: the config implies at least {needed} tensors ({detail}), but only {available} are stored"
+        )
+
+
 def canonical_shape(entry: Entry, spec: ModelSpec) -> tuple[int, ...]:
     """Shape of a canonical tensor (CONTRACT: canonical parameter names and shapes)."""
     h, d, f, v = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size, spec.vocab_size

@@ -6,6 +6,7 @@ Export works on dicts rather than `megalith.core.config.ModelConfig` objects so 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,23 +23,54 @@ class ConversionError(ValueError):
     """Input that cannot be converted; the message names the file, field or tensor and the values involved."""
 
 
+def name_list(names: list[str], limit: int = 20) -> str:
+    """`names` as a Python list, only the first `limit` of them when there are more (an input may hold millions)."""
+    if len(names) <= limit:
+        return str(names)
+    return f"{names[:limit]} (and {len(names) - limit} more)"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConversionError(f"--dtype {name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
-def _field(config: dict, key: str, kind, default=None, required=True):
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a bool", dict: "an object"}
+
+
+def _field(config: dict, key: str, kind, default=None, required=True, name: str | None = None):
+    """config[key] checked to be a `kind` (an int is accepted as a float; a bool is never an int); floats finite."""
+    name = name or key
     if key not in config or config[key] is None:
         if required and default is None:
-            raise ConversionError(f"model config lacks the field {key!r}")
+            raise ConversionError(f"model config lacks the field {name!r}")
         return default
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConversionError(f"model config field {key!r} = {value!r} is not a {kind.__name__}")
+        raise ConversionError(f"model config field {name!r} = {value!r} is not {_KIND_NAMES[kind]}")
+    if kind is float and not math.isfinite(value):
+        raise ConversionError(f"model config field {name!r} = {value!r} is not finite")
     return value
+
+
+def _rope_scaling(config: dict) -> dict | None:
+    """Llama-3 RoPE scaling: its four fields, typed and positive."""
+    scaling = _field(config, "rope_scaling", dict, required=False)
+    if scaling is None:
+        return None
+    missing = [k for k in ROPE_SCALING_KEYS if k not in scaling]
+    if missing:
+        raise ConversionError(f"model config field 'rope_scaling' lacks {missing} (has {scaling})")
+    out = {}
+    for key in ROPE_SCALING_KEYS:
+        kind = int if key == "original_max_position_embeddings" else float
+        out[key] = _field(scaling, key, kind, name=f"rope_scaling.{key}")
+        if out[key] <= 0:
+            raise ConversionError(f"model config field 'rope_scaling.{key}' = {out[key]!r} must be positive")
+    return out
 
 
 @dataclass(frozen=True)
@@ -104,7 +136,7 @@ class ModelSpec:
             activation=_field(config, "activation", str),
             position_embedding=_field(config, "position_embedding", str),
             rope_base=_field(config, "rope_base", float, default=10000.0),
-            rope_scaling=_field(config, "rope_scaling", dict, required=False),
+            rope_scaling=_rope_scaling(config),
             bias=_field(config, "bias", bool),
             tie_embeddings=_field(config, "tie_embeddings", bool),
             init_std=_field(config, "init_std", float, default=0.02),
@@ -122,9 +154,13 @@ class ModelSpec:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConversionError(f"model config field {key!r} = {getattr(self, key)!r} is not one of {allowed}")
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads"):
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
+                    "max_seq_len", "norm_eps", "rope_base")  # fmt: skip
+        for key in positive:
             if getattr(self, key) <= 0:
-                raise ConversionError(f"model config field {key!r} = {getattr(self, key)} must be positive")
+                raise ConversionError(f"model config field {key!r} = {getattr(self, key)!r} must be positive")
+        if self.init_std < 0:
+            raise ConversionError(f"model config field 'init_std' = {self.init_std!r} must not be negative")
         if self.hidden_size % self.num_attention_heads:
             raise ConversionError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads ({self.num_attention_heads})"
@@ -134,10 +170,6 @@ class ModelSpec:
                 f"num_attention_heads ({self.num_attention_heads}) is not divisible by num_kv_heads "
                 f"({self.num_kv_heads})"
             )
-        if self.rope_scaling is not None:
-            missing = [k for k in ROPE_SCALING_KEYS if k not in self.rope_scaling]
-            if missing:
-                raise ConversionError(f"model config field 'rope_scaling' lacks {missing} (has {self.rope_scaling})")
 
     def to_config(self) -> dict:
         """The canonical `ModelConfig.to_dict()` form with exactly the CONTRACT field names."""

@@ -19,7 +19,7 @@ import torch
 
 from megalith.export import mapping
 from megalith.export.hf import check_source, read_checked, row_stream
-from megalith.export.io import ModelSource, Progress, atomic_output_dir
+from megalith.export.io import ModelSource, Progress, atomic_output_dir, source_paths
 from megalith.export.safetensors_io import SafetensorsWriter
 from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec
 
@@ -213,7 +213,7 @@ def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, p
     check_source(source, spec)
     manifest = trt_manifest(spec, dtype, tp, pp)
     bar = Progress(spec.num_layers + 2, enabled=progress)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, source_paths(source)) as tmp:
         writers = {r: SafetensorsWriter(tmp / f"rank{r}.safetensors", m) for r, m in manifest.items()}
         try:
             for entry, pp_rank, local in _stage_entries(spec, pp):
