@@ -235,3 +235,15 @@ def test_communicator_without_a_gpu_raises_a_clear_error():
     else:
         with pytest.raises(RuntimeError, match="megalith-kernels was built without CUDA"):
             nccl.Communicator(nccl.unique_id(), 0, 1, 0, timeout=5)
+
+
+def test_nccl_extras_name_a_wheel_per_cuda_major_at_the_minimum_version():
+    requires = metadata.requires("megalith-kernels") or []
+    by_extra: dict[str, list[str]] = {}
+    for line in requires:
+        match = re.fullmatch(r"""(.+?)\s*;\s*extra\s*==\s*["']([\w-]+)["']""", line)
+        if match:
+            by_extra.setdefault(match.group(2), []).append(match.group(1).replace(" ", ""))
+    minimum = ".".join(map(str, nccl.MIN_VERSION))
+    assert by_extra["nccl"] == by_extra["nccl-cu12"] == [f"nvidia-nccl-cu12>={minimum}"]
+    assert len(by_extra["nccl-cu13"]) == 1 and by_extra["nccl-cu13"][0].startswith("nvidia-nccl-cu13>=")
