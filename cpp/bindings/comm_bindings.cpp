@@ -133,6 +133,7 @@ void bind_comm(py::module_& m) {
       },
       py::arg("explicit_path"), py::arg("wheel_dirs"),
       "Loads libnccl (explicit path, else the wheel directories, else the system path) once per process.");
+  m.def("is_loaded", &comm::library_loaded);
   m.def("library_info", []() { return info_dict(comm::library_info()); });
   m.def(
       "parse_version",

@@ -5,6 +5,7 @@
 #include <mutex>
 #include <optional>
 #include <sstream>
+#include <type_traits>
 
 #include "megalith/comm.h"
 
@@ -169,6 +170,11 @@ LibraryInfo load_library(const std::string& explicit_path, const std::vector<std
   std::lock_guard<std::mutex> lock(g_mutex);
   if (!g_loaded) g_loaded = search(explicit_path, wheel_dirs);
   return g_loaded->info;
+}
+
+bool library_loaded() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_loaded.has_value();
 }
 
 const Api& api() {

@@ -89,6 +89,8 @@ struct LibraryInfo {
 // what was tried and how to install NCCL.
 LibraryInfo load_library(const std::string& explicit_path, const std::vector<std::string>& wheel_dirs);
 
+// Whether load_library has succeeded in this process.
+bool library_loaded();
 // The loaded library's functions; throws LibraryError when load_library has not succeeded yet.
 const Api& api();
 LibraryInfo library_info();

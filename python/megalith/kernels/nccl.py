@@ -78,6 +78,12 @@ def _wheel_dirs() -> list[tuple[str, str]]:
     return found
 
 
+def _load() -> None:
+    """Loads libnccl unless this process already has (the compiled module keeps it for the process)."""
+    if not _N.is_loaded():
+        _N.load(os.environ.get(LIBRARY_ENV, ""), list(dict.fromkeys(d for _, d in _wheel_dirs())))
+
+
 def library_info() -> dict:
     """Loads NCCL if needed (see the module docstring for the search order) and describes it.
 
@@ -89,28 +95,30 @@ def library_info() -> dict:
     Raises:
         NcclLibraryError: no usable libnccl.so.2 was found, or it is older than `MIN_VERSION`.
     """
-    wheels = _wheel_dirs()
-    info = dict(_N.load(os.environ.get(LIBRARY_ENV, ""), list(dict.fromkeys(d for _, d in wheels))))
+    _load()
+    info = dict(_N.library_info())
     info["wheel"] = None
     if info["source"] == "wheel":
         loaded_dir = os.path.realpath(os.path.dirname(info["path"]))
-        info["wheel"] = next((n for n, d in wheels if os.path.realpath(d) == loaded_dir), None)
+        info["wheel"] = next((n for n, d in _wheel_dirs() if os.path.realpath(d) == loaded_dir), None)
     return info
 
 
 def version() -> tuple[int, int, int]:
     """The (major, minor, patch) version of the NCCL library loaded."""
-    return tuple(library_info()["version"])
+    _load()
+    return tuple(_N.library_info()["version"])
 
 
 def library_path() -> str:
     """The path of the libnccl.so.2 loaded."""
-    return library_info()["path"]
+    _load()
+    return _N.library_info()["path"]
 
 
 def unique_id() -> bytes:
     """A new NCCL unique id (128 bytes): made on one rank, handed to every rank that joins the communicator."""
-    library_info()
+    _load()
     return _N.unique_id()
 
 
@@ -161,7 +169,7 @@ class Communicator:
             raise ValueError(f"device must be a CUDA device index >= 0, got {device!r}")
         if not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        library_info()
+        _load()
         if not _N.HAS_COMMUNICATOR:
             raise RuntimeError(
                 "megalith-kernels was built without CUDA, so it has no NCCL communicator; rebuild with "
@@ -243,7 +251,7 @@ class Communicator:
 
 def group_start() -> None:
     """Starts an NCCL group on this thread: operations are queued until the matching `group_end()`."""
-    library_info()
+    _load()
     _require_communicator()
     _N.group_start()
 
@@ -266,7 +274,7 @@ def group() -> Iterator[None]:
 
 def mem_alloc(nbytes: int, device: int) -> int:
     """Device memory from ncclMemAlloc (NCCL >= 2.19), which every NCCL transport can register."""
-    library_info()
+    _load()
     _require_communicator()
     return _N.mem_alloc(nbytes, device)
 
