@@ -208,7 +208,7 @@ uintptr_t Communicator::register_buffer(uintptr_t buffer, int64_t nbytes) {
 void Communicator::deregister_buffer(uintptr_t handle) {
   const Api& nccl = api();
   if (nccl.comm_deregister == nullptr) throw NcclError("buffer registration needs NCCL >= 2.19");
-  if (handle == 0) fail("handle is null (not a value returned by register_buffer)");
+  if (handle == 0) return;  // NCCL hands out null handles when local registration is off (NCCL_LOCAL_REGISTER=0)
   DeviceGuard guard(device_);
   std::unique_lock<std::mutex> lock(mu_);
   throw_if_unusable_locked();

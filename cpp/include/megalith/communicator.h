@@ -47,7 +47,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   void send(uintptr_t buffer, int64_t count, int dtype, int peer, uintptr_t stream);
   void recv(uintptr_t buffer, int64_t count, int dtype, int peer, uintptr_t stream);
 
-  // ncclCommRegister / ncclCommDeregister (NCCL >= 2.19).
+  // ncclCommRegister / ncclCommDeregister (NCCL >= 2.19); a null handle (registration off) deregisters nothing.
   uintptr_t register_buffer(uintptr_t buffer, int64_t nbytes);
   void deregister_buffer(uintptr_t handle);
 
