@@ -31,10 +31,12 @@ from megalith.kernels import _C
 _N = _C.nccl
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "DTYPES",
     "LIBRARY_ENV",
     "MIN_VERSION",
     "OPS",
+    "UNIQUE_ID_BYTES",
     "Communicator",
     "NcclError",
     "NcclLibraryError",
