@@ -111,7 +111,7 @@ def test_models_match_one_process(tp):
 
 def _gqa_rejected(rank, world_size):
     dims = ParallelDims.from_env(tp=4)
-    with pytest.raises(ValueError, match=r"model.num_kv_heads \(2\) is not divisible by parallel.tp \(4\)"):
+    with pytest.raises(ValueError, match=r"num_kv_heads \(2\) is not divisible by tp \(4\)"):
         build(llama_config(num_kv_heads=2), dims)
     with pytest.raises(ValueError, match=r"sequence length \(6, dim 1\) is not divisible by tp \(4\)"):
         model = build(gpt_config(), dims, sequence_parallel=True)

@@ -78,7 +78,7 @@ def test_existing_output_needs_force_and_failures_keep_the_old_output(hf_dir, tm
 def test_import_errors_exit_with_a_message(hf_dir, tmp_path, capsys):
     hf = hf_dir[0]
     assert import_main(["hf", "--hf", str(hf), "--out", str(tmp_path / "x"), "--format", "canonical", "--tp", "4"]) == 2
-    assert "num_kv_heads (2) must be divisible by tp (4)" in capsys.readouterr().err
+    assert "num_kv_heads (2) is not divisible by tp (4)" in capsys.readouterr().err
     assert import_main(["hf", "--hf", str(tmp_path / "none"), "--out", str(tmp_path / "y")]) == 2
     assert "config.json: cannot read" in capsys.readouterr().err
     assert export_main(["hf", "--load", str(tmp_path / "none"), "--out", str(tmp_path / "z")]) == 2

@@ -11,7 +11,7 @@ from megalith.export.cli import export_main, import_main
 from megalith.export.hf import export_hf
 from megalith.export.io import write_canonical_dir
 from megalith.export.mapping import entries
-from megalith.export.spec import ModelSpec
+from megalith.export.spec import model_config_from_dict
 from megalith.export.trtllm import export_trtllm
 from tests.export.common import CONFIGS, DictSource, random_tensors
 
@@ -87,17 +87,17 @@ def test_a_config_that_is_not_an_object(hf_dirs, tmp_path, capsys):
     assert capsys.readouterr().err == f"megalith-import: error: {config_path}: expected a JSON object, got [1, 2]\n"
 
 
-CANONICAL_CASES = [  # (change to the model config in megalith.json, the error after "<file>: model config field ")
-    ({"norm_eps": float("nan")}, "'norm_eps' = nan is not finite"),
-    ({"rope_base": float("inf")}, "'rope_base' = inf is not finite"),
-    ({"ffn_hidden_size": 0}, "'ffn_hidden_size' = 0 must be positive"),
-    ({"max_seq_len": -1}, "'max_seq_len' = -1 must be positive"),
-    ({"norm_eps": 0.0}, "'norm_eps' = 0.0 must be positive"),
-    ({"tie_embeddings": "false"}, "'tie_embeddings' = 'false' is not a bool"),
-    ({"rope_scaling": dict(LLAMA3, factor="8")}, "'rope_scaling.factor' = '8' is not a number"),
-    ({"rope_scaling": dict(LLAMA3, factor=-8.0)}, "'rope_scaling.factor' = -8.0 must be positive"),
+CANONICAL_CASES = [  # (change to the model config in megalith.json, the error after "<file>: model config")
+    ({"norm_eps": float("nan")}, " field 'norm_eps' = nan is not finite"),
+    ({"rope_base": float("inf")}, " field 'rope_base' = inf is not finite"),
+    ({"ffn_hidden_size": 0}, ": ModelConfig.ffn_hidden_size must be a positive integer, got 0"),
+    ({"max_seq_len": -1}, ": ModelConfig.max_seq_len must be a positive integer, got -1"),
+    ({"norm_eps": 0.0}, ": ModelConfig.norm_eps must be a positive finite number, got 0.0"),
+    ({"tie_embeddings": "false"}, " field 'tie_embeddings' = 'false' is not a bool"),
+    ({"rope_scaling": dict(LLAMA3, factor="8")}, " field 'rope_scaling.factor' = '8' is not a number"),
+    ({"rope_scaling": dict(LLAMA3, factor=-8.0)}, " field 'rope_scaling.factor' = -8.0 must be positive"),
     ({"rope_scaling": dict(LLAMA3, original_max_position_embeddings=True)},
-     "'rope_scaling.original_max_position_embeddings' = True is not an integer"),
+     " field 'rope_scaling.original_max_position_embeddings' = True is not an integer"),
 ]  # fmt: skip
 
 
@@ -105,14 +105,14 @@ CANONICAL_CASES = [  # (change to the model config in megalith.json, the error a
 def test_export_names_the_model_config_file_field_and_value(change, message, tmp_path, capsys):
     cfg = CONFIGS["llama_gqa"]
     tensors = random_tensors(cfg)
-    order = [e.canonical for e in entries(ModelSpec.from_config(cfg))]
+    order = [e.canonical for e in entries(model_config_from_dict(cfg))]
     write_canonical_dir(tmp_path / "canon", cfg, ((n, tensors[n]) for n in order))
     doc_path = tmp_path / "canon" / "megalith.json"
     doc = json.loads(doc_path.read_text())
     doc["model_config"].update(change)
     doc_path.write_text(json.dumps(doc))
     assert export_main(["hf", "--load", str(tmp_path / "canon"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
-    assert capsys.readouterr().err == f"megalith-export: error: {doc_path}: model config field {message}\n"
+    assert capsys.readouterr().err == f"megalith-export: error: {doc_path}: model config{message}\n"
 
 
 TRT_CASES = [  # (change to a TensorRT-LLM config.json, the problem verify reports after "<file>: ")

@@ -12,7 +12,7 @@ from megalith.export.cli import export_main, import_main
 from megalith.export.hf import export_hf
 from megalith.export.io import CanonicalDirSource, write_canonical_dir
 from megalith.export.mapping import entries
-from megalith.export.spec import ConversionError, ModelSpec
+from megalith.export.spec import ConversionError, model_config_from_dict
 from tests.export.common import CONFIGS, DictSource, random_tensors
 
 
@@ -84,7 +84,7 @@ def model(tmp_path):
     cfg = CONFIGS["gpt_untied"]
     tensors = random_tensors(cfg, seed=5)
     hf = export_hf(DictSource(cfg, tensors), tmp_path / "hf", dtype=torch.float32, progress=False)
-    order = [e.canonical for e in entries(ModelSpec.from_config(cfg))]
+    order = [e.canonical for e in entries(model_config_from_dict(cfg))]
     write_canonical_dir(tmp_path / "canon", cfg, ((n, tensors[n]) for n in order))
     return hf, tmp_path / "canon"
 

@@ -18,7 +18,7 @@ from megalith.export.cli import export_main, import_main, parse_size
 from megalith.export.hf import export_hf
 from megalith.export.io import write_canonical_dir
 from megalith.export.mapping import entries
-from megalith.export.spec import ConversionError, ModelSpec
+from megalith.export.spec import ConversionError, model_config_from_dict
 from megalith.export.trtllm import export_trtllm
 from tests.export.common import CONFIGS, DictSource, random_tensors
 
@@ -31,7 +31,7 @@ def hf(tmp_path):
 
 
 def _canonical(tmp_path, cfg, tensors, tok=None):
-    order = [e.canonical for e in entries(ModelSpec.from_config(cfg))]
+    order = [e.canonical for e in entries(model_config_from_dict(cfg))]
     write_canonical_dir(tmp_path / "canon", cfg, ((n, tensors[n]) for n in order), tokenizer_dir=tok)
     return tmp_path / "canon"
 
@@ -80,8 +80,8 @@ def test_a_trtllm_config_implying_a_huge_world_is_refused(tmp_path):
     trt = tmp_path / "trt"
     export_trtllm(DictSource(CONFIGS["llama_gqa"], random_tensors(CONFIGS["llama_gqa"])), trt, progress=False)
     config = json.loads((trt / "config.json").read_text())
-    config.update(hidden_size=big, num_attention_heads=big, num_key_value_heads=big, head_size=1, intermediate_size=big,
-                  mapping={"world_size": big, "tp_size": big})  # fmt: skip
+    config.update(hidden_size=2 * big, num_attention_heads=big, num_key_value_heads=big, head_size=2,
+                  intermediate_size=big, mapping={"world_size": big, "tp_size": big})  # fmt: skip
     (trt / "config.json").write_text(json.dumps(config))
     result = _run_capped("export", "verify", str(trt))
     assert result.returncode == 1, result.stderr[-2000:]

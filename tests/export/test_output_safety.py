@@ -9,7 +9,7 @@ from megalith.export.cli import export_main, import_main
 from megalith.export.hf import export_hf
 from megalith.export.io import write_canonical_dir
 from megalith.export.mapping import entries
-from megalith.export.spec import ConversionError, ModelSpec
+from megalith.export.spec import ConversionError, model_config_from_dict
 from megalith.export.trtllm import export_trtllm
 from tests.export.common import CONFIGS, DictSource, random_tensors
 
@@ -23,7 +23,7 @@ def inputs(tmp_path):
     cfg = CONFIGS["llama_gqa"]
     tensors = random_tensors(cfg, seed=3)
     hf = export_hf(DictSource(cfg, tensors), tmp_path / "models" / "hf", dtype=torch.float32, progress=False)
-    order = [e.canonical for e in entries(ModelSpec.from_config(cfg))]
+    order = [e.canonical for e in entries(model_config_from_dict(cfg))]
     canon = tmp_path / "models" / "canon"
     write_canonical_dir(canon, cfg, ((n, tensors[n]) for n in order))
     return hf, canon

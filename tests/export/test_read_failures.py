@@ -14,7 +14,7 @@ from megalith.export.cli import export_main, import_main
 from megalith.export.hf import export_hf
 from megalith.export.io import write_canonical_dir
 from megalith.export.mapping import entries
-from megalith.export.spec import ModelSpec
+from megalith.export.spec import model_config_from_dict
 from tests.export.common import CONFIGS, DictSource, random_tensors
 
 REASONS = {"missing": "No such file or directory", "directory": "Is a directory", "unreadable": "Permission denied"}
@@ -50,7 +50,7 @@ def dirs(tmp_path):
     single = export_hf(DictSource(cfg, tensors, tok), tmp_path / "hf", dtype=torch.float32, progress=False)
     sharded = export_hf(DictSource(cfg, tensors, tok), tmp_path / "sharded", dtype=torch.float32,
                         max_shard_bytes=60_000, progress=False)  # fmt: skip
-    order = [e.canonical for e in entries(ModelSpec.from_config(cfg))]
+    order = [e.canonical for e in entries(model_config_from_dict(cfg))]
     write_canonical_dir(tmp_path / "canon", cfg, ((n, tensors[n]) for n in order), tokenizer_dir=tok)
     return {"hf": single, "sharded": sharded, "canon": tmp_path / "canon"}
 

@@ -12,7 +12,7 @@ from megalith.export.hf import export_hf
 from megalith.export.io import CanonicalDirSource, reads_rows, row_blocks, write_canonical_dir
 from megalith.export.mapping import entries
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter
-from megalith.export.spec import ModelSpec
+from megalith.export.spec import model_config_from_dict
 from megalith.export.trtllm import export_trtllm
 from tests.export.common import CONFIGS, DictSource, random_tensors
 
@@ -38,7 +38,7 @@ def _files(path) -> dict[str, bytes]:
 def test_row_streamed_exports_equal_whole_tensor_exports(name, tmp_path, monkeypatch):
     cfg = CONFIGS[name]
     tensors = random_tensors(cfg)
-    order = [e.canonical for e in entries(ModelSpec.from_config(cfg))]
+    order = [e.canonical for e in entries(model_config_from_dict(cfg))]
     write_canonical_dir(tmp_path / "src", cfg, ((n, tensors[n]) for n in order))
     streamed, whole = _CountingSource(tmp_path / "src"), DictSource(cfg, tensors)
     assert reads_rows(streamed) and not reads_rows(whole)

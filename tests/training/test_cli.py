@@ -46,7 +46,7 @@ def test_print_config_resolves_preset_and_overrides(capsys):
     [
         (["model.preset=llama9"], "model: preset 'llama9' is not one of"),
         (["model.num_layer=4"], "did you mean 'model.num_layers'"),
-        (["parallel.tp=3"], "model.num_attention_heads (4) is not divisible by parallel.tp (3)"),
+        (["parallel.tp=3"], "num_attention_heads (4) is not divisible by tp (3)"),
         (["parallel.pp=3"], "model.num_layers (2) is not divisible by parallel.pp * virtual_stages (3)"),
         (["parallel.virtual_stages=2"], "virtual_stages (2) > 1 needs pp > 1"),
         (["precision.dtype=fp8"], "precision.dtype: 'fp8' is not one of"),

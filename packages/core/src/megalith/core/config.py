@@ -112,6 +112,10 @@ class ModelConfig:
                 )
             if self.position_embedding != "rope":
                 raise ValueError("ModelConfig.rope_scaling is set but position_embedding is not 'rope'")
+            for key, value in self.rope_scaling.items():
+                kind = int if key == "original_max_position_embeddings" else (int, float)
+                if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < float("inf"):
+                    raise ValueError(f"ModelConfig.rope_scaling.{key} must be a positive finite number, got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -129,10 +133,12 @@ class ModelConfig:
         return PRESETS[name].to_dict()
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict; `ModelConfig.from_dict(cfg.to_dict()) == cfg`."""
+        """A JSON-able dict; `ModelConfig.from_dict(cfg.to_dict()) == cfg` (`preset` is left out when None)."""
         out = dataclasses.asdict(self)
         if out["rope_scaling"] is not None:
             out["rope_scaling"] = dict(out["rope_scaling"])
+        if out["preset"] is None:
+            del out["preset"]
         return out
 
     @classmethod
@@ -255,4 +261,4 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     for name, value in rules:
         if value % tp:
             hint = " (key/value heads are not replicated; use tp <= num_kv_heads)" if name == "num_kv_heads" else ""
-            raise ValueError(f"model.{name} ({value}) is not divisible by parallel.tp ({tp}){hint}")
+            raise ValueError(f"{name} ({value}) is not divisible by tp ({tp}){hint}")

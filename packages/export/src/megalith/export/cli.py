@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megalith.core.config import ModelConfig
 from megalith.export.hf import DEFAULT_MAX_SHARD_BYTES, HFModelSource, export_hf
 from megalith.export.io import (
     atomic_output_dir,
@@ -18,7 +19,7 @@ from megalith.export.io import (
     open_source,
     write_canonical_dir,
 )
-from megalith.export.spec import ConversionError, ModelSpec, parse_dtype
+from megalith.export.spec import ConversionError, check_parallel, parse_dtype
 from megalith.export.trtllm import export_trtllm
 from megalith.export.verify import verify_dir
 
@@ -115,9 +116,9 @@ def _import_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_training_layout(spec: ModelSpec, tp: int, pp: int) -> None:
+def check_training_layout(spec: ModelConfig, tp: int, pp: int) -> None:
     """Megalith training shards q, k and v over tp (no kv duplication) and needs a layer per pipeline stage."""
-    spec.check_parallel(tp, 1, allow_kv_duplication=False)
+    check_parallel(spec, tp, 1, allow_kv_duplication=False)
     if pp < 1 or spec.num_layers < pp:
         raise ConversionError(f"pp ({pp}) must be between 1 and num_layers ({spec.num_layers})")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from megalith.core.config import ModelConfig
 from megalith.export import mapping
 from megalith.export.fields import Fields
 from megalith.export.hf_spec import ARCHITECTURES, GPT2_ACTIVATION, spec_from_hf_config
@@ -26,7 +27,7 @@ from megalith.export.io import (
 )
 from megalith.export.paths import file_in_folder, read_json
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
-from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec, name_list
+from megalith.export.spec import DTYPE_NAMES, ConversionError, model_config_from_dict, name_list
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -35,7 +36,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 # ---------------------------------------------------------------- configs
 
 
-def hf_config(spec: ModelSpec, dtype: torch.dtype, token_ids: dict) -> dict:
+def hf_config(spec: ModelConfig, dtype: torch.dtype, token_ids: dict) -> dict:
     """config.json for the exported model (transformers v4 keys, which v5 still reads)."""
     common = {
         "architectures": [ARCHITECTURES[spec.family]],
@@ -89,7 +90,7 @@ def hf_config(spec: ModelSpec, dtype: torch.dtype, token_ids: dict) -> dict:
     }
 
 
-def hf_manifest(spec: ModelSpec) -> list[tuple[mapping.Entry, str, tuple[int, ...]]]:
+def hf_manifest(spec: ModelConfig) -> list[tuple[mapping.Entry, str, tuple[int, ...]]]:
     """(entry, Hugging Face name, shape) of every tensor of the exported model, in file order."""
     out = []
     for entry in mapping.entries(spec):
@@ -100,7 +101,7 @@ def hf_manifest(spec: ModelSpec) -> list[tuple[mapping.Entry, str, tuple[int, ..
 # ---------------------------------------------------------------- export
 
 
-def to_hf(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+def to_hf(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelConfig) -> list[torch.Tensor]:
     op = entry.param.hf_op
     if op == "copy":
         return [tensor]
@@ -119,7 +120,7 @@ def _read(source: ModelSource, name: str, rows: slice | None = None) -> torch.Te
         raise ConversionError(f"tensor {name!r}: cannot read ({describe(exc)})") from None
 
 
-def _check_shape(entry: mapping.Entry, shape: tuple[int, ...], spec: ModelSpec) -> None:
+def _check_shape(entry: mapping.Entry, shape: tuple[int, ...], spec: ModelConfig) -> None:
     expected = mapping.canonical_shape(entry, spec)
     if tuple(shape) != expected:
         raise ConversionError(
@@ -127,7 +128,7 @@ def _check_shape(entry: mapping.Entry, shape: tuple[int, ...], spec: ModelSpec) 
         )
 
 
-def check_source(source: ModelSource, spec: ModelSpec) -> list[mapping.Entry]:
+def check_source(source: ModelSource, spec: ModelConfig) -> list[mapping.Entry]:
     """The model's entries; raises naming every canonical tensor the source lacks or has in excess, and, for a
     source that declares shapes, every shape the config does not imply (before any output is laid out)."""
     names = set(source.tensor_names())
@@ -145,7 +146,7 @@ def check_source(source: ModelSource, spec: ModelSpec) -> list[mapping.Entry]:
     return wanted
 
 
-def read_checked(source: ModelSource, entry: mapping.Entry, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+def read_checked(source: ModelSource, entry: mapping.Entry, spec: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
     tensor = _read(source, entry.canonical)
     _check_shape(entry, tuple(tensor.shape), spec)
     if not tensor.is_floating_point():
@@ -157,7 +158,7 @@ VOCAB_TENSORS = ("embed.weight", "output.weight")
 
 
 def row_stream(
-    source: ModelSource, entry: mapping.Entry, spec: ModelSpec, dtype: torch.dtype
+    source: ModelSource, entry: mapping.Entry, spec: ModelConfig, dtype: torch.dtype
 ) -> Iterator[tuple[int, torch.Tensor]] | None:
     """(first row, block) pieces of a vocabulary-sized tensor, read in row blocks, when the source supports it.
 
@@ -209,7 +210,7 @@ def export_hf(source: ModelSource, out: str | os.PathLike, *, dtype: torch.dtype
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False, progress: bool = True,
               token_ids: dict | None = None) -> Path:  # fmt: skip
     """Writes `source` as a Hugging Face model directory `out`; returns its path."""
-    spec = ModelSpec.from_config(source.model_config)
+    spec = model_config_from_dict(source.model_config)
     mapping.check_family_fits_hf(spec)
     wanted = check_source(source, spec)
     manifest = hf_manifest(spec)
@@ -354,7 +355,7 @@ class HFModelSource:
 
     @property
     def model_config(self) -> dict:
-        return self.spec.to_config()
+        return self.spec.to_dict()
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -1,4 +1,4 @@
-"""A Hugging Face GPT-2 / Llama config.json read into a ModelSpec, every field it uses type-checked."""
+"""A Hugging Face GPT-2 / Llama config.json read into a ModelConfig, every field it uses type-checked."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from megalith.core.config import ModelConfig
 from megalith.export.fields import Fields, show
-from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
+from megalith.export.spec import NAME_TO_DTYPE, ConversionError, model_config_from_dict
 
 ARCHITECTURES = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 MODEL_TYPES = {"gpt2": "gpt", "llama": "llama"}
@@ -19,7 +20,7 @@ GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def spec_from_hf_config(config: object, path: Path) -> ModelSpec:
+def spec_from_hf_config(config: object, path: Path) -> ModelConfig:
     """Canonical model description of a Hugging Face GPT-2 or Llama config.json; raises for anything else."""
     fields = Fields(config, path)
     architectures = fields.strings("architectures", [])
@@ -31,7 +32,7 @@ def spec_from_hf_config(config: object, path: Path) -> ModelSpec:
         )
     canonical = _gpt2_config(fields) if model_type == "gpt2" else _llama_config(fields)
     try:
-        return ModelSpec.from_config(canonical)
+        return model_config_from_dict(canonical)
     except ConversionError as exc:  # a structural problem (divisibility); the fields themselves were checked
         raise ConversionError(f"{path}: {exc}") from None
 

@@ -26,7 +26,7 @@ import torch
 
 from megalith.export.paths import file_in_folder, read_json, require_file, resolve
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter
-from megalith.export.spec import ConversionError, ModelSpec
+from megalith.export.spec import ConversionError, model_config_from_dict
 
 CANONICAL_WEIGHTS = "model.safetensors"
 CANONICAL_CONFIG = "megalith.json"
@@ -110,7 +110,7 @@ class CanonicalDirSource:
         doc = read_json(config_path)
         self._config = _config_from_json(doc, config_path)
         try:
-            ModelSpec.from_config(self._config)
+            model_config_from_dict(self._config)
         except ConversionError as exc:
             raise ConversionError(f"{config_path}: {exc}") from None
         self._reader = SafetensorsReader(file_in_folder(self.path, CANONICAL_WEIGHTS))
@@ -182,7 +182,7 @@ def write_canonical_dir(out_dir, model_config: dict, named_tensors: Iterable[tup
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = ModelSpec.from_config(model_config)
+    spec = model_config_from_dict(model_config)
     iterator = iter(named_tensors)
     first = next(iterator, None)
     if first is None:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from megalith.core.config import ModelConfig
 from megalith.export.fields import Fields
 from megalith.export.hf import INDEX_FILE, hf_manifest, read_index
 from megalith.export.hf_spec import hf_dtype, spec_from_hf_config
 from megalith.export.mapping import check_tensor_count
 from megalith.export.paths import file_in_folder, read_json
 from megalith.export.safetensors_io import DTYPE_TO_TAG, SafetensorsReader
-from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
+from megalith.export.spec import NAME_TO_DTYPE, ConversionError, check_parallel, model_config_from_dict
 from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
 from megalith.export.trtllm import check_trt_family, trt_manifest
 
@@ -91,7 +92,7 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
     return problems
 
 
-def spec_from_trt_config(config: object, path: Path) -> tuple[ModelSpec, torch.dtype, int, int]:
+def spec_from_trt_config(config: object, path: Path) -> tuple[ModelConfig, torch.dtype, int, int]:
     """Model, dtype, tp and pp a TensorRT-LLM config.json describes, every field it uses type-checked."""
     fields = Fields(config, path)
     families = {a: f for f, a in TRT_ARCHITECTURES.items()}
@@ -131,7 +132,7 @@ def spec_from_trt_config(config: object, path: Path) -> tuple[ModelSpec, torch.d
         "tie_embeddings": False,  # lm_head is a tensor of its own in every TensorRT-LLM checkpoint
     }
     try:
-        spec = ModelSpec.from_config(canonical)
+        spec = model_config_from_dict(canonical)
     except ConversionError as exc:
         raise ConversionError(f"{path}: {exc}") from None
     check_trt_family(spec)
@@ -142,7 +143,7 @@ def spec_from_trt_config(config: object, path: Path) -> tuple[ModelSpec, torch.d
     world_size = mapping_fields.integer("world_size", tp * pp)
     if world_size != tp * pp:
         raise ConversionError(f"{path}: mapping world_size {world_size} != tp {tp} * pp {pp}")
-    spec.check_parallel(tp, pp, allow_kv_duplication=True)
+    check_parallel(spec, tp, pp, allow_kv_duplication=True)
     return spec, NAME_TO_DTYPE[dtype], tp, pp
 
 
