@@ -44,11 +44,11 @@ def _fail(prog: str, exc: Exception) -> int:
     return 2
 
 
-def _load(path: str):
+def _load(path: str, verify: str = "checksum"):
     """--load: an HF directory, a canonical directory, or a Megalith checkpoint (through ModelCheckpointReader)."""
     if HFModelSource.looks_like(path):
         return HFModelSource(path)
-    return open_source(path)
+    return open_source(path, verify=verify)
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,10 @@ def _export_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="stored dtype")
         p.add_argument("--force", action="store_true", help="replace an existing output directory")
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument(
+            "--verify", choices=["checksum", "size"], default="checksum",
+            help="check each file of a training checkpoint: size and CRC32 (checksum) or the size only (faster)",
+        )  # fmt: skip
 
     hf = sub.add_parser("hf", help="Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory")
     common(hf)
@@ -86,7 +90,7 @@ def export_main(argv: list[str] | None = None) -> int:
             print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
             return 1 if problems else 0
         check_output_apart(args.out, [args.load])  # the folder named, which may hold more than the source reads
-        source = _load(args.load)
+        source = _load(args.load, args.verify)
         dtype = parse_dtype(args.dtype)
         if args.command == "hf":
             ids = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id}

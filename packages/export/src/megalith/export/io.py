@@ -142,8 +142,9 @@ class CanonicalDirSource:
         return self._reader.read(name, rows=rows)
 
 
-def open_source(path: str | os.PathLike) -> ModelSource:
-    """A canonical directory directly; anything else through megalith.core.checkpoint.ModelCheckpointReader."""
+def open_source(path: str | os.PathLike, *, verify: str = "checksum") -> ModelSource:
+    """A canonical directory directly; anything else through megalith.core.checkpoint.ModelCheckpointReader
+    (`verify`: check each checkpoint file's size and CRC32, or its size only)."""
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"--load {path}: no such file or directory")
@@ -157,7 +158,7 @@ def open_source(path: str | os.PathLike) -> ModelSource:
             f"megalith.core.checkpoint.ModelCheckpointReader is unavailable to read a training checkpoint ({exc})"
         ) from exc
     try:
-        return ModelCheckpointReader(str(path))
+        return ModelCheckpointReader(str(path), verify=verify)
     except ConversionError:
         raise
     except SOURCE_READ_ERRORS as exc:

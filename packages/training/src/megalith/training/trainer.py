@@ -133,6 +133,7 @@ class Trainer:
             probe_writable(self.run_dir, "logging.run_dir")
         if ck.save:
             self.checkpoints.probe()
+        self.meter = self._build_meter()
         self.logger = self._build_logger(stream)
         self.logger.message(self._banner())
         if ck.load is not None:
@@ -167,17 +168,18 @@ class Trainer:
         )
         return [DistributedDataParallel(chunk, self.dims, self.cfg.ddp) for chunk in chunks]
 
+    def _build_meter(self) -> ThroughputMeter:
+        peak = self.cfg.logging.peak_tflops
+        if peak is None and self.device.type == "cuda":
+            peak = peak_tflops(torch.cuda.get_device_name(self.device), self.precision.dtype)
+        return ThroughputMeter(flops_per_token(self.model_config, self.seq_len), self.env.world_size, peak)
+
     def _build_logger(self, stream) -> MetricsLogger:
         log = self.cfg.logging
         enabled = self.rank == 0
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
-        peak = log.peak_tflops
-        if peak is None and self.device.type == "cuda":
-            peak = peak_tflops(torch.cuda.get_device_name(self.device), self.precision.dtype)
-        flops = flops_per_token(self.model_config, self.seq_len)
-        self.meter = ThroughputMeter(flops, self.env.world_size, peak)
         return MetricsLogger(
             self.run_dir,
             total_steps=self.total_steps,
