@@ -190,7 +190,9 @@ void launch_f32(const AttentionBackwardParams& p, cudaStream_t stream) {
     attention_dq_f32_kernel<D><<<dq_grid, kAttnThreads, 0, stream>>>(p);
     MEGALITH_CUDA_CHECK(cudaGetLastError());
   }
-  if (p.seq_k > 0) attention_dkdv_f32_kernel<D><<<dkdv_grid, kAttnThreads, 0, stream>>>(p);
+  if (p.seq_k > 0) {
+    attention_dkdv_f32_kernel<D><<<dkdv_grid, kAttnThreads, 0, stream>>>(p);
+  }
 }
 
 }  // namespace
