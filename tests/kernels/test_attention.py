@@ -173,6 +173,19 @@ def test_lse_is_the_log_sum_exp_of_the_scores(device, dtype):
     compare(ops.attention, ref.attention, [q, k, randn(1, 20, 2, 64, device=device, dtype=dtype)], [0, 1, 2], True, 0.3)
 
 
+def test_dense_conventions_match_torch_flash_attention_on_cpu():
+    """Out, lse layout [B, Nq, Sq] and the top-left causal mask for Sq != Sk agree with torch's own CPU flash
+    attention (which returns its log-sum-exp too)."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is None:
+        pytest.skip("this torch has no _scaled_dot_product_flash_attention_for_cpu")
+    q, k, v = torch.randn(2, 4, 37, 64), torch.randn(2, 4, 50, 64), torch.randn(2, 4, 50, 64)
+    out, lse = flash(q, k, v, is_causal=True)
+    ours, ours_lse = ops.attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True)
+    torch.testing.assert_close(ours_lse, lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, out.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_existing_attention_is_the_out_of_attention_with_lse(device, dtype):
     q, k, v = (randn(2, 40, 2, 64, device=device, dtype=dtype) for _ in range(3))
