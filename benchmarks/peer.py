@@ -22,15 +22,21 @@ import argparse
 import contextlib
 import io
 import os
+import sys
 import tempfile
 import time
 from collections import defaultdict
 
-import torch
+# The sibling benchmarks/kernels.py would shadow the `kernels` package transformers looks for; nothing here
+# imports a sibling script, so the script's own folder leaves the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from megalith.training.config_tree import load_config
-from megalith.training.run_config import RunConfig
-from megalith.training.trainer import Trainer
+import torch  # noqa: E402
+
+from megalith.training.config_tree import load_config  # noqa: E402
+from megalith.training.run_config import RunConfig  # noqa: E402
+from megalith.training.trainer import Trainer  # noqa: E402
 
 # name -> (model overrides, seq_len, global batch)
 CONFIGS: dict[str, tuple[list[str], int, int]] = {

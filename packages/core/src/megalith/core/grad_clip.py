@@ -14,11 +14,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor
+from torch.distributed.tensor import DTensor
 
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.placement import Placement, named_placements
