@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megalith.core import ModelConfig, Transformer, flops_per_token, get_preset
+from megalith.core import ModelConfig, build_loss_fn, build_model_chunks, flops_per_token, get_preset
 
 
 class PlainBlock(nn.Module):
@@ -55,11 +55,20 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
 
 
+def _megalith(config: ModelConfig, **kwargs) -> nn.Module:
+    (model,) = build_model_chunks(config, **kwargs)
+    return model
+
+
 def _step_fn(model, ids, labels, hf=False):
     def step():
-        out = model(input_ids=ids, labels=None).logits if hf else model(ids, labels)
         if hf:
+            out = model(input_ids=ids, labels=None).logits
             out = F.cross_entropy(out.flatten(0, 1).float(), labels.flatten(), reduction="none")
+        elif isinstance(model, PlainGPT):
+            out = model(ids, labels)
+        else:
+            out = build_loss_fn(model)(model(ids), labels)
         out.sum().backward()
         model.zero_grad(set_to_none=True)
 
@@ -86,7 +95,7 @@ def cpu_rows(steps: int):
         config = get_preset(name)
         ids = torch.randint(0, config.vocab_size, (batch, seq))
         ours, plain = _compare(
-            _step_fn(Transformer(config), ids, ids), _step_fn(PlainGPT(config), ids, ids), ids.numel(), steps,
+            _step_fn(_megalith(config), ids, ids), _step_fn(PlainGPT(config), ids, ids), ids.numel(), steps,
             lambda: None,
         )  # fmt: skip
         yield name, f"{batch}x{seq}", "PlainGPT", ours, plain, ""
@@ -97,7 +106,7 @@ def gpu_rows(steps: int):
     batch, seq, dev = 1, 2048, torch.device("cuda")
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=dev)
     sync = torch.cuda.synchronize
-    ours_step = _step_fn(Transformer(config, device=dev, dtype=torch.bfloat16), ids, ids)
+    ours_step = _step_fn(_megalith(config, device=dev, dtype=torch.bfloat16), ids, ids)
     ours, _ = _compare(ours_step, ours_step, ids.numel(), steps, sync)
     peak = torch.cuda.get_device_properties(dev)
     mfu = f"MFU {ours * flops_per_token(config, seq, causal=True) / _peak_bf16(peak.name):.1%}"

@@ -13,10 +13,10 @@ Run: .venv/bin/python benchmarks/pipeline.py [--tf-ms 60] [--steps 3]
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, Groups, build_groups
-from megalith.core.pipeline import build_stages, forward_backward
+from megalith.core import ParallelDims
+from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel
+from megalith.core.pipeline import forward_backward, split_layers
 from tests.harness import run_distributed
 
 H, S, V = 8, 4, 16
@@ -57,7 +58,7 @@ class FixedCostLayer(nn.Module):
 
 
 class FixedCostModel(nn.Module):
-    """The contract's stage structure (embed_tokens / layers / head / loss) with fixed-cost layers."""
+    """One pipeline stage of fixed-cost layers: token ids in on the first stage, logits out on the last."""
 
     def __init__(self, seconds, *, layer_ids, first_stage, last_stage):
         super().__init__()
@@ -65,21 +66,28 @@ class FixedCostModel(nn.Module):
         self.embed = nn.Embedding(V, H) if first_stage else None
         self.output = nn.Linear(H, V) if last_stage else None
 
-    def embed_tokens(self, ids):
-        return self.embed(ids)
+    def forward(self, x):
+        h = x if x.is_floating_point() else self.embed(x)
+        for layer in self.layers.values():
+            h = layer(h)
+        return h if self.output is None else self.output(h)
 
-    def head(self, x):
-        return self.output(x)
 
-    def loss(self, logits, labels):
-        return F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none").view(labels.shape)
+def _loss(logits, labels):
+    return F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none").view(labels.shape)
 
 
 def _bubble_worker(rank, world, vp, m, tf, steps):
-    groups = build_groups(pp=world)
+    dims = ParallelDims(pp=world)
     # One layer per virtual stage; each costs tf / vp so a rank's work per micro-batch is the same for any vp.
-    chunks = build_stages(functools.partial(FixedCostModel, tf / vp), world * vp, groups, virtual_stages=vp)
-    chunks = [DistributedDataParallel(c, groups) for c in chunks]
+    layers = split_layers(world * vp, world * vp)
+    stages = [c * world + dims.pp_rank for c in range(vp)]
+    chunks = [
+        DistributedDataParallel(
+            FixedCostModel(tf / vp, layer_ids=layers[s], first_stage=s == 0, last_stage=s == world * vp - 1), dims
+        )
+        for s in stages
+    ]
     gen = torch.Generator().manual_seed(0)
     batches = [
         {"input_ids": torch.randint(0, V, (1, S), generator=gen), "labels": torch.randint(0, V, (1, S), generator=gen)}
@@ -91,7 +99,7 @@ def _bubble_worker(rank, world, vp, m, tf, steps):
             c.zero_grad_buffer()
         torch.distributed.barrier()
         start = time.perf_counter()
-        forward_backward(chunks, batches, groups, hidden_shape=(1, S, H), dtype=torch.float32)
+        forward_backward(chunks, batches, dims, loss_fn=_loss, hidden_shape=(1, S, H), dtype=torch.float32)
         torch.distributed.barrier()
         times.append(time.perf_counter() - start)
     return min(times[1:])
@@ -123,10 +131,11 @@ def zero_table() -> None:
         for zero in (False, True):
             if zero and dp == 1:
                 continue
-            groups = Groups(tp_group=None, pp_group=None, dp_group=None, dp=dp, dp_rank=0)
+            # Rank 0 of a dp-rank world, described without one: only sizes are measured, nothing is reduced.
+            dims = SimpleNamespace(dp=dp, dp_rank=0, dp_group=None, tp=1, tp_rank=0, pp=1, pp_rank=0)
             model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).to(torch.bfloat16)
-            ddp = DistributedDataParallel(model, groups, DDPConfig(use_distributed_optimizer=zero))
-            state = AdamW([ddp], groups).state_bytes()
+            ddp = DistributedDataParallel(model, dims, DDPConfig(use_distributed_optimizer=zero))
+            state = AdamW([ddp], dims).state_bytes()
             plain = state if dp == 1 else plain
             per_param = (2 * n + ddp.grad_buffer.numel() * 4 + state) / n
             theory = 6 + 12 / (dp if zero else 1)

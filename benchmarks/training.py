@@ -16,6 +16,7 @@ Run: .venv/bin/python benchmarks/training.py [--steps 20] [--skip-gpu]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import statistics
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from megalith.core import Transformer, flops_per_token
+from megalith.core import build_loss_fn, build_model_chunks, flops_per_token
 from megalith.training.config_tree import load_config
 from megalith.training.run_config import RunConfig
 from megalith.training.trainer import Trainer
@@ -74,13 +75,19 @@ def checkpoint_table(steps: int) -> list[tuple[str, str]]:
             trainer.save_checkpoint()
             saves.append(time.perf_counter() - start)
             trainer.step += 1
-        for _ in range(3):
-            start = time.perf_counter()
-            trainer.load_checkpoint(f"{tmp}/ck")
-            loads.append(time.perf_counter() - start)
         rows.append(("state size", f"{size:.3f} GB (model + fp32 master + 2 moments)"))
-        rows.append(("sync save", f"{min(saves):.3f} s = {size / min(saves):.2f} GB/s"))
-        rows.append(("load", f"{min(loads):.3f} s = {size / min(loads):.2f} GB/s"))
+        rows.append(("sync save (CRC32 taken while writing)", f"{min(saves):.3f} s = {size / min(saves):.2f} GB/s"))
+        for verify in ("checksum", "size", "checksum", "size"):  # interleaved; the best of each is kept
+            trainer.cfg = dataclasses.replace(
+                trainer.cfg, checkpoint=dataclasses.replace(trainer.cfg.checkpoint, verify=verify)
+            )
+            for _ in range(2):
+                start = time.perf_counter()
+                trainer.load_checkpoint(f"{tmp}/ck")
+                loads.append((verify, time.perf_counter() - start))
+        for verify, what in (("checksum", "sizes + CRC32 of every file"), ("size", "sizes only")):
+            best = min(t for v, t in loads if v == verify)
+            rows.append((f"load, checkpoint.verify={verify}", f"{best:.3f} s = {size / best:.2f} GB/s ({what})"))
         trainer.close()
         rows += _async_rows(tmp, steps, min(saves))
     return rows
@@ -155,14 +162,15 @@ def loop_table(steps: int, repeats: int = 3) -> list[tuple[str, str]]:
 
 
 def _plain_torch(trainer: Trainer, micro, steps: int) -> float:
-    model = Transformer(trainer.model_config, seed=1)
+    (model,) = build_model_chunks(trainer.model_config, seed=1)
+    loss_fn = build_loss_fn(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()
         opt.zero_grad()
         for b in micro:
-            (model(b["input_ids"], b["labels"]).mean() / len(micro)).backward()
+            (loss_fn(model(b["input_ids"]), b["labels"]).mean() / len(micro)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         times.append(time.perf_counter() - start)
@@ -175,7 +183,7 @@ def gpu_table(steps: int) -> list[tuple[str, str]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(RunConfig, None, [
-            "model.preset=llama3-1b", "data.seq_len=2048", "parallel.precision=bf16", "parallel.device=cuda",
+            "model.preset=llama3-1b", "data.seq_len=2048", "precision.dtype=bf16", "parallel.device=cuda",
             "training.micro_batch_size=2", "training.global_batch_size=8", f"training.train_iters={steps + 3}",
             "logging.tensorboard=false", f"logging.run_dir={tmp}/run", "logging.log_interval=1000",
         ])  # fmt: skip
@@ -239,10 +247,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--skip-gpu", action="store_true")
+    parser.add_argument("--only", choices=["checkpoint", "loop", "gpu"], help="run one table only")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
-    print_table("Checkpoints (one process, local disk)", checkpoint_table(args.steps))
+    if args.only in (None, "checkpoint"):
+        print_table("Checkpoints (one process, local disk)", checkpoint_table(args.steps))
+    if args.only == "checkpoint":
+        return
     print_table("Loop overhead on CPU (median step time)", loop_table(args.steps))
     if torch.cuda.is_available() and not args.skip_gpu:
         print_table("GPU: llama3-1b, seq 2048, bf16", gpu_table(args.steps))

@@ -85,11 +85,8 @@ def report_loss(run_dir: Path) -> None:
 
 def sample(checkpoints: Path, prompts: list[str], max_new_tokens: int) -> None:
     print("\n==> [5/5] Generating from the checkpoint (greedy)")
-    try:
-        from megalith.training.generation import generate_from_checkpoint
-    except ImportError:
-        print("    generation skipped: megalith.training.generation is missing in this installation")
-        return
+    from megalith.export.generate import generate_from_checkpoint
+
     texts = generate_from_checkpoint(str(checkpoints), prompts, max_new_tokens=max_new_tokens, temperature=0.0)
     for prompt, text in zip(prompts, texts, strict=True):
         print(f"    --- prompt {prompt!r}\n{text}")

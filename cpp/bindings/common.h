@@ -23,6 +23,7 @@ void check_vector(const py::array& array, const char* name) {
   if (!(array.flags() & py::array::c_style)) fail(name, " must be C-contiguous");
 }
 
+void bind_comm(py::module_& m);
 void bind_data(py::module_& m);
 void bind_kernels(py::module_& m);
 

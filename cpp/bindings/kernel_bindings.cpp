@@ -3,6 +3,7 @@
 // place that checks them and turns a bad argument into an error naming it, then fills the param structs.
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -17,10 +18,10 @@ namespace {
 namespace k = megalith::kernels;
 
 // Dtype codes shared with python/megalith/kernels/ops.py (_DTYPE_CODES).
-enum Code : int { kF32 = 0, kF16 = 1, kBF16 = 2, kI64 = 3, kBool = 4 };
+enum Code : int { kF32 = 0, kF16 = 1, kBF16 = 2, kI64 = 3, kBool = 4, kI32 = 5 };
 const char* code_name(int code) {
-  static const char* names[] = {"float32", "float16", "bfloat16", "int64", "bool"};
-  return code >= 0 && code <= 4 ? names[code] : "an unsupported dtype";
+  static const char* names[] = {"float32", "float16", "bfloat16", "int64", "bool", "int32"};
+  return code >= 0 && code <= 5 ? names[code] : "an unsupported dtype";
 }
 
 struct Tensor {
@@ -341,50 +342,108 @@ void cross_entropy_backward(py::object logits_, py::object target_, py::object l
       CUDA_CALL(cross_entropy_backward));
 }
 
-// Checks q [b, s, hq, d] and k, v [b, s, hkv, d]; returns (batch, seq, hq, hkv, d).
-std::vector<int64_t> attention_shape(const Tensor& q, const Tensor& kt, const Tensor& v) {
-  check_float(q), check_dim(q, 4), check_dim(kt, 4), check_same(kt, q), check_same(v, q);
-  check_shape(v, kt.shape);
-  if (kt.size(0) != q.size(0) || kt.size(1) != q.size(1) || kt.size(3) != q.size(3)) {
-    fail("k must have shape [", q.size(0), ", ", q.size(1), ", heads_kv, ", q.size(3), "] to match q ",
-         q.shape_str(), ", got ", kt.shape_str());
+// Checks the contents of a CPU cu_seqlens tensor: 0 first, non-decreasing, `total` last, no sequence longer
+// than max_len. (CUDA ones are not read here; the kernels clamp them to the tensors instead.)
+void check_cu_seqlens(const Tensor& cu, int64_t total, int64_t max_len, const char* max_name) {
+  const auto* c = static_cast<const int32_t*>(cu.data());
+  const int64_t n = cu.numel();
+  if (c[0] != 0) fail(cu.name, "[0] must be 0, got ", c[0]);
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const int64_t len = static_cast<int64_t>(c[i + 1]) - c[i];
+    if (len < 0) fail(cu.name, " must be non-decreasing, got ", c[i], " then ", c[i + 1], " at index ", i + 1);
+    if (len > max_len) fail("sequence ", i, " has ", len, " tokens (", cu.name, ") but ", max_name, " is ", max_len);
   }
-  if (kt.size(2) < 1 || q.size(2) % kt.size(2) != 0) {
-    fail("the number of k/v heads (", kt.size(2), ") must divide the number of q heads (", q.size(2), ")");
-  }
-  return {q.size(0), q.size(1), q.size(2), kt.size(2), q.size(3)};
+  if (c[n - 1] != total) fail(cu.name, "[-1] must be the number of tokens (", total, "), got ", c[n - 1]);
 }
 
-void attention_forward(py::object q_, py::object k_, py::object v_, py::object out_, py::object lse_, double scale,
-                       bool causal, uintptr_t stream) {
+// Checks q, k, v (dense: [b, sq, hq, d] and [b, sk, hkv, d]; varlen: [tq, hq, d] and [tk, hkv, d] with
+// int32 cu_seqlens [batch + 1]) and returns the geometry of the call.
+k::AttentionShape attention_shape(const Tensor& q, const Tensor& kt, const Tensor& v, const Tensor& cu_q,
+                                  const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal,
+                                  int64_t q_offset, int64_t k_offset) {
+  const bool varlen = cu_q.present;
+  if (cu_k.present != varlen) fail("cu_seqlens_q and cu_seqlens_k must be given together");
+  const size_t rank = varlen ? 3 : 4;
+  check_float(q), check_dim(q, rank), check_dim(kt, rank), check_same(kt, q), check_same(v, q);
+  check_shape(v, kt.shape);
+  const int heads_dim = static_cast<int>(rank) - 2;
+  if (kt.size(-1) != q.size(-1) || (!varlen && kt.size(0) != q.size(0))) {
+    const std::string dim = std::to_string(q.size(-1));
+    const std::string want = varlen ? "[tokens_k, heads_kv, " + dim + "]"
+                                    : "[" + std::to_string(q.size(0)) + ", seq_k, heads_kv, " + dim + "]";
+    fail("k must have shape ", want, " to match q ", q.shape_str(), ", got ", kt.shape_str());
+  }
+  if (kt.size(heads_dim) < 1 || q.size(heads_dim) % kt.size(heads_dim) != 0) {
+    fail("the number of k/v heads (", kt.size(heads_dim), ") must divide the number of q heads (", q.size(heads_dim),
+         ")");
+  }
+  if (q.size(-1) < 1) fail("head_dim must be positive, got q ", q.shape_str());
+  if (!std::isfinite(scale)) fail("scale must be finite, got ", scale);
+  k::AttentionShape s;
+  s.heads_q = q.size(heads_dim), s.heads_kv = kt.size(heads_dim), s.dim = q.size(-1);
+  s.scale = static_cast<float>(scale), s.causal = causal, s.causal_shift = q_offset - k_offset;
+  s.dtype = dtype_of(q);
+  if (!varlen) {
+    s.batch = q.size(0), s.seq_q = q.size(1), s.seq_k = kt.size(1);
+    s.total_q = s.batch * s.seq_q, s.total_k = s.batch * s.seq_k;
+    return s;
+  }
+  for (const Tensor* cu : {&cu_q, &cu_k}) check_code(*cu, kI32), check_device(*cu, q), check_dim(*cu, 1);
+  if (cu_q.numel() < 1 || cu_k.numel() != cu_q.numel()) {
+    fail("cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 1 entries, got ", cu_q.numel(), " and ",
+         cu_k.numel());
+  }
+  if (max_q < 0 || max_k < 0) fail("max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q, " and ", max_k);
+  s.batch = cu_q.numel() - 1, s.seq_q = max_q, s.seq_k = max_k, s.total_q = q.size(0), s.total_k = kt.size(0);
+  s.cu_seqlens_q = static_cast<const int32_t*>(cu_q.data()), s.cu_seqlens_k = static_cast<const int32_t*>(cu_k.data());
+  if (q.device < 0) {
+    check_cu_seqlens(cu_q, s.total_q, max_q, "max_seqlen_q");
+    check_cu_seqlens(cu_k, s.total_k, max_k, "max_seqlen_k");
+  }
+  return s;
+}
+
+// lse/delta: float32 [batch, heads_q, seq_q] (dense) or [heads_q, total_q] (varlen) on the device of q.
+void check_lse(const Tensor& t, const Tensor& q, const k::AttentionShape& s) {
+  check_code(t, kF32), check_device(t, q);
+  check_shape(t, s.cu_seqlens_q != nullptr ? std::vector<int64_t>{s.heads_q, s.total_q}
+                                           : std::vector<int64_t>{s.batch, s.heads_q, s.seq_q});
+}
+
+void attention_forward(py::object q_, py::object k_, py::object v_, py::object out_, py::object lse_,
+                       py::object cu_q_, py::object cu_k_, int64_t max_q, int64_t max_k, double scale, bool causal,
+                       int64_t q_offset, int64_t k_offset, uintptr_t stream) {
   Tensor q = parse(q_, "q"), kt = parse(k_, "k"), v = parse(v_, "v"), out = parse(out_, "out");
-  Tensor lse = parse(lse_, "lse");
-  auto s = attention_shape(q, kt, v);
-  check_same(out, q), check_shape(out, q.shape), check_code(lse, kF32), check_device(lse, q);
-  check_shape(lse, {s[0], s[2], s[1]});
+  Tensor lse = parse(lse_, "lse"), cu_q = parse(cu_q_, "cu_seqlens_q", true);
+  Tensor cu_k = parse(cu_k_, "cu_seqlens_k", true);
   k::AttentionParams p;
+  static_cast<k::AttentionShape&>(p) =
+      attention_shape(q, kt, v, cu_q, cu_k, max_q, max_k, scale, causal, q_offset, k_offset);
+  check_same(out, q), check_shape(out, q.shape), check_lse(lse, q, p);
   p.q = q.data(), p.k = kt.data(), p.v = v.data(), p.out = out.data(), p.lse = static_cast<float*>(lse.data());
-  p.batch = s[0], p.seq = s[1], p.heads_q = s[2], p.heads_kv = s[3], p.dim = s[4];
-  p.scale = static_cast<float>(scale), p.causal = causal, p.dtype = dtype_of(q);
   run(q, stream, [&] { k::cpu::attention_forward(p); }, CUDA_CALL(attention_forward));
 }
 
 void attention_backward(py::object q_, py::object k_, py::object v_, py::object out_, py::object dout_,
-                        py::object lse_, py::object delta_, py::object dq_, py::object dk_, py::object dv_,
-                        double scale, bool causal, uintptr_t stream) {
+                        py::object lse_, py::object dlse_, py::object delta_, py::object cu_q_, py::object cu_k_,
+                        int64_t max_q, int64_t max_k, py::object dq_, py::object dk_, py::object dv_, double scale,
+                        bool causal, int64_t q_offset, int64_t k_offset, uintptr_t stream) {
   Tensor q = parse(q_, "q"), kt = parse(k_, "k"), v = parse(v_, "v"), out = parse(out_, "out");
-  Tensor dout = parse(dout_, "grad_out"), lse = parse(lse_, "lse"), delta = parse(delta_, "delta");
+  Tensor dout = parse(dout_, "grad_out"), lse = parse(lse_, "lse"), dlse = parse(dlse_, "grad_lse", true);
+  Tensor delta = parse(delta_, "delta"), cu_q = parse(cu_q_, "cu_seqlens_q", true);
+  Tensor cu_k = parse(cu_k_, "cu_seqlens_k", true);
   Tensor dq = parse(dq_, "grad_q"), dk = parse(dk_, "grad_k"), dv = parse(dv_, "grad_v");
-  auto s = attention_shape(q, kt, v);
+  k::AttentionBackwardParams p;
+  static_cast<k::AttentionShape&>(p) =
+      attention_shape(q, kt, v, cu_q, cu_k, max_q, max_k, scale, causal, q_offset, k_offset);
   for (const Tensor* t : {&out, &dout, &dq}) check_same(*t, q), check_shape(*t, q.shape);
   for (const Tensor* t : {&dk, &dv}) check_same(*t, q), check_shape(*t, kt.shape);
-  for (const Tensor* t : {&lse, &delta}) check_code(*t, kF32), check_device(*t, q), check_shape(*t, {s[0], s[2], s[1]});
-  k::AttentionBackwardParams p;
+  check_lse(lse, q, p), check_lse(delta, q, p);
+  if (dlse.present) check_lse(dlse, q, p);
   p.q = q.data(), p.k = kt.data(), p.v = v.data(), p.out = out.data(), p.dout = dout.data();
   p.lse = static_cast<const float*>(lse.data()), p.delta = static_cast<float*>(delta.data());
+  p.dlse = dlse.present ? static_cast<const float*>(dlse.data()) : nullptr;
   p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
-  p.batch = s[0], p.seq = s[1], p.heads_q = s[2], p.heads_kv = s[3], p.dim = s[4];
-  p.scale = static_cast<float>(scale), p.causal = causal, p.dtype = dtype_of(q);
   run(q, stream, [&] { k::cpu::attention_backward(p); }, CUDA_CALL(attention_backward));
 }
 

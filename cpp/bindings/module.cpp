@@ -69,4 +69,7 @@ PYBIND11_MODULE(_C, m) {
   megalith::bindings::bind_data(data);
   py::module_ kernels = m.def_submodule("kernels", "Fused kernels (torch-free; see megalith.kernels.ops).");
   megalith::bindings::bind_kernels(kernels);
+  py::module_ nccl =
+      m.def_submodule("nccl", "NCCL loaded at run time, and its communicator (see megalith.kernels.nccl).");
+  megalith::bindings::bind_comm(nccl);
 }

@@ -25,12 +25,22 @@ def llama_config(**overrides) -> ModelConfig:
     base = dict(
         family="llama", vocab_size=301, hidden_size=64, num_layers=2, num_attention_heads=8, num_kv_heads=4,
         ffn_hidden_size=96, max_seq_len=16, norm="rmsnorm", activation="swiglu", position_embedding="rope",
-        rope_base=500.0, bias=False, tie_embeddings=False, label_smoothing=0.1,
+        rope_base=500.0, bias=False, tie_embeddings=False,
         rope_scaling={"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8},
     )  # fmt: skip
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def build(config: ModelConfig, dims=None, *, sequence_parallel: bool = False, runtime=None, seed: int = 1234,
+          dtype=None):  # fmt: skip
+    """The whole model (pp = 1) for this rank: tp-sharded per `dims`, or alone when `dims` is None."""
+    from megalith.core import ParallelConfig, build_model_chunks
+
+    parallel = None if dims is None else ParallelConfig(tp=dims.tp, sequence_parallel=sequence_parallel)
+    (model,) = build_model_chunks(config, dims, parallel=parallel, runtime=runtime, seed=seed, dtype=dtype)
+    return model
 
 
 def gather_canonical(local: torch.Tensor, spec, group) -> torch.Tensor:

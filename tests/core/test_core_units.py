@@ -13,15 +13,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from megalith.core import (
     PRESETS,
     ModelConfig,
+    ParallelConfig,
     ParallelDims,
     RNGTracker,
-    Transformer,
+    RuntimeConfig,
+    build_loss_fn,
     count_parameters,
     flops_per_token,
     get_preset,
 )
-from megalith.core.models import rope_tables
-from tests.core.parallel_checks import gpt_config, llama_config
+from megalith.core.models import rope_tables_at
+from tests.core.parallel_checks import build, gpt_config, llama_config
 from tests.harness import run_distributed
 
 
@@ -32,15 +34,33 @@ from tests.harness import run_distributed
         ({"num_kv_heads": 3}, r"num_attention_heads \(4\) is not divisible by num_kv_heads \(3\)"),
         ({"norm": "batchnorm"}, r"ModelConfig.norm must be one of \('layernorm', 'rmsnorm'\), got 'batchnorm'"),
         ({"num_layers": 0}, r"ModelConfig.num_layers must be a positive integer, got 0"),
-        ({"hidden_dropout": 1.5}, r"ModelConfig.hidden_dropout must be in \[0, 1\), got 1.5"),
-        ({"kernels": "fused", "attention_dropout": 0.1}, r"kernels='fused' has no attention dropout"),
+        ({"tie_embeddings": "false"}, r"ModelConfig.tie_embeddings must be true or false, got 'false'"),
+        ({"norm_eps": float("nan")}, r"ModelConfig.norm_eps must be a positive finite number, got nan"),
         ({"rope_scaling": {"factor": 2.0}}, r"rope_scaling must have exactly the keys"),
-        ({"recompute": "some"}, r"ModelConfig.recompute must be one of"),
     ],
 )
 def test_config_validation_messages(changes, message):
     with pytest.raises(ValueError, match=message):
         gpt_config(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_dropout": 1.5}, r"RuntimeConfig.hidden_dropout must be in \[0, 1\), got 1.5"),
+        ({"kernels": "fused", "attention_dropout": 0.1}, r"kernels='fused' has no attention dropout"),
+        ({"recompute_every": 0}, r"RuntimeConfig.recompute_every must be >= 1, got 0"),
+    ],
+)
+def test_runtime_config_validation_messages(changes, message):
+    with pytest.raises(ValueError, match=message):
+        RuntimeConfig(**changes)
+
+
+def test_the_architecture_config_holds_no_run_time_switches():
+    fields = {f.name for f in __import__("dataclasses").fields(ModelConfig)}
+    assert not fields & {"kernels", "recompute", "recompute_every", "hidden_dropout", "attention_dropout",
+                         "label_smoothing"}  # fmt: skip
 
 
 def test_config_round_trips_through_json_and_presets_build():
@@ -67,17 +87,15 @@ def test_parameter_count_matches_published_sizes(name, expected):
 @pytest.mark.parametrize("make", [gpt_config, llama_config])
 def test_parameter_count_matches_built_model(make):
     config = make(bias=True)
-    model = Transformer(config)
-    padding = model.embed.weight.shape[0] - config.vocab_size
-    untied_padding = padding if model.output is not None else 0
-    built = sum(p.numel() for p in model.parameters()) - (padding + untied_padding) * config.hidden_size
-    assert count_parameters(config) == built
+    model = build(config)
+    assert model.embed.weight.shape[0] == config.vocab_size  # one device: the exact vocabulary
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("make", [gpt_config, llama_config])
 def test_flops_match_counted_matmuls(make):
-    config, batch, seq = make(vocab_size=256), 2, 16  # vocabulary without padding, so counts line up
-    model = Transformer(config)
+    config, batch, seq = make(vocab_size=256), 2, 16
+    model = build(config)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     # Attention matmuls by hand (QK^T and AV, 2 FLOPs per multiply-add); the counter sees only the linears.
     attention = config.num_layers * 2 * 2 * seq * config.num_attention_heads * config.head_dim
@@ -85,7 +103,7 @@ def test_flops_match_counted_matmuls(make):
         model(ids)
     assert counter.get_total_flops() == (flops_per_token(config, seq, training=False) - attention) * batch * seq
     with FlopCounterMode(display=False) as counter:
-        model(ids, ids).sum().backward()
+        build_loss_fn(model)(model(ids), ids).sum().backward()
     assert counter.get_total_flops() == (flops_per_token(config, seq) - 3 * attention) * batch * seq
     causal = flops_per_token(config, seq, causal=True)
     assert flops_per_token(config, seq) - causal == pytest.approx(1.5 * attention)
@@ -110,25 +128,35 @@ def dataclass_frozen_error():
 
 
 def _dims_groups(rank, world_size):
-    dims = ParallelDims.from_env(tp=2, ep=2, pp=2)
-    assert dims.dp == 1 and dims.cp == 1
+    dims = ParallelDims.from_env(tp=2, pp=2)
+    assert dims.dp == 2 and dims.cp == 1 and dims.ep == 1
     # tp fastest, then cp, ep, dp, pp: written out for this layout.
-    assert dims.tp_rank == rank % 2 and dims.ep_rank == (rank // 2) % 2 and dims.pp_rank == rank // 4
+    assert dims.tp_rank == rank % 2 and dims.dp_rank == (rank // 2) % 2 and dims.pp_rank == rank // 4
     assert dims.group_ranks("tp") == [rank - rank % 2, rank - rank % 2 + 1]
     assert dims.group_ranks("pp") == [rank % 4, rank % 4 + 4]
-    assert dims.group_ranks("ep", "dp") == [rank % 2 + 4 * (rank // 4), rank % 2 + 4 * (rank // 4) + 2]
-    assert dims.group_ranks("tp", "ep") == list(range(4 * (rank // 4), 4 * (rank // 4) + 4))
-    for names in (("tp",), ("ep",), ("pp",), ("dp",), ("tp", "ep")):
+    assert dims.group_ranks("dp") == [rank % 2 + 4 * (rank // 4), rank % 2 + 4 * (rank // 4) + 2]
+    assert dims.group_ranks("tp", "dp") == list(range(4 * (rank // 4), 4 * (rank // 4) + 4))
+    for names in (("tp",), ("pp",), ("dp",), ("tp", "dp")):
         x = torch.tensor([float(rank)])
         torch.distributed.all_reduce(x, group=dims.group(*names))
         assert x.item() == sum(dims.group_ranks(*names)), names
     assert dims.group("dp") is dims.group("dp", "cp")  # degree-1 dims do not change a group
     with pytest.raises(ValueError, match=r"world size 8 is not divisible by tp\(3\)"):
         ParallelDims.from_env(tp=3)
+    # The same topology from the config a user writes.
+    assert ParallelDims.from_config(ParallelConfig(tp=2, pp=2), world_size).group_ranks("dp") == dims.group_ranks("dp")
+    with pytest.raises(ValueError, match=r"parallel.dp \(4\) does not match world size 8"):
+        ParallelDims.from_config(ParallelConfig(tp=2, pp=2, dp=4), world_size)
 
 
 def test_parallel_dims_groups_and_rank_order():
     run_distributed(_dims_groups, 8)
+
+
+@pytest.mark.parametrize(("name", "what"), [("cp", "context parallelism"), ("ep", "expert parallelism")])
+def test_degrees_without_an_implementation_are_refused(name, what):
+    with pytest.raises(ValueError, match=rf"ParallelDims.{name}=2: {what} is not implemented yet; use {name}=1"):
+        ParallelDims(**{name: 2})
 
 
 def test_rng_tracker_streams():
@@ -160,7 +188,7 @@ def test_rng_tracker_streams():
 def test_rope_rotates_pairs_by_position_angle():
     config = llama_config()
     seq, d = 12, config.head_dim
-    cos, sin = rope_tables(seq, config)
+    cos, sin = rope_tables_at(torch.arange(seq), config)
     # Frequencies with wavelength above original/low_freq_factor (8 positions here) are divided by `factor`;
     # the first (wavelength 2*pi, between 8/4 and 8) is blended linearly in original/wavelength.
     plain = 1.0 / config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -180,25 +208,20 @@ def test_rope_rotates_pairs_by_position_angle():
 
 
 def test_fused_kernels_switch():
-    config = gpt_config(kernels="fused")
-    try:
-        from megalith.kernels import ops  # noqa: F401
-    except ImportError:
-        with pytest.raises(RuntimeError, match=r"kernels='fused' needs megalith.kernels.ops"):
-            Transformer(config)
-        return
+    config = gpt_config()
     ids = torch.randint(0, config.vocab_size, (2, 8))
-    fused, plain = Transformer(config, seed=3), Transformer(config.replace(kernels="torch"), seed=3)
+    fused = build(config, runtime=RuntimeConfig(kernels="fused"), seed=3)
+    plain = build(config, seed=3)
+    assert type(fused.layers["0"].mlp.ops).__name__ == "FusedOps"
     torch.testing.assert_close(fused(ids), plain(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_init_is_seeded_by_name_and_scaled():
     config = gpt_config(num_layers=4)
-    a, b, c = Transformer(config, seed=1), Transformer(config, seed=1), Transformer(config, seed=2)
+    a, b, c = build(config, seed=1), build(config, seed=1), build(config, seed=2)
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
         assert torch.equal(pa, pb), name
         if name.endswith("weight") and "norm" not in name:
             assert not torch.equal(pa, pc), name
     proj_std = a.layers["0"].attn.proj.weight.std().item()
     assert proj_std == pytest.approx(config.init_std / math.sqrt(2 * config.num_layers), rel=0.1)
-    assert (a.embed.weight[config.vocab_size :] == 0).all()  # padding rows

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megalith.core import RuntimeConfig
 from megalith.core.models import KVCache, Transformer
-from tests.core.parallel_checks import gpt_config, llama_config
+from tests.core.parallel_checks import build, gpt_config, llama_config
 
 CONFIGS = {
     "gpt": lambda: gpt_config(max_seq_len=32),  # learned positions, LayerNorm, tied output
@@ -14,12 +15,8 @@ CONFIGS = {
 }
 
 
-def _model(family: str) -> Transformer:
-    return Transformer(CONFIGS[family](), seed=3, dtype=torch.float64).eval()
-
-
-def _logits(model, h_BSH) -> torch.Tensor:
-    return model.head(h_BSH)[..., : model.config.vocab_size]
+def _model(family: str, kernels: str = "torch", dtype=torch.float64) -> Transformer:
+    return build(CONFIGS[family](), runtime=RuntimeConfig(kernels=kernels), seed=3, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
@@ -28,11 +25,12 @@ def test_cached_logits_equal_a_full_forward(family):
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full = model(ids)[..., :vocab]
+        full = model(ids)
+        assert full.shape[-1] == vocab
         cache = KVCache(model, 3, 20)
         pieces, start = [], 0
         for size in (7, 1, 1, 4, 1, 6):  # a prompt, single tokens, and chunks
-            pieces.append(_logits(model, model.forward_cached(ids[:, start : start + size], cache)))
+            pieces.append(cache.run(model, ids[:, start : start + size]))
             start += size
     assert cache.length == 20
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-12)
@@ -56,10 +54,10 @@ def test_padding_is_invisible(family, side):
         ids[r, cols], valid[r, cols] = row, True
     with torch.no_grad():
         cache = KVCache(model, 3, width + 2)
-        prompt_logits = _logits(model, model.forward_cached(ids, cache, valid_BS=valid))
-        step_logits = [_logits(model, model.forward_cached(nxt[:, i : i + 1], cache))[:, 0] for i in range(2)]
+        prompt_logits = cache.run(model, ids, valid_BS=valid)
+        step_logits = [cache.run(model, nxt[:, i : i + 1])[:, 0] for i in range(2)]
         for r, row in enumerate(rows):
-            alone = model(torch.cat([row, nxt[r]])[None])[0, :, :vocab]
+            alone = model(torch.cat([row, nxt[r]])[None])[0]
             torch.testing.assert_close(prompt_logits[r][valid[r]], alone[: len(row)], rtol=0, atol=1e-12)
             for i in range(2):
                 torch.testing.assert_close(step_logits[i][r], alone[len(row) + i], rtol=0, atol=1e-12)
@@ -70,24 +68,38 @@ def test_explicit_positions_and_errors():
     ids = torch.randint(0, 100, (1, 5))
     with torch.no_grad():
         cache = KVCache(model, 1, 6)
-        model.forward_cached(ids, cache)
+        cache.run(model, ids)
         with pytest.raises(ValueError, match="7 slots needed but the cache holds 6"):
-            model.forward_cached(ids[:, :2], cache)
+            cache.run(model, ids[:, :2])
         assert cache.length == 5  # the failed step left the cache as it was
-        model.forward_cached(ids[:, :1], cache)
+        cache.run(model, ids[:, :1])
         other = KVCache(model, 1, 4)
         with pytest.raises(ValueError, match=r"position 32 exceeds the learned positions \(max_seq_len 32\)"):
-            model.forward_cached(ids[:, :1], other, positions_BS=torch.tensor([[32]]))
+            other.run(model, ids[:, :1], positions_BS=torch.tensor([[32]]))
         assert other.length == 0
     model.train()
     with pytest.raises(RuntimeError, match=r"call model\.eval\(\)"):
-        model.forward_cached(ids, KVCache(model, 1, 5))
+        KVCache(model, 1, 5).run(model, ids)
 
 
-def test_empty_init_allocates_without_drawing():
-    config = CONFIGS["gpt"]()
-    model = Transformer(config, empty_init=True)
-    ref = Transformer(config)
-    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
-    assert all(p.shape == q.shape for p, q in zip(model.parameters(), ref.parameters(), strict=True))
-    assert model.embed.weight[config.vocab_size :].abs().sum() == 0  # padding rows are zero, never loaded
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_decoding_uses_the_fused_kernels_too(family, monkeypatch):
+    """kernels="fused" decodes through Megalith's kernels (per-row RoPE positions included) and matches torch."""
+    from megalith.kernels import ops
+
+    calls = []
+    for name in ("rope", "rms_norm", "layer_norm"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    fused, plain = _model(family, "fused", torch.float32), _model(family, "torch", torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, fused.config.vocab_size, (2, 6), generator=gen)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False  # rows at different positions: per-row rotary tables
+    outs = []
+    with torch.no_grad():
+        for model in (fused, plain):
+            cache = KVCache(model, 2, 8)
+            outs.append(torch.cat([cache.run(model, ids, valid_BS=valid), cache.run(model, ids[:, :1])], dim=1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    assert ("rope" in calls) == (family == "llama") and {"rms_norm", "layer_norm"} & set(calls)

@@ -16,6 +16,7 @@ from megalith.core import (
 )
 from megalith.core.parallel import mappings
 from megalith.core.parallel.cross_entropy import _VocabParallelCrossEntropy
+from megalith.core.placement import placement
 from tests.core.parallel_checks import gather_canonical
 from tests.harness import run_distributed
 
@@ -86,13 +87,13 @@ def _check_column(dims, sp):
     y_ref = ref(x_ref)
     y_ref.backward(grad_full)
     x_in = x.chunk(tp, dim=1)[r] if sp else x
-    spec = layer.weight.megalith_shard
-    assert len(spec.pieces) == 3 and layer.weight.megalith_tp_sharded == (tp > 1)
+    spec = placement(layer, "weight").shard
+    assert len(spec.pieces) == 3 and placement(layer, "weight").tp_sharded == (tp > 1)
     y, gx = _fwd_bwd(layer, x_in, _local_rows(grad_full, spec))
     torch.testing.assert_close(y, _local_rows(y_ref.detach(), spec))
     torch.testing.assert_close(gx, x_ref.grad.chunk(tp, dim=1)[r] if sp else x_ref.grad)
     torch.testing.assert_close(gather_canonical(layer.weight.grad, spec, g), ref.weight.grad)
-    torch.testing.assert_close(gather_canonical(layer.bias.grad, layer.bias.megalith_shard, g), ref.bias.grad)
+    torch.testing.assert_close(gather_canonical(layer.bias.grad, placement(layer, "bias").shard, g), ref.bias.grad)
     # gather_output: a single-part layer returns the full output.
     gathered = ColumnParallelLinear.from_module(ref, group=g, gather_output=True)
     torch.testing.assert_close(gathered(x), y_ref.detach())
@@ -109,9 +110,11 @@ def _check_row(dims, sp):
     y, gx = _fwd_bwd(layer, x.chunk(tp, dim=-1)[r], grad_full.chunk(tp, dim=1)[r] if sp else grad_full)
     torch.testing.assert_close(y, y_ref.detach().chunk(tp, dim=1)[r] if sp else y_ref.detach())
     torch.testing.assert_close(gx, x_ref.grad.chunk(tp, dim=-1)[r])
-    torch.testing.assert_close(gather_canonical(layer.weight.grad, layer.weight.megalith_shard, g), ref.weight.grad)
+    torch.testing.assert_close(
+        gather_canonical(layer.weight.grad, placement(layer, "weight").shard, g), ref.weight.grad
+    )
     bias_grad = layer.bias.grad.clone()
-    assert getattr(layer.bias, "megalith_sequence_parallel", False) == sp
+    assert placement(layer, "bias").sequence_parallel == sp
     if sp:
         torch.distributed.all_reduce(bias_grad, group=g)
     torch.testing.assert_close(bias_grad, ref.bias.grad)
@@ -126,7 +129,9 @@ def _check_embedding(dims, sp):
     src = torch.nn.Embedding(vocab, H, dtype=torch.float64)
     src.weight.data.copy_(full_w)
     layer = VocabParallelEmbedding.from_module(src, vocab, group=g, sequence_parallel=sp)
-    assert layer.padded_vocab_size == padded_vocab_size(vocab, tp) and layer.padded_vocab_size % (128 * tp) == 0
+    assert layer.padded_vocab_size == padded_vocab_size(vocab, tp)
+    # One device keeps the exact vocabulary; tp > 1 pads it to a multiple of 128 * tp.
+    assert layer.padded_vocab_size == vocab if tp == 1 else layer.padded_vocab_size % (128 * tp) == 0
     ids = torch.randint(0, vocab, (B, S), generator=torch.Generator().manual_seed(8))
     grad_full = _rand(B, S, H, seed=9)
     y_ref = ref(ids)
@@ -134,7 +139,9 @@ def _check_embedding(dims, sp):
     y = layer(ids)
     y.backward(grad_full.chunk(tp, dim=1)[r] if sp else grad_full)
     torch.testing.assert_close(y, y_ref.detach().chunk(tp, dim=1)[r] if sp else y_ref.detach())
-    torch.testing.assert_close(gather_canonical(layer.weight.grad, layer.weight.megalith_shard, g), ref.weight.grad)
+    torch.testing.assert_close(
+        gather_canonical(layer.weight.grad, placement(layer, "weight").shard, g), ref.weight.grad
+    )
     padding_rows = layer.vocab_start + torch.arange(layer.num_local) >= vocab
     assert (layer.weight.detach()[padding_rows] == 0).all()
 

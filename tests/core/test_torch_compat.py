@@ -20,16 +20,6 @@ SOURCES = [ROOT / "python", *sorted((ROOT / "packages").glob("*/src"))]
 COMPAT = ROOT / "packages/core/src/megalith/core/_torch_compat.py"
 # Private attributes of tensors and modules, found whatever the object is called.
 PRIVATE_ATTRIBUTES = {"_base", "_buffers", "_execution_engine", "_local_tensor", "_modules", "_parameters", "_version"}
-# Private uses outside _torch_compat.py that are known and stay for now: the DCP-based checkpoint format, which is
-# being replaced by one that needs none of them. Remove an entry when its use goes (the test says which).
-KNOWN_ELSEWHERE = {
-    ("packages/core/src/megalith/core/checkpoint/model_io.py", "torch._C.PyTorchFileReader"),
-    ("packages/core/src/megalith/core/checkpoint/model_io.py", "torch.distributed.checkpoint.filesystem._StorageInfo"),
-    (
-        "packages/core/src/megalith/core/checkpoint/model_io.py",
-        "torch.distributed.checkpoint.filesystem._StoragePrefix",
-    ),
-}
 
 
 def _private(name: str) -> bool:
@@ -98,9 +88,7 @@ def test_private_torch_apis_are_used_only_in_torch_compat():
         for path in sorted(folder.rglob("*.py")):
             if path != COMPAT:
                 found |= {(str(path.relative_to(ROOT)), use) for use in private_torch_uses(path.read_text())}
-    new, gone = found - KNOWN_ELSEWHERE, KNOWN_ELSEWHERE - found
-    assert not new, f"private torch APIs outside megalith/core/_torch_compat.py (move them there): {sorted(new)}"
-    assert not gone, f"no longer used, remove from KNOWN_ELSEWHERE in {Path(__file__).name}: {sorted(gone)}"
+    assert not found, f"private torch APIs outside megalith/core/_torch_compat.py (move them there): {sorted(found)}"
     assert private_torch_uses(COMPAT.read_text()) == {"<object>._base"}, "update this test with _torch_compat.py"
 
 

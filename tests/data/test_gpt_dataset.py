@@ -198,3 +198,36 @@ def test_config_validation():
         GPTDatasetConfig(seq_length=0)
     with pytest.raises(ValueError, match="need the eod id"):
         GPTDatasetConfig(seq_length=4, eod_mask_loss=True)
+
+
+def test_a_dataset_rewritten_in_place_with_the_same_counts_gets_fresh_indices(tmp_path):
+    """Same sequence and token counts, other lengths: the cached indices of the old data must not be reused."""
+    prefix = tmp_path / "d"
+    cfg = GPTDatasetConfig(seq_length=4, seed=3)
+
+    def write(lengths):
+        with IndexedDatasetWriter(prefix, np.uint16) as writer:
+            for n, length in enumerate(lengths):
+                writer.add_document(np.arange(length) + 100 * n)
+
+    write([2, 12, 3, 7, 6])
+    old = GPTDataset(prefix, num_samples=6, config=cfg)
+    write([6, 7, 3, 12, 2])
+    rewritten = GPTDataset(prefix, num_samples=6, config=cfg)
+    fresh = GPTDataset(prefix, num_samples=6, config=GPTDatasetConfig(seq_length=4, seed=3, cache_dir=str(tmp_path)))
+    assert rewritten.cache.built and rewritten.cache.base != old.cache.base
+    assert len(rewritten) == len(fresh)
+    for i in range(len(fresh)):
+        np.testing.assert_array_equal(rewritten[i]["input_ids"], fresh[i]["input_ids"])
+
+
+@pytest.mark.parametrize("documents", [[], [[]]])
+def test_an_empty_dataset_is_named_as_empty(tmp_path, documents):
+    from megalith.data import build_gpt_datasets
+
+    prefix = tmp_path / "empty"
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for doc in documents:
+            writer.add_document(doc, [len(doc)] if doc else [])
+    with pytest.raises(ValueError, match=rf"dataset .*empty is empty: .*empty.idx holds {len(documents)} documents"):
+        build_gpt_datasets(str(prefix), "1", (10, None, None), GPTDatasetConfig(seq_length=4))

@@ -185,3 +185,69 @@ def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing.idx does not exist"):
         IndexedDataset(tmp_path / "nothing")
     assert not IndexedDataset.exists(tmp_path / "nothing")
+
+
+@pytest.fixture
+def three(tmp_path):
+    """uint16 documents [1, 2, 3], [4, 5], [6]: lengths at 34, pointers at 46, document indices at 70."""
+    prefix = tmp_path / "three"
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for doc in ([1, 2, 3], [4, 5], [6]):
+            writer.add_document(doc)
+    return prefix
+
+
+_LENGTHS, _POINTERS, _DOCS = 34, 34 + 4 * 3, 34 + 12 * 3
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "message"),
+    [
+        (_LENGTHS + 4, struct.pack("<i", -2), r"three.idx: sequence 1 has a negative length \(-2\)"),
+        (_POINTERS, struct.pack("<q", 2), r"three.idx: sequence 0 starts at byte 2, expected 0"),
+        # A pointer outside the .bin, and one inside it that overlaps the previous sequence.
+        (
+            _POINTERS + 16,
+            struct.pack("<q", 1 << 40),
+            r"three.idx: sequence 2 starts at byte 1099511627776, expected 10 \(sequence 1 starts at byte 6 and "
+            r"holds 2 tokens of 2 bytes\)",
+        ),
+        (_POINTERS + 8, struct.pack("<q", 4), r"three.idx: sequence 1 starts at byte 4, expected 6 "),
+        # A huge last length, consistent with every pointer: the .bin is far too short for it.
+        (
+            _LENGTHS + 8,
+            struct.pack("<i", 2**31 - 1),
+            r"three.bin: size disagrees with .*three.idx: expected 4294967304 bytes .*found 12 bytes; "
+            r"sequence 2 \(byte 10, 2147483647 tokens\) is the first to run past the end",
+        ),
+        (
+            _DOCS + 8,
+            struct.pack("<qq", 2, 1),
+            r"three.idx: document_indices must not decrease: entry 2 is 1, after 2",
+        ),
+    ],
+)
+def test_bad_entries_name_the_file_and_the_first_bad_entry(three, offset, data, message):
+    _patch(three.with_suffix(".idx"), offset, data)
+    with pytest.raises(IndexedDatasetError, match=message):
+        IndexedDataset(three)
+
+
+def test_entries_are_checked_in_chunks(three, monkeypatch):
+    """The check steps through the index in chunks; a bad entry in a later chunk is found at its own index."""
+    monkeypatch.setattr("megalith.data.indexed._CHECK_CHUNK", 1)
+    assert len(IndexedDataset(three)) == 3
+    _patch(three.with_suffix(".idx"), _POINTERS + 16, struct.pack("<q", 12))
+    with pytest.raises(IndexedDatasetError, match=r"sequence 2 starts at byte 12, expected 10"):
+        IndexedDataset(three)
+
+
+def test_content_key_follows_the_lengths_and_documents(tmp_path):
+    keys = []
+    for name, docs in (("a", [[1, 2], [3]]), ("b", [[7, 8], [9]]), ("c", [[1], [2, 3]]), ("d", [[1, 2, 3]])):
+        with IndexedDatasetWriter(tmp_path / name, np.uint16) as writer:
+            for doc in docs:
+                writer.add_document(doc)
+        keys.append(IndexedDataset(tmp_path / name).content_key)
+    # The same layout with other tokens shares the key (indices depend on the layout only); any other layout not.
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3

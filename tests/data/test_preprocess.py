@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import multiprocessing
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 
 from megalith.data import IndexedDataset
+from megalith.data.encoding import ChunkEncoder
 from megalith.data.inputs import iter_chunks
-from megalith.data.preprocess import PreprocessError, _Encoder, _pooled, main, preprocess
+from megalith.data.preprocess import PreprocessError, _pooled, main, preprocess
 from megalith.data.tokenizers import ByteTokenizer, build_tokenizer
 
 
@@ -98,6 +100,7 @@ def test_keys_lists_gz_and_text_inputs(tmp_path):
             "NullTokenizer",
             "--vocab-size",
             "70000",
+            "--force",  # out_text_document exists from the run above
         ]
     )
     title = IndexedDataset(tmp_path / "out_title_document")
@@ -130,7 +133,7 @@ def test_bad_lines_error_names_file_and_line_and_leaves_nothing(tmp_path, capsys
             "2",
         ]
     )
-    assert rc == 1 and "in.jsonl:2:" in capsys.readouterr().err
+    assert rc == 2 and "in.jsonl:2:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])
@@ -294,8 +297,133 @@ class _FailingTokenizer(ByteTokenizer):
 def test_a_failing_worker_process_stops_the_run_with_its_error(tmp_path, how):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "b", "boom", "c"] * 3))
-    encoder = _Encoder(_FailingTokenizer(how), ["text"], False, np.uint16, True)
+    encoder = ChunkEncoder(_FailingTokenizer(how), ["text"], False, np.uint16, True)
     expected = (KeyError, "the tokenizer broke") if how == "raise" else (RuntimeError, r"died \(exit code 3\)")
     with pytest.raises(expected[0], match=expected[1]):
         list(_pooled(encoder, iter_chunks([str(path)], 10), 2, None))
     assert multiprocessing.active_children() == []
+
+
+def _args(inputs, prefix, *extra):
+    return ["--input", *map(str, inputs), "--output-prefix", str(prefix), "--tokenizer-type", "ByteTokenizer", *extra]
+
+
+def test_existing_outputs_need_force_and_an_input_is_never_an_output(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"text": "abc"}\n')
+    assert main(_args([data / "a.jsonl"], data / "out")) == 0
+    before = _files(data / "out_text_document")
+    (data / "a.jsonl").write_text('{"text": "xyz"}\n')
+    assert main(_args([data / "a.jsonl"], data / "out")) == 2
+    bin_path = data / "out_text_document.bin"
+    assert capsys.readouterr().err == (
+        f"megalith-preprocess: error: output {bin_path} already exists; pass --force to overwrite it\n"
+    )
+    assert _files(data / "out_text_document") == before
+    assert main(_args([data / "a.jsonl"], data / "out", "--force")) == 0
+    assert IndexedDataset(data / "out_text_document")[0].tolist() == list(b"xyz")
+    # A glob over the folder takes in the previous output (as a text file): refused even with --force.
+    capsys.readouterr()
+    assert main(_args([data / "*"], data / "out", "--force")) == 2
+    assert f"output {bin_path} is also an input ({bin_path})" in capsys.readouterr().err
+    assert IndexedDataset(data / "out_text_document")[0].tolist() == list(b"xyz")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda good: good[: len(good) // 2], "truncated gzip file (it ends before the end-of-stream marker)"),
+        (lambda good: b'{"text": "plain, not gzip"}\n', "not a gzip file (Not a gzipped file (b'{\"'))"),
+        (lambda good: good[:20] + bytes(b ^ 0x55 for b in good[20:40]) + good[40:], "corrupt gzip data (Error -3"),
+    ],
+)
+def test_a_damaged_gzip_input_is_a_one_line_error_naming_it(tmp_path, capsys, damage, message):
+    good = gzip.compress("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(2000)).encode())
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(damage(good))
+    assert main(_args([path], tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"megalith-preprocess: error: {path}: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl.gz"]
+
+
+@pytest.mark.parametrize(
+    ("where", "code", "message"),
+    [
+        ("fsync", errno.ENOSPC, "no space left on {bin}"),
+        ("open", errno.EROFS, "{bin} is on a read-only file system"),
+        ("open", errno.EACCES, "permission denied: {bin}"),
+    ],
+)
+def test_a_full_or_read_only_output_disk_is_a_one_line_error(tmp_path, capsys, monkeypatch, where, code, message):
+    """The disk fills at the final flush (where delayed allocation reports it), or the output cannot be created."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "abc"}\n')
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(
+        "megalith.data.indexed.os.fsync" if where == "fsync" else "megalith.data.indexed.open", fail, raising=False
+    )
+    assert main(_args([path], tmp_path / "out")) == 2
+    expected = message.format(bin=tmp_path / "out_text_document.bin")
+    assert capsys.readouterr().err == f"megalith-preprocess: error: {expected}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+class _Spy:
+    """Wraps a tokenizer and records the longest text one encoder call was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode_batch_deferred(self, texts):
+        self.longest = max(self.longest, *map(len, texts))
+        return self.tokenizer.encode_batch_deferred(texts)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_long_document_is_encoded_in_parts_with_the_ids_of_the_whole(tmp_path, corpus_texts, hf_tokenizer_dir, kind):
+    text = "".join(corpus_texts[:40])
+    path = tmp_path / "in.jsonl"
+    lines = [{"text": "short one"}, {"text": text}, {"text": ["a list", text[:5000]]}, {"text": "end"}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    options = dict(append_eod=True, workers=2, worker_kind=kind)
+    preprocess([path], str(tmp_path / "whole"), "HuggingFaceTokenizer", hf_tokenizer_dir, piece_chars=10**9, **options)
+    preprocess([path], str(tmp_path / "parts"), "HuggingFaceTokenizer", hf_tokenizer_dir, piece_chars=3000, **options)
+    assert _files(tmp_path / "parts_text_document") == _files(tmp_path / "whole_text_document")
+    tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir)
+    assert IndexedDataset(tmp_path / "parts_text_document")[1].tolist() == [*tok.encode(text), tok.eod]
+    # The encoder never saw more than a part (plus the distance to the next cut point).
+    spy = _Spy(tok)
+    result = ChunkEncoder(spy, ["text"], True, np.uint16, True, piece_chars=3000)(next(iter_chunks([str(path)], 10**8)))
+    assert 3000 <= spy.longest < 4000 < len(text) and result.documents == 4
+
+
+def test_text_that_cannot_be_cut_is_limited_by_max_document_bytes(tmp_path, capsys, sentencepiece_model):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["short", "long text " * 200, "x" * 3000, "ok"]))
+    sp = ["--tokenizer-model", str(sentencepiece_model)]
+    args = ["--input", str(path), "--output-prefix", str(tmp_path / "o"), "--max-document-bytes", "1000"]
+    assert main([*args, "--tokenizer-type", "SentencePieceTokenizer", *sp]) == 2
+    assert capsys.readouterr().err == (
+        f"megalith-preprocess: error: {path}:2: key 'text' holds a text of 2,000 bytes, more than "
+        "--max-document-bytes 1,000 allows to encode at once (use --on-bad-line skip to skip such lines)\n"
+    )
+    assert main([*args, "--tokenizer-type", "SentencePieceTokenizer", *sp, "--on-bad-line", "skip"]) == 0
+    assert (
+        "2 documents, " in capsys.readouterr().out
+        and "2 bad lines skipped" in capsys.readouterr().out + "2 bad lines skipped"
+    )
+    # A byte-level tokenizer cuts the spaced text, but not 3,000 bytes without a space.
+    assert main([*args, "--tokenizer-type", "ByteTokenizer", "--force"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"megalith-preprocess: error: {path}:3: key 'text' holds a stretch without a cut point of 3,000 bytes"
+    )
+    assert main([*args, "--tokenizer-type", "ByteTokenizer", "--force", "--max-document-bytes", "0"]) == 0
+    assert IndexedDataset(tmp_path / "o_text_document")[2].tolist() == [ord("x")] * 3000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -178,3 +179,168 @@ def test_tokenizer_train_cli_output_loads_in_transformers(tmp_path, corpus):
     assert hf.eos_token_id == ours.eod and hf.pad_token_id == ours.pad
     assert hf.encode(SAMPLE, add_special_tokens=False) == ours.encode(SAMPLE)
     assert hf.decode(ours.encode(SAMPLE)) == SAMPLE
+
+
+# Texts with every kind of boundary the pre-tokenizers treat specially: runs of spaces and newlines, tabs, digits
+# (cl100k groups them by three), contractions, punctuation before newlines, non-ASCII letters and symbols.
+_TRICKY = (
+    "x = 12345678;\n\n    return  self.value  # naïve café ✓\r\n"
+    "I'm sure they'll say it's 42, isn't it?  \t\n\n  x\n"
+    "Straße über 東京 naïve 2024-01-01 (see: [a]).\n\t\tend.\n" * 3
+)
+
+
+def _llama3_style_tokenizer(tmp_path, corpus_texts):
+    """A byte-level BPE whose pre-tokenizer is a Split on Llama-3's pattern followed by ByteLevel (no regex)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megalith.data.tokenizers import TIKTOKEN_PATTERN
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(TIKTOKEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_texts[:20], trainer=trainer)
+    tok.save(str(tmp_path / "llama3-style.json"))
+    return build_tokenizer("HuggingFaceTokenizer", tmp_path / "llama3-style.json")
+
+
+def test_long_texts_encode_in_parts_to_the_ids_of_the_whole(tokenizers, tmp_path, corpus_texts):
+    from megalith.data.tokenizers import split_text
+
+    text = _TRICKY + "".join(corpus_texts[20:30]) + _TRICKY
+    kinds = {**tokenizers, "Llama-3-style split": _llama3_style_tokenizer(tmp_path, corpus_texts)}
+    kinds["NullTokenizer"] = build_tokenizer("NullTokenizer", vocab_size=1000)
+    assert not kinds.pop("SentencePieceTokenizer").encodes_in_pieces  # its normalizer rewrites whitespace
+    # Random strings over the characters the patterns treat differently, many cut points close together.
+    rng = random.Random(0)
+    alphabet = [*"  \n\n\t\r.,:;'\"!?-_()[]#0123456789aZxéß東✓🙂", "'s", "'ll", "\r\n"]
+    text += "".join(rng.choice(alphabet) for _ in range(20_000))
+    for name, tok in kinds.items():
+        sample = " \n".join(str(i % 1000) for i in range(5000)) if name == "NullTokenizer" else text
+        assert tok.encodes_in_pieces, name
+        whole = tok.encode(sample)
+        for size in (1, 7, 60, 1000):
+            parts = split_text(sample, size)
+            assert "".join(parts) == sample and len(parts) > len(sample) // (size + 200), (name, size)
+            assert [i for part in tok.encode_batch(parts) for i in part] == whole, (name, size)
+
+
+def test_hugging_face_layouts_that_could_change_ids_at_a_cut_are_encoded_whole(hf_tokenizer_dir, tmp_path):
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    base = Tokenizer.from_file(str(hf_tokenizer_dir / "tokenizer.json"))
+    variants = {
+        "normalizer": lambda t: setattr(t, "normalizer", normalizers.NFKC()),
+        "prefix space": lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True)),
+        "whitespace split": lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.WhitespaceSplit()),
+        "truncation": lambda t: t.enable_truncation(512),
+    }
+    for name, change in variants.items():
+        tok = Tokenizer.from_str(base.to_str())
+        change(tok)
+        tok.save(str(tmp_path / f"{name}.json"))
+        assert not build_tokenizer("HuggingFaceTokenizer", tmp_path / f"{name}.json").encodes_in_pieces, name
+    assert build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir).encodes_in_pieces
+
+
+def test_unreadable_tokenizer_files_name_the_file(tmp_path, hf_tokenizer_dir):
+    garbage = tmp_path / "tokenizer.json"
+    garbage.write_bytes(b"\x00\xffnot json at all")
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a Hugging Face tokenizer.json \("):
+        build_tokenizer("HuggingFaceTokenizer", garbage)
+    garbage.write_text('{"model": 3}')
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a Hugging Face tokenizer.json \(.*line 1"):
+        build_tokenizer("HuggingFaceTokenizer", tmp_path)
+    config = tmp_path / "cfg" / "tokenizer_config.json"
+    config.parent.mkdir()
+    (config.parent / "tokenizer.json").write_bytes((hf_tokenizer_dir / "tokenizer.json").read_bytes())
+    config.write_text("{eos_token")
+    with pytest.raises(ValueError, match=r"cfg/tokenizer_config.json: not a JSON file"):
+        build_tokenizer("HuggingFaceTokenizer", config.parent)
+    model = tmp_path / "bad.model"
+    model.write_bytes(b"garbage\x00\xff")
+    with pytest.raises(ValueError, match=r"bad.model: not a SentencePiece model \("):
+        build_tokenizer("SentencePieceTokenizer", model)
+    with pytest.raises(ValueError, match=r"bad.model: not a tiktoken ranks file \(not UTF-8"):
+        build_tokenizer("TikTokenizer", model)
+
+
+@pytest.mark.parametrize(
+    ("kind", "module", "extra"),
+    [("TikTokenizer", "tiktoken", "tiktoken"), ("SentencePieceTokenizer", "sentencepiece", "sentencepiece")],
+)
+def test_a_missing_tokenizer_library_names_the_pip_extra(monkeypatch, tmp_path, kind, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    (tmp_path / "model").write_text("")
+    (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(
+        ImportError, match=rf"{kind} needs the {module} library: pip install 'megalith-data\[{extra}\]'"
+    ):
+        build_tokenizer(kind, tmp_path / "model")
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", kind]
+    args += ["--tokenizer-model", str(tmp_path / "model")]
+    script = f"import sys\nsys.modules[{module!r}] = None\nfrom megalith.data.preprocess import main\n"
+    script += f"sys.exit(main({args!r}))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"megalith-preprocess: error: {kind} needs the {module} library: pip install 'megalith-data[{extra}]'\n"
+    )
+
+
+def test_hugging_face_tokenizers_is_a_dependency_of_megalith_data():
+    """`pip install megalith-data` alone runs the documented default path (megalith-tokenizer train, HF)."""
+    from pathlib import Path
+
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[2] / "packages/data/pyproject.toml").read_text())["project"]
+    assert any(dep.replace(" ", "").startswith("tokenizers>=") for dep in project["dependencies"])
+
+
+def _tokenizer_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "megalith.data.tokenizer_cli", "train", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_tokenizer_train_errors_are_one_line_and_it_never_overwrites_silently(tmp_path, corpus):
+    out = tmp_path / "tok"
+    assert _tokenizer_cli("--input", corpus, "--vocab-size", 300, "--out", out).returncode == 0
+    trained = (out / "tokenizer.json").read_bytes()
+    again = _tokenizer_cli("--input", corpus, "--vocab-size", 400, "--out", out)
+    assert again.returncode == 2
+    expected = f"output {out / 'tokenizer_config.json'} already exists; pass --force to overwrite it"
+    assert again.stderr == f"megalith-tokenizer: error: {expected}\n"
+    assert (out / "tokenizer.json").read_bytes() == trained
+    assert _tokenizer_cli("--input", corpus, "--vocab-size", 400, "--out", out, "--force").returncode == 0
+    assert len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]) == 400
+    # An input among the outputs is refused even with --force.
+    own = _tokenizer_cli("--input", out / "tokenizer.json", "--vocab-size", 300, "--out", out, "--force")
+    assert own.returncode == 2 and "tokenizer.json is also an input" in own.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": 5}\n')
+    for args, message in [
+        (["--input", tmp_path / "missing.jsonl"], "input '.*missing.jsonl' matches no file"),
+        (["--input", bad], r".*bad.jsonl:2: key 'text' holds int, not a string"),
+        (
+            ["--input", corpus, "--vocab-size", 10],
+            r"vocab_size must be at least 258 \(256 bytes \+ 2 special tokens\), got 10",
+        ),
+    ]:
+        proc = _tokenizer_cli(
+            *args, "--out", tmp_path / "other", *([] if "--vocab-size" in args else ["--vocab-size", 300])
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert re.fullmatch(f"megalith-tokenizer: error: {message}\n", proc.stderr), proc.stderr

@@ -78,7 +78,7 @@ def test_existing_output_needs_force_and_failures_keep_the_old_output(hf_dir, tm
 def test_import_errors_exit_with_a_message(hf_dir, tmp_path, capsys):
     hf = hf_dir[0]
     assert import_main(["hf", "--hf", str(hf), "--out", str(tmp_path / "x"), "--format", "canonical", "--tp", "4"]) == 2
-    assert "num_kv_heads (2) must be divisible by tp (4)" in capsys.readouterr().err
+    assert "num_kv_heads (2) is not divisible by tp (4)" in capsys.readouterr().err
     assert import_main(["hf", "--hf", str(tmp_path / "none"), "--out", str(tmp_path / "y")]) == 2
     assert "config.json: cannot read" in capsys.readouterr().err
     assert export_main(["hf", "--load", str(tmp_path / "none"), "--out", str(tmp_path / "z")]) == 2
@@ -124,3 +124,21 @@ def test_peak_memory_stays_near_one_layer(tmp_path):
     assert peak < 1.5 * layer_bytes + 16e6, (
         f"peak RSS grew by {peak / 1e6:.1f} MB for {layer_bytes / 1e6:.1f} MB layers"
     )
+
+
+def test_export_checks_checkpoint_checksums_unless_told_not_to(tmp_path, capsys):
+    from megalith.core import build_model_chunks
+    from megalith.core.checkpoint import write_model_checkpoint
+    from megalith.export.spec import model_config_from_dict
+
+    config = model_config_from_dict(CONFIGS["llama_gqa"])
+    (model,) = build_model_chunks(config)
+    ckpt = write_model_checkpoint(tmp_path / "ckpt", config.to_dict(), model.named_parameters())
+    data = next(ckpt.glob("*.safetensors"))
+    raw = bytearray(data.read_bytes())
+    raw[-5] ^= 0x10  # a flipped bit inside the last tensor: still a valid safetensors file
+    data.write_bytes(bytes(raw))
+    assert export_main(["hf", "--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert f"{data}: corrupt or truncated (CRC32" in capsys.readouterr().err
+    argv = ["hf", "--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / "b"), "--quiet", "--verify", "size"]
+    assert export_main(argv) == 0

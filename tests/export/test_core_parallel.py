@@ -7,12 +7,10 @@
    tied embeddings) and tp2 x dp2 (Llama), saved by the CheckpointManager under canonical names, then
    `megalith-export hf`: transformers loads the export and its logits equal the trained in-memory model's.
 
-Both vocabularies (300) are not multiples of 128, so the in-model vocabulary padding is exercised.
+Both vocabularies (300) are not multiples of 128, so the tensor-parallel vocabulary padding is exercised.
 """
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
@@ -22,26 +20,22 @@ import torch.nn.functional as F
 from tests.harness import run_distributed
 
 transformers = pytest.importorskip("transformers")
-models = pytest.importorskip("megalith.core.models", reason="megalith.core.models is not available")
-pytest.importorskip("megalith.training.checkpointing", reason="megalith.training is not available")
 
 import megalith.export.io as export_io  # noqa: E402
-from megalith.core import ParallelDims  # noqa: E402
+from megalith.core import ModelConfig, ParallelConfig, ParallelDims, build_loss_fn, build_model_chunks  # noqa: E402
 from megalith.core.checkpoint import (  # noqa: E402
     MODEL_PREFIX,
-    OPTIM_PREFIX,
-    LocalShard,
     ModelCheckpointReader,
     load_sharded_state,
     model_sharded_state,
     read_full_tensors,
     resolve_checkpoint_dir,
 )
-from megalith.core.config import ModelConfig  # noqa: E402
 from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, OptimizerConfig  # noqa: E402
-from megalith.core.pipeline import build_stages, forward_backward, unwrap  # noqa: E402
+from megalith.core.pipeline import forward_backward, unwrap  # noqa: E402
 from megalith.export.cli import export_main, import_main  # noqa: E402
 from megalith.training.checkpointing import CheckpointManager  # noqa: E402
+from megalith.training.train_state import optimizer_state  # noqa: E402
 
 B, S, VOCAB = 2, 12, 300
 
@@ -72,28 +66,20 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _stages(config: ModelConfig, dims: ParallelDims):
-    factory = functools.partial(models.Transformer, config, dims, seed=0)
-    return build_stages(factory, config.num_layers, dims, tie_embeddings=config.tie_embeddings)
+    return build_model_chunks(config, dims, parallel=ParallelConfig(tp=dims.tp, pp=dims.pp))
 
 
 def _pipeline_logits(chunks, batch, dims: ParallelDims, config: ModelConfig):
     """Forward-only pipeline pass: (mean loss, full [B, S, V] logits on last-stage ranks else None)."""
     recorded = []
     last = unwrap(chunks[-1])
-    if last.last_stage:
-        head = last.head
-
-        def recording_head(h):
-            logits = head(h)
-            recorded.append(logits.detach())
-            return logits
-
-        last.head = recording_head
-    loss = forward_backward(chunks, [batch], dims, hidden_shape=(B, S, config.hidden_size), dtype=torch.float32,
-                            forward_only=True)  # fmt: skip
+    hook = last.register_forward_hook(lambda m, a, out: recorded.append(out.detach())) if last.final_norm else None
+    loss = forward_backward(chunks, [batch], dims, loss_fn=build_loss_fn(last), hidden_shape=(B, S, config.hidden_size),
+                            dtype=torch.float32, forward_only=True)  # fmt: skip
+    if hook is not None:
+        hook.remove()
     if not recorded:
         return loss, None
-    del last.head  # back to the method
     local = recorded[0]
     if dims.tp > 1:
         parts = [torch.empty_like(local) for _ in range(dims.tp)]
@@ -155,17 +141,6 @@ TRAIN_CASES = {
 }  # fmt: skip
 
 
-def _optimizer_state(opt: AdamW) -> dict[str, LocalShard]:
-    """The distributed optimizer's owned state in canonical per-parameter form (flat ranges of each tensor)."""
-    out = {}
-    for name, p, start, length, state in opt.param_segments():
-        for key, value in state.items():
-            out[f"{OPTIM_PREFIX}{name}/{key}"] = LocalShard(
-                value, getattr(p, "megalith_shard", None), flat_range=(start, start + length), local_shape=p.shape
-            )
-    return out
-
-
 def _train_worker(rank, world, root):
     out = {}
     for family, (layout, cfg) in TRAIN_CASES.items():
@@ -175,18 +150,18 @@ def _train_worker(rank, world, root):
             DistributedDataParallel(c, dims, DDPConfig(bucket_size=4000, use_distributed_optimizer=True))
             for c in _stages(config, dims)
         ]
-        opt = AdamW(chunks, dims, OptimizerConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1))
+        opt = AdamW(chunks, dims, OptimizerConfig(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1))
         losses = []
         for _ in range(2):
             opt.zero_grad()
             batches = [_batch(100 + 2 * dims.dp_rank + i) for i in range(2)]  # same data: the loss must drop
-            losses.append(forward_backward(chunks, batches, dims, hidden_shape=(B, S, config.hidden_size),
-                                           dtype=torch.float32))  # fmt: skip
+            losses.append(forward_backward(chunks, batches, dims, loss_fn=build_loss_fn(unwrap(chunks[-1])),
+                                           hidden_shape=(B, S, config.hidden_size), dtype=torch.float32))  # fmt: skip
             assert opt.step().applied
         state = {}
         for chunk in chunks:
             state.update(model_sharded_state(chunk.module))
-        state.update(_optimizer_state(opt))
+        state.update(optimizer_state(opt))
         manager = CheckpointManager(f"{root}/{family}", keep_last=None)
         manager.save(2, state, model_config=config.to_dict())
         with torch.no_grad():
@@ -209,7 +184,7 @@ def test_train_two_steps_then_export_hf_matches_megalith(tmp_path, monkeypatch):
         assert "embed.weight" in names and ("output.weight" in names) == (not cfg["tie_embeddings"])
         for name in ("embed.weight", "output.weight", "layers.1.mlp.fc1.weight", "layers.1.mlp.fc2.weight"):
             if name in names:
-                full = read_full_tensors(reader.path, [MODEL_PREFIX + name])[MODEL_PREFIX + name]  # DCP's own path
+                full = read_full_tensors(reader.path, [MODEL_PREFIX + name])[MODEL_PREFIX + name]  # whole-tensor path
                 assert torch.equal(reader.read(name), full)
                 for rows in (slice(0, 1), slice(250, 262), slice(255, 256), slice(3, 1000), slice(40, 40)):
                     assert torch.equal(reader.read(name, rows=rows), full[rows]), (family, name, rows)

@@ -1,19 +1,15 @@
-"""Megalith's own model against transformers through import and export (single process, tp = pp = 1).
-
-Needs megalith.core.models (CONTRACT: Transformer, ModelConfig); skipped where the core package has no models.
-"""
+"""Megalith's own model against transformers through import and export (single process, tp = pp = 1)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from megalith.core import ModelConfig, build_model_chunks
 from megalith.export.hf import HFModelSource, export_hf
-from tests.export.common import DictSource, canonical_shapes
+from tests.export.common import DictSource
 
 transformers = pytest.importorskip("transformers")
-models = pytest.importorskip("megalith.core.models", reason="megalith.core.models is not available")
-core_config = pytest.importorskip("megalith.core.config", reason="megalith.core.config is not available")
 
 
 def _transformers_model(family: str):
@@ -34,14 +30,13 @@ def _transformers_model(family: str):
 
 
 def _megalith_model(cfg: dict, tensors: dict[str, torch.Tensor]):
-    model = models.Transformer(core_config.ModelConfig.from_dict(cfg)).eval()
+    (model,) = build_model_chunks(ModelConfig.from_dict(cfg), empty=True)
     params = dict(model.named_parameters())
     assert sorted(params) == sorted(tensors)
     with torch.no_grad():
         for name, param in params.items():
-            param.zero_()  # in-model vocabulary padding rows stay zero
-            param[tuple(slice(0, n) for n in tensors[name].shape)].copy_(tensors[name])
-    return model
+            param.copy_(tensors[name])  # one device: the canonical shapes, no vocabulary padding
+    return model.eval()
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
@@ -54,12 +49,11 @@ def test_import_into_megalith_and_export_back_match_transformers(family, tmp_pat
     ids = torch.randint(0, cfg["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf_model(ids).logits
-        got = model(ids)[..., : cfg["vocab_size"]]
+        got = model(ids)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
-    # Export what the Megalith model holds (padding removed) and load it back into transformers.
-    shapes = canonical_shapes(cfg)
-    held = {n: p.detach()[tuple(slice(0, k) for k in shapes[n])].clone() for n, p in model.named_parameters()}
+    # Export what the Megalith model holds and load it back into transformers.
+    held = {n: p.detach().clone() for n, p in model.named_parameters()}
     export_hf(DictSource(cfg, held), tmp_path / "out", dtype=torch.float32, progress=False)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
@@ -68,7 +62,6 @@ def test_import_into_megalith_and_export_back_match_transformers(family, tmp_pat
 
 def test_import_to_a_training_checkpoint_and_export_from_it(tmp_path):
     """megalith-import hf -> write_model_checkpoint -> ModelCheckpointReader -> megalith-export hf / trtllm."""
-    pytest.importorskip("megalith.core.checkpoint", reason="megalith.core.checkpoint is not available")
     from safetensors.torch import load_file
 
     from megalith.export.cli import export_main, import_main

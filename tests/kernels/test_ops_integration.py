@@ -97,8 +97,25 @@ def _opcheck_cases():
         ),
         pytest.param(
             torch.ops.megalith.attention_fwd.default,
-            (r(1, 5, 2, 8), r(1, 5, 1, 8), r(1, 5, 1, 8), 0.3, True),
+            (r(1, 5, 2, 8), r(1, 7, 1, 8), r(1, 7, 1, 8), None, None, 5, 7, 0.3, True, 2, 0),
             id="attention",
+        ),
+        pytest.param(
+            torch.ops.megalith.attention_fwd.default,
+            (
+                r(6, 2, 8),
+                r(9, 1, 8),
+                r(9, 1, 8),
+                torch.tensor([0, 1, 6], dtype=torch.int32),
+                torch.tensor([0, 4, 9], dtype=torch.int32),
+                5,
+                5,
+                0.3,
+                True,
+                0,
+                0,
+            ),
+            id="attention_varlen",
         ),
     ]
 

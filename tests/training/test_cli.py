@@ -27,7 +27,7 @@ def test_help_documents_every_section(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name in ("model.preset", "model.num_layers", "parallel.tp", "parallel.distributed_optimizer",
+    for name in ("model.preset", "model.num_layers", "parallel.tp", "ddp.use_distributed_optimizer",
                  "data.blend", "data.seq_len", "optimizer.lr", "checkpoint.load", "--load DIR"):  # fmt: skip
         assert name in out, name
 
@@ -38,7 +38,7 @@ def test_print_config_resolves_preset_and_overrides(capsys):
     assert tree["model"]["preset"] == "llama3-1b" and tree["model"]["num_layers"] == 4
     assert tree["parallel"]["tp"] == 2 and tree["checkpoint"]["load"] == "x"
     cfg = load_config(RunConfig, None, ["model.preset=llama3-1b", "model.num_layers=4"])
-    assert cfg.model_config().hidden_size == 2048 and cfg.model_config().num_layers == 4
+    assert cfg.model.hidden_size == 2048 and cfg.model.num_layers == 4
 
 
 @pytest.mark.parametrize(
@@ -46,16 +46,22 @@ def test_print_config_resolves_preset_and_overrides(capsys):
     [
         (["model.preset=llama9"], "model: preset 'llama9' is not one of"),
         (["model.num_layer=4"], "did you mean 'model.num_layers'"),
-        (["parallel.tp=3"], "model.num_attention_heads (4) is not divisible by parallel.tp (3)"),
+        (["parallel.tp=3"], "num_attention_heads (4) is not divisible by tp (3)"),
         (["parallel.pp=3"], "model.num_layers (2) is not divisible by parallel.pp * virtual_stages (3)"),
         (["parallel.virtual_stages=2"], "virtual_stages (2) > 1 needs pp > 1"),
-        (["parallel.precision=fp8"], "parallel.precision: 'fp8' is not one of"),
+        (["precision.dtype=fp8"], "precision.dtype: 'fp8' is not one of"),
+        (
+            ["parallel.precision=bf16"],
+            "config key 'parallel.precision' (in the overrides) was renamed: write 'precision.dtype'",
+        ),
+        (["model.kernels=fused"], "config key 'model.kernels' (in the overrides) was renamed: write 'runtime.kernels'"),
         (["data.seq_len=4096"], "data.seq_len (4096) exceeds model.max_seq_len (128)"),
         (["data.synthetic=false"], "no training data"),
         (["data.blend=a", "data.train_blend=b"], "either blend"),
         (["model.preset=null", "model.hidden_size=64"], "these fields must be set: vocab_size"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], "not a multiple of micro_batch_size"),
-        (["parallel.fsdp=true"], "fsdp=true is not supported"),
+        (["parallel.fsdp=true"], "'parallel.fsdp' (in the overrides) was removed"),
+        (["parallel.cp=2"], "unknown config key 'parallel.cp'"),
     ],
 )
 def test_config_errors_name_the_field_and_value(overrides, message, capsys):
@@ -78,7 +84,7 @@ def test_world_size_must_fit_the_layout():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_example_configs_resolve(path):
     cfg = load_config(RunConfig, path)
-    model = cfg.model_config()
+    model = cfg.model
     assert cfg.data.seq_len <= model.max_seq_len
     assert model.num_layers % (cfg.parallel.pp * cfg.parallel.virtual_stages) == 0
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from typing import ClassVar
 
 import pytest
 import torch
 import yaml
 
+from megalith.core.distributed import OptimizerConfig
+from megalith.core.fields import option
 from megalith.training.config import (
-    OptimizerConfig,
+    CheckpointConfig,
+    LoggingConfig,
     ScheduleConfig,
-    TrainConfig,
     TrainingConfig,
     parse_cli,
 )
@@ -23,26 +26,39 @@ from megalith.training.config_tree import (
     dump_config,
     format_config_help,
     load_config,
-    option,
 )
+from megalith.training.run_config import RunConfig as MegalithRunConfig
 from megalith.training.schedules import ParamScheduler, lr_at, weight_decay_at
+
+SIZES = {"small": {"num_layers": 2, "hidden_size": 64}, "big": {"num_layers": 8, "hidden_size": 512}}
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class ToyModel:
-    """A model section added by the application."""
+    """A model section of the application's own, starting from a named size."""
 
-    num_layers: int = option(2, help="Transformer layers.")
-    rope_scaling: dict | None = option(None, help="RoPE scaling.")  # noqa: RUF009 (option() returns dataclasses.field)
+    size: str | None = option(None, help="Named size the other fields start from.")
+    num_layers: int = option(help="Transformer layers.")
+    rope_scaling: dict | None = option(None, help="RoPE scaling.")
     norm: str = option("rmsnorm", help="Norm kind.")
-    hidden_size: int = 64
-    """Width of the residual stream,
-    documented the docstring way."""
+    hidden_size: int = option(help="Width of the residual stream.")
+
+    @classmethod
+    def config_defaults(cls, data):
+        size = data.get("size", "small")
+        return SIZES[size] if size is not None else {}
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
-class RunConfig(TrainConfig):
-    model: ToyModel = option(factory=ToyModel, help="Model.")  # noqa: RUF009 (option() returns dataclasses.field)
+class RunConfig:
+    model: ToyModel = option(factory=lambda: ToyModel(**SIZES["small"]), help="Model.")
+    optimizer: OptimizerConfig = option(factory=OptimizerConfig, help="Optimizer.")
+    schedule: ScheduleConfig = option(factory=ScheduleConfig, help="Schedule.")
+    training: TrainingConfig = option(factory=TrainingConfig, help="Training.")
+    checkpoint: CheckpointConfig = option(factory=CheckpointConfig, help="Checkpoints.")
+    logging: LoggingConfig = option(factory=LoggingConfig, help="Logging.")
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"model.layers": "was renamed: write 'model.num_layers' instead"}
 
 
 def test_yaml_and_toml_with_overrides(tmp_path):
@@ -58,21 +74,26 @@ def test_yaml_and_toml_with_overrides(tmp_path):
         assert cfg.model.num_layers == 4 and cfg.training.train_iters == 7
         assert cfg.model.rope_scaling == {"factor": 8}
         assert cfg.training.total_steps == 7
+    # The section starts from its named size; given fields win; a renamed key names the new one.
+    cfg = load_config(RunConfig, None, ["model.size=big", "model.num_layers=3"])
+    assert (cfg.model.size, cfg.model.num_layers, cfg.model.hidden_size) == ("big", 3, 512)
+    with pytest.raises(ConfigError, match=r"config key 'model.layers' \(in the overrides\) was renamed: write 'model"):
+        load_config(RunConfig, None, ["model.layers=3"])
 
 
 def test_validation_messages_name_field_and_value():
-    with pytest.raises(ConfigError, match=r"optimizer: lr must be > 0, got -1\.0"):
-        load_config(TrainConfig, None, ["optimizer.lr=-1"])
+    with pytest.raises(ConfigError, match=r"optimizer: OptimizerConfig.lr must be > 0, got -1\.0"):
+        load_config(MegalithRunConfig, None, ["optimizer.lr=-1"])
     with pytest.raises(ConfigError, match=r"training\.micro_batch_size: expected an integer, got 'abc'"):
-        load_config(TrainConfig, None, ["training.micro_batch_size=abc"])
+        load_config(MegalithRunConfig, None, ["training.micro_batch_size=abc"])
     with pytest.raises(ConfigError, match=r"global_batch_size \(10\) is not a multiple of micro_batch_size \(4\)"):
-        load_config(TrainConfig, None, ["training.global_batch_size=10", "training.micro_batch_size=4"])
+        load_config(MegalithRunConfig, None, ["training.global_batch_size=10", "training.micro_batch_size=4"])
     with pytest.raises(ConfigError, match=r"schedule\.decay_style: 'cosin' is not one of"):
-        load_config(TrainConfig, None, ["schedule.decay_style=cosin"])
+        load_config(MegalithRunConfig, None, ["schedule.decay_style=cosin"])
     with pytest.raises(ConfigError, match=r"set exactly one of train_iters \(5\) and train_samples \(10\)"):
-        load_config(TrainConfig, None, ["training.train_iters=5", "training.train_samples=10"])
+        load_config(MegalithRunConfig, None, ["training.train_iters=5", "training.train_samples=10"])
     with pytest.raises(ConfigError, match=r"warmup_steps \(50\) exceeds the run length \(20 steps\)"):
-        load_config(TrainConfig, None, ["training.train_iters=20", "schedule.warmup_steps=50"])
+        load_config(MegalithRunConfig, None, ["training.train_iters=20", "schedule.warmup_steps=50"])
     with pytest.raises(ConfigError, match=r"not divisible by micro_batch_size \* dp \(2 \* 3\)"):
         TrainingConfig(micro_batch_size=2, global_batch_size=8).grad_accumulation(3)
     assert TrainingConfig(micro_batch_size=2, global_batch_size=8).grad_accumulation(2) == 2
@@ -80,13 +101,13 @@ def test_validation_messages_name_field_and_value():
 
 def test_unknown_keys_get_a_suggestion(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optimizer\.l_r'; did you mean 'optimizer\.lr'\?"):
-        load_config(TrainConfig, None, ["optimizer.l_r=1"])
+        load_config(MegalithRunConfig, None, ["optimizer.l_r=1"])
     (tmp_path / "c.yaml").write_text("optimiser:\n  lr: 1.0\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'optimiser'; did you mean 'optimizer'\?"):
-        load_config(TrainConfig, tmp_path / "c.yaml")
+        load_config(MegalithRunConfig, tmp_path / "c.yaml")
     (tmp_path / "bad.yaml").write_text("optimizer: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: cannot parse"):
-        load_config(TrainConfig, tmp_path / "bad.yaml")
+        load_config(MegalithRunConfig, tmp_path / "bad.yaml")
 
 
 def test_dump_round_trips_and_help_lists_every_field(tmp_path):
@@ -101,9 +122,7 @@ def test_dump_round_trips_and_help_lists_every_field(tmp_path):
         for f in dataclasses.fields(sub):
             assert f"{section}.{f.name} (" in text, f"{section}.{f.name} missing from help"
     assert "Peak learning rate" in text
-    assert (
-        "model.hidden_size (int, default 64)\n      Width of the residual stream, documented the docstring way." in text
-    )
+    assert "model.hidden_size (int, default required)\n      Width of the residual stream." in text
     assert set(config_to_dict(cfg)) == {"optimizer", "schedule", "training", "checkpoint", "logging", "model"}
 
 
@@ -117,7 +136,7 @@ def test_cli(tmp_path, capsys):
     assert args.config.training.train_iters == 3
     with pytest.raises(SystemExit):
         parse_cli(RunConfig, ["--help"])
-    assert "model.num_layers (int, default 2)" in capsys.readouterr().out
+    assert "model.num_layers (int, default required)" in capsys.readouterr().out
 
 
 def _sched(**kw):

@@ -29,9 +29,4 @@ def test_quick_demo_trains_with_falling_loss_and_saves(tmp_path):
     reader = ModelCheckpointReader(tmp_path / "train/checkpoints")
     assert reader.step == 30 and reader.tokenizer_dir is not None
     assert reader.model_config["vocab_size"] == 1024 and reader.model_config["family"] == "llama"
-    try:
-        import megalith.training.generation  # noqa: F401
-    except ImportError:
-        assert "generation skipped: megalith.training.generation is missing" in out
-    else:
-        assert "--- prompt 'def '" in out and "--- prompt 'import os\\n'" in out
+    assert "--- prompt 'def '" in out and "--- prompt 'import os\\n'" in out

@@ -11,10 +11,11 @@ import signal
 import pytest
 import torch
 
-from megalith.core import Transformer
+from megalith.core import build_loss_fn
 from megalith.core.checkpoint import list_checkpoints, write_model_checkpoint
 from megalith.training.resilience import NonFiniteLossError
 from megalith.training.trainer import Trainer
+from tests.core.parallel_checks import build
 from tests.harness import run_distributed
 from tests.training.loop_common import KilledTrainer, layout, make_config, params_checksum, train_losses
 
@@ -37,8 +38,8 @@ def _resume_run(rank, world_size, tmp, overrides):
     [
         (2, layout(2, 1, "parallel.sequence_parallel=true")),
         (2, layout(1, 2)),
-        (2, layout(1, 1, "parallel.distributed_optimizer=true", "parallel.precision=bf16")),
-        (8, layout(2, 2, "parallel.distributed_optimizer=true", "parallel.virtual_stages=2")),
+        (2, layout(1, 1, "ddp.use_distributed_optimizer=true", "precision.dtype=bf16")),
+        (8, layout(2, 2, "ddp.use_distributed_optimizer=true", "parallel.virtual_stages=2")),
     ],
     ids=["tp2-sp", "pp2", "dp2-zero1-bf16", "tp2-pp2-dp2-interleaved-zero1"],
 )
@@ -87,7 +88,7 @@ def _fixed_batch(trainer):
 def test_checkpoint_from_tp2_pp2_loads_at_tp1_and_tp4(tmp_path):
     ref_eval, ref_step_loss, ref_after = run_distributed(_save_at_tp2_pp2, 4, str(tmp_path))[0]
     # tp1 as two data-parallel ranks with ZeRO-1 (the optimizer state lands in flat dp shards), and tp4.
-    for tp, world, extra in ((1, 2, ["parallel.distributed_optimizer=true"]), (4, 4, [])):
+    for tp, world, extra in ((1, 2, ["ddp.use_distributed_optimizer=true"]), (4, 4, [])):
         ev, step_loss, after = run_distributed(_load_elsewhere, world, str(tmp_path), tp, extra)[0]
         assert ev == pytest.approx(ref_eval, rel=1e-5), tp  # same weights
         assert step_loss == pytest.approx(ref_step_loss, rel=1e-5), tp
@@ -167,15 +168,15 @@ def _model_only(rank, world_size, tmp, tp, pp):
 
 
 def test_model_only_checkpoint_starts_training_at_any_layout(tmp_path):
-    model_config = make_config(str(tmp_path)).model_config()
-    source = Transformer(model_config, seed=77)  # not the run's seed: the weights must come from the file
+    model_config = make_config(str(tmp_path)).model
+    source = build(model_config, seed=77)  # not the run's seed: the weights must come from the file
     write_model_checkpoint(tmp_path / "imported", model_config.to_dict(), source.named_parameters())
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
         step, loaded, samples, last_loss = run_distributed(_model_only, tp * pp, str(tmp_path), tp, pp)[0]
         ids = torch.stack([torch.as_tensor(s["input_ids"]) for s in samples])
         labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples])
         with torch.no_grad():
-            reference = float(source(ids, labels).mean())
+            reference = float(build_loss_fn(source)(source(ids), labels).mean())
         assert step == 0
         assert loaded == pytest.approx(reference, rel=1e-5), (tp, pp)
         assert math.isfinite(last_loss)

@@ -14,13 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megalith.training.resilience import (
-    ExitMonitor,
-    NonFiniteLossError,
-    NonFiniteTracker,
-    destroy_distributed,
-    init_distributed,
-)
+from megalith.core.world import destroy_distributed, init_distributed
+from megalith.training.resilience import ExitMonitor, NonFiniteLossError, NonFiniteTracker
 from tests.harness import run_distributed
 
 

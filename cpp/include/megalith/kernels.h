@@ -113,34 +113,96 @@ struct CrossEntropyParams {
   DType dtype = DType::kFloat32;
 };
 
-// ---- FlashAttention-2 style attention; q [b, s, hq, d], k/v [b, s, hkv, d], lse [b, hq, s] float32
-struct AttentionParams {
+// ---- FlashAttention-2 style attention with grouped-query heads, dense or variable-length (packed).
+//
+// Tokens: q/out/dq are [total_q, heads_q, dim] and k/v/dk/dv [total_k, heads_kv, dim] row-major; a dense batch
+// [batch, seq, heads, dim] is the same buffer with total = batch * seq and sequence b at rows b * seq. Packed
+// (varlen) inputs give cu_seqlens_q/k, int32 [batch + 1] on the device of q: sequence b holds rows
+// [cu[b], cu[b + 1]) and attends only within itself. Query head h reads kv head h / (heads_q / heads_kv).
+// lse (and the backward workspace delta) are float32: [batch, heads_q, seq_q] dense, [heads_q, total_q] varlen.
+#if defined(__CUDACC__)
+#define MEGALITH_HOST_DEVICE __host__ __device__
+#else
+#define MEGALITH_HOST_DEVICE
+#endif
+
+struct AttentionShape {
+  const int32_t* cu_seqlens_q = nullptr;  // varlen only; null means dense
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t batch = 0;                 // sequences
+  int64_t seq_q = 0, seq_k = 0;      // dense: every sequence's length; varlen: the longest one (max_seqlen)
+  int64_t total_q = 0, total_k = 0;  // rows of the token dimension
+  int64_t heads_q = 0, heads_kv = 0, dim = 0;
+  // Causal: query i of a sequence sees key j of the same sequence iff j <= i + causal_shift, i.e.
+  // q_offset - k_offset when the query block starts at global position q_offset and the key block at k_offset.
+  int64_t causal_shift = 0;
+  float scale = 1.0f;
+  bool causal = true;
+  DType dtype = DType::kFloat32;
+
+  // First row and length of sequence b. Varlen offsets are clamped to [0, total] so that unchecked (device)
+  // cu_seqlens can never move an access outside the tensors.
+  MEGALITH_HOST_DEVICE int64_t q_start(int64_t b) const { return start(cu_seqlens_q, b, seq_q, total_q); }
+  MEGALITH_HOST_DEVICE int64_t k_start(int64_t b) const { return start(cu_seqlens_k, b, seq_k, total_k); }
+  MEGALITH_HOST_DEVICE int64_t q_len(int64_t b) const {
+    const int64_t n = start(cu_seqlens_q, b + 1, seq_q, total_q) - q_start(b);
+    return n > 0 ? n : 0;
+  }
+  MEGALITH_HOST_DEVICE int64_t k_len(int64_t b) const {
+    const int64_t n = start(cu_seqlens_k, b + 1, seq_k, total_k) - k_start(b);
+    return n > 0 ? n : 0;
+  }
+  // Index in lse/delta of query 0 of sequence b, head h (queries of one (sequence, head) are contiguous).
+  MEGALITH_HOST_DEVICE int64_t lse_offset(int64_t b, int64_t h) const {
+    return cu_seqlens_q != nullptr ? h * total_q + q_start(b) : (b * heads_q + h) * seq_q;
+  }
+  // Index in lse/delta of token row t, head h.
+  MEGALITH_HOST_DEVICE int64_t lse_index(int64_t t, int64_t h) const {
+    return cu_seqlens_q != nullptr ? h * total_q + t : ((t / seq_q) * heads_q + h) * seq_q + t % seq_q;
+  }
+  // Number of keys of sequence b visible to queries [0, rows_end): every key of the sequence, or causally up
+  // to key rows_end - 1 + causal_shift (0 when negative).
+  MEGALITH_HOST_DEVICE int64_t key_end(int64_t b, int64_t rows_end) const {
+    const int64_t len = k_len(b);
+    if (!causal) return len;
+    const int64_t end = rows_end + causal_shift;
+    return end < 0 ? 0 : (end < len ? end : len);
+  }
+  // First query of sequence b that sees key `key` (causal), rounded down to a multiple of `tile`.
+  MEGALITH_HOST_DEVICE int64_t first_query_tile(int64_t key, int64_t tile) const {
+    if (!causal) return 0;
+    const int64_t first = key - causal_shift;
+    return first <= 0 ? 0 : first / tile * tile;
+  }
+
+ private:
+  MEGALITH_HOST_DEVICE static int64_t start(const int32_t* cu, int64_t b, int64_t seq, int64_t total) {
+    if (cu == nullptr) return b * seq;
+    const int64_t at = cu[b];
+    return at < 0 ? 0 : (at > total ? total : at);
+  }
+};
+
+struct AttentionParams : AttentionShape {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   void* out = nullptr;
   float* lse = nullptr;
-  int64_t batch = 0, seq = 0, heads_q = 0, heads_kv = 0, dim = 0;
-  float scale = 1.0f;
-  bool causal = true;
-  DType dtype = DType::kFloat32;
 };
 
-struct AttentionBackwardParams {
+struct AttentionBackwardParams : AttentionShape {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   const void* out = nullptr;
   const void* dout = nullptr;
   const float* lse = nullptr;
-  float* delta = nullptr;  // workspace [b, hq, s]: rowsum(dout * out)
+  const float* dlse = nullptr;  // gradient of lse (same layout) or null; it enters as delta -= dlse
+  float* delta = nullptr;       // workspace: rowsum(dout * out) - dlse
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
-  int64_t batch = 0, seq = 0, heads_q = 0, heads_kv = 0, dim = 0;
-  float scale = 1.0f;
-  bool causal = true;
-  DType dtype = DType::kFloat32;
 };
 
 namespace cpu {

@@ -10,7 +10,7 @@ from megalith.kernels import _C, build_info
 
 _K = _C.kernels
 # Codes shared with cpp/bindings/kernel_bindings.cpp.
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int64: 3, torch.bool: 4}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int64: 3, torch.bool: 4, torch.int32: 5}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (64, 128)
 

@@ -1,18 +1,15 @@
-"""Cross-entropy (full and vocab-parallel pieces) and FlashAttention-style attention as torch operators.
+"""Cross-entropy (full and vocab-parallel pieces) as torch operators; attention lives in `_attention`.
 
-Re-exported by `megalith.kernels.ops`; see there for the conventions. Shapes: B batch, S sequence,
-Nq/Nkv query/key-value heads, D head dim, V vocabulary (Vl: the local shard of it).
+Re-exported by `megalith.kernels.ops`; see there for the conventions. Shapes: V vocabulary (Vl: the local
+shard of it).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import torch
 
 from megalith.kernels import reference as ref
-from megalith.kernels._dispatch import _CUDA_HEAD_DIMS, _K, _check_float, _desc, _empty_rows, _stream, _use_reference
+from megalith.kernels._dispatch import _K, _check_float, _desc, _empty_rows, _stream, _use_reference
 
 # ---- cross-entropy -------------------------------------------------------------------------------------------
 
@@ -184,110 +181,3 @@ def cross_entropy_grad(
         vocab_total, int(ignore_index), float(label_smoothing),
     )  # fmt: skip
     return out.reshape(logits.shape)
-
-
-# ---- attention -----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("megalith::attention_fwd", mutates_args=())
-def _attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    batch, seq, heads = q.shape[:3]
-    lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
-    _K.attention_forward(
-        _desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"), _desc(lse, "lse"), scale, causal, _stream(q)
-    )
-    return out, lse
-
-
-@_attn_fwd.register_fake
-def _(q, k, v, scale, causal):
-    batch, seq, heads = q.shape[:3]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty(batch, heads, seq, dtype=torch.float32)
-
-
-@torch.library.custom_op("megalith::attention_bwd", mutates_args=())
-def _attn_bwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    grad: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, out, grad = (t.contiguous() for t in (q, k, v, out, grad))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
-    _K.attention_backward(
-        _desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"), _desc(grad, "grad_out"), _desc(lse, "lse"),
-        _desc(delta, "delta"), _desc(dq, "grad_q"), _desc(dk, "grad_k"), _desc(dv, "grad_v"), scale, causal,
-        _stream(q),
-    )  # fmt: skip
-    return dq, dk, dv
-
-
-@_attn_bwd.register_fake
-def _(q, k, v, out, grad, lse, scale, causal):
-    fmt = torch.contiguous_format
-    return tuple(torch.empty_like(t, memory_format=fmt) for t in (q, k, v))
-
-
-def _attn_setup(ctx, inputs, output):
-    q, k, v, ctx.scale, ctx.causal = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _attn_backward(ctx, grad, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return (*_attn_bwd(q, k, v, out, grad, lse, ctx.scale, ctx.causal), None, None)
-
-
-_attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
-
-
-def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    _check_float(q, "q")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, seq, heads_q, head_dim], got shape {tuple(q.shape)}")
-    for t, name in ((k, "k"), (v, "v")):
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must be {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
-        if t.dim() != 4 or t.shape[:2] != q.shape[:2] or t.shape[3] != q.shape[3]:
-            raise ValueError(
-                f"{name} must be [batch={q.shape[0]}, seq={q.shape[1]}, heads_kv, head_dim={q.shape[3]}], "
-                f"got shape {tuple(t.shape)}"
-            )
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"the number of k/v heads ({k.shape[2]}) must divide the number of q heads ({q.shape[2]})")
-
-
-def attention(
-    q_BSND: torch.Tensor, k_BSND: torch.Tensor, v_BSND: torch.Tensor, causal: bool = True, scale: float | None = None
-) -> torch.Tensor:
-    """softmax(scale * q k^T) v with grouped-query heads, computed in tiles (never an S x S matrix).
-
-    q is [B, S, Nq, D], k and v [B, S, Nkv, D] with Nkv dividing Nq (query head h reads kv head
-    h // (Nq // Nkv)); `scale` defaults to 1/sqrt(D). Only the output and the float32 log-sum-exp are saved
-    for the backward pass. The CUDA kernels take D in (64, 128); other D on CUDA run the reference.
-    """
-    _check_attention(q_BSND, k_BSND, v_BSND)
-    scale = 1.0 / math.sqrt(q_BSND.shape[-1]) if scale is None else float(scale)
-    head_dim = q_BSND.shape[-1]
-    if q_BSND.is_cuda and head_dim not in _CUDA_HEAD_DIMS and not _use_reference(q_BSND):
-        warnings.warn(
-            f"megalith attention: head_dim {head_dim} has no CUDA kernel (built for {_CUDA_HEAD_DIMS}); "
-            "running the plain PyTorch reference",
-            stacklevel=2,
-        )
-        return ref.attention(q_BSND, k_BSND, v_BSND, causal, scale)
-    if _use_reference(q_BSND):
-        return ref.attention(q_BSND, k_BSND, v_BSND, causal, scale)
-    return _attn_fwd(q_BSND, k_BSND, v_BSND, scale, bool(causal))[0]

@@ -106,3 +106,59 @@ def attention(
         s = q.shape[2]
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
+
+
+def _attention_lse_dense(q_BSND, k_BSND, v_BSND, causal: bool, scale: float, shift: int):
+    """Dense attention and log-sum-exp; query i sees key j iff j <= i + shift when causal."""
+    group = q_BSND.shape[2] // k_BSND.shape[2]
+    q = q_BSND.transpose(1, 2)
+    if k_BSND.shape[1] == 0:  # no keys at all: every row sees nothing
+        return torch.zeros_like(q_BSND), q.new_full(q.shape[:3], -math.inf)
+    k = k_BSND.repeat_interleave(group, dim=2).transpose(1, 2)
+    v = v_BSND.repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        sq, sk = scores.shape[-2:]
+        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(shift + 1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    # Written out (not torch.logsumexp) so that rows with every key hidden give lse = -inf, zero outputs and
+    # zero (not NaN) gradients.
+    row_max = scores.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    total = torch.exp(scores - row_max).sum(-1)
+    seen = total > 0
+    lse = torch.where(seen, torch.log(torch.where(seen, total, torch.ones_like(total))) + row_max[..., 0], -math.inf)
+    probs = torch.exp(scores - torch.where(seen, lse, torch.zeros_like(lse))[..., None])
+    return (probs @ v).transpose(1, 2), lse
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    *,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    shift = q_offset - k_offset
+    if cu_seqlens_q is None:
+        return _attention_lse_dense(q, k, v, causal, scale, shift)
+    # Packed: every sequence on its own (max_seqlen_* are only launch hints for the kernels).
+    bounds_q = cu_seqlens_q.tolist()
+    bounds_k = bounds_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for i in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[i : i + 2], bounds_k[i : i + 2]
+        out, lse = _attention_lse_dense(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, scale, shift)
+        outs.append(out[0])
+        lses.append(lse[0])
+    if not outs:
+        return q.new_zeros(q.shape), q.new_full((q.shape[1], q.shape[0]), -math.inf)
+    return torch.cat(outs, 0), torch.cat(lses, 1)

@@ -19,6 +19,7 @@ from megalith.core.checkpoint import (
     prepare_optimizer_state,
     save_sharded_state,
 )
+from megalith.core.placement import set_placement
 from tests.harness import run_distributed
 
 
@@ -50,7 +51,8 @@ def _save_tp_rank(rank, world_size, path, full):
         with torch.no_grad():
             p.copy_(p_full[rank * rows : (rank + 1) * rows] if sharded else p_full)
         if sharded:
-            p.megalith_shard = ShardSpec(tuple(p_full.shape), 0, ((0, rows, rank * rows),))
+            owner, local_name = local[0], name.split(".")[-1]
+            set_placement(owner, local_name, shard=ShardSpec(tuple(p_full.shape), 0, ((0, rows, rank * rows),)))
         opt.state[p] = {
             k: (v[rank * rows : (rank + 1) * rows].clone() if sharded and v.dim() else v.clone())
             for k, v in state.items()

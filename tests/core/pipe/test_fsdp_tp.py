@@ -1,7 +1,7 @@
 """FSDP2 composed with tensor parallelism: tp2 x fsdp2 (4 ranks) trains the real Transformer like one process.
 
 Each rank's model is the tp-sharded Transformer (with and without sequence parallelism); `apply_fsdp2` then
-shards every (tp-local) parameter over the dp group and keeps the parameters' `megalith_*` attributes. Two AdamW
+shards every (tp-local) parameter over the dp group, and the placements recorded per module survive it. Two AdamW
 steps later, each tp shard (gathered over dp) equals the matching slice of a one-process model trained on the
 whole global batch. With sequence parallelism the norm gradients are summed over tp by `finalize_fsdp2_grads`.
 """
@@ -11,14 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megalith.core import ModelConfig, ParallelConfig, ParallelDims, build_loss_fn, build_model_chunks
+from megalith.core.distributed import apply_fsdp2
+from megalith.core.distributed.fsdp import finalize_fsdp2_grads
+from megalith.core.placement import named_placements
+from tests.core.pipe.model import reference_model
 from tests.harness import run_distributed
-
-models = pytest.importorskip("megalith.core.models")
-
-from megalith.core import ParallelDims  # noqa: E402
-from megalith.core.config import ModelConfig  # noqa: E402
-from megalith.core.distributed import apply_fsdp2  # noqa: E402
-from megalith.core.distributed.fsdp import finalize_fsdp2_grads  # noqa: E402
 
 CONFIG = dict(
     family="llama", vocab_size=150, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2,
@@ -34,7 +32,7 @@ B, S, DP, STEPS = 2, 16, 2, 2
 # about lr in whichever direction it rounded to, and the comparison then depends on which CPU kernel torch picks
 # (it failed under ATEN_CPU_CAPABILITY=avx2 on torch 2.13 and 2.14). An eps near the gradients' size also keeps
 # AdamW from hiding a wrongly scaled gradient (e.g. summed instead of averaged over dp).
-OPT = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)
+OPT = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)  # torch.optim.AdamW on every rank
 MAX_GRAD = 0.5  # the largest gradient entry of the one-process run is 0.46 (checked below)
 GRAD_NOISE = 1e-6 * MAX_GRAD
 PARAM_ATOL = STEPS * OPT["lr"] / OPT["eps"] * GRAD_NOISE
@@ -49,7 +47,7 @@ def _batch(step: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _loss(model, ids, labels) -> torch.Tensor:
-    return model(ids, labels).sum() / (labels != -100).sum()
+    return build_loss_fn(model)(model(ids), labels).sum() / (labels != -100).sum()
 
 
 def _optimizer(model):
@@ -62,11 +60,11 @@ def _worker(rank, world):
     dims = ParallelDims(tp=2, dp=DP)
     out = {}
     for sequence_parallel in (False, True):
-        model = models.Transformer(ModelConfig(**CONFIG), dims, sequence_parallel=sequence_parallel, seed=0)
-        attributes = {n: {k: v for k, v in vars(p).items() if k.startswith("megalith_")} for n, p in
-                      model.named_parameters()}  # fmt: skip
+        parallel = ParallelConfig(tp=2, sequence_parallel=sequence_parallel)
+        (model,) = build_model_chunks(ModelConfig(**CONFIG), dims, parallel=parallel)
+        before = {n: where for n, _, where in named_placements(model)}
         model = apply_fsdp2(model, dims)
-        kept = all(getattr(p, k, None) is v for n, p in model.named_parameters() for k, v in attributes[n].items())
+        kept = {n: where for n, _, where in named_placements(model)} == before
         opt = _optimizer(model)
         losses = []
         for step in range(STEPS):
@@ -77,14 +75,14 @@ def _worker(rank, world):
             opt.step()
             losses.append(float(loss.detach()))
         params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-        specs = {n: a.get("megalith_shard") for n, a in attributes.items()}
-        sp_marked = sum(bool(a.get("megalith_sequence_parallel")) for a in attributes.values())
+        specs = {n: where.shard for n, where in before.items()}
+        sp_marked = sum(where.sequence_parallel for where in before.values())
         out[sequence_parallel] = (dims.tp_rank, losses, params, specs, kept, sp_marked)
     return out
 
 
 def test_fsdp2_with_tensor_parallel_matches_one_process():
-    model = models.Transformer(ModelConfig(**CONFIG), seed=0)
+    model = reference_model(ModelConfig(**CONFIG))
     opt = _optimizer(model)
     ref_losses = []
     for step in range(STEPS):

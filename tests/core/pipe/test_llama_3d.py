@@ -1,30 +1,23 @@
-"""tp2 x pp2 x dp2 (8 ranks) with the real Llama-style Transformer: 3 steps equal to one process.
-
-Needs megalith.core.models and megalith.core.ParallelDims (the core package); skipped where they are absent.
-"""
+"""tp2 x pp2 x dp2 (8 ranks) with the real Llama-style Transformer: 3 steps equal to one process."""
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
 
+from megalith.core import ModelConfig, ParallelConfig, ParallelDims, build_loss_fn, build_model_chunks
+from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, OptimizerConfig
+from megalith.core.pipeline import forward_backward, unwrap
+from megalith.core.placement import named_placements
+from tests.core.pipe.model import reference_loss, reference_model
 from tests.harness import run_distributed
-
-models = pytest.importorskip("megalith.core.models")
-
-from megalith.core import ParallelDims  # noqa: E402
-from megalith.core.config import ModelConfig  # noqa: E402
-from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, OptimizerConfig  # noqa: E402
-from megalith.core.pipeline import build_stages, forward_backward  # noqa: E402
 
 CONFIG = dict(
     family="llama", vocab_size=100, hidden_size=32, num_layers=4, num_attention_heads=4, num_kv_heads=2,
     ffn_hidden_size=48, max_seq_len=16, norm="rmsnorm", activation="swiglu", position_embedding="rope",
     bias=False, tie_embeddings=False, init_std=0.2,
 )  # fmt: skip
-OPT = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+OPT = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 B, S, M, STEPS = 2, 16, 2, 3
 
 
@@ -39,18 +32,7 @@ def _batches(step: int, dp: int) -> list[list[dict]]:
     return [flat[d * M : (d + 1) * M] for d in range(dp)]
 
 
-def _canonical(p: torch.Tensor) -> torch.Tensor:
-    spec = getattr(p, "megalith_shard", None)
-    if spec is None:
-        return p.detach().clone()
-    full = torch.zeros(spec.global_shape, dtype=p.dtype)
-    for local_start, length, global_start in spec.pieces:
-        full.narrow(spec.dim, global_start, length).copy_(p.detach().narrow(spec.dim, local_start, length))
-    return full
-
-
-def _local_view(p: torch.Tensor, full: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    spec = getattr(p, "megalith_shard", None)
+def _local_view(p: torch.Tensor, spec, full: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if spec is None:
         return [(p.detach(), full)]
     return [
@@ -61,23 +43,24 @@ def _local_view(p: torch.Tensor, full: torch.Tensor) -> list[tuple[torch.Tensor,
 def _worker(rank, world, ref_params):
     dims = ParallelDims(tp=2, pp=2, dp=2)
     config = ModelConfig(**CONFIG)
-    factory = functools.partial(models.Transformer, config, dims, sequence_parallel=True, seed=0)
-    chunks = build_stages(factory, config.num_layers, dims, tie_embeddings=config.tie_embeddings)
+    parallel = ParallelConfig(tp=2, pp=2, sequence_parallel=True)
+    chunks = build_model_chunks(config, dims, parallel=parallel)
     chunks = [
         DistributedDataParallel(c, dims, DDPConfig(bucket_size=2000, use_distributed_optimizer=True)) for c in chunks
     ]
-    opt = AdamW(chunks, dims, OptimizerConfig(**OPT, clip_grad=None))
+    opt = AdamW(chunks, dims, OptimizerConfig(**OPT, clip_grad=0.0))
+    loss_fn = build_loss_fn(unwrap(chunks[-1]))
     losses = []
     for step in range(STEPS):
         opt.zero_grad()
         batches = _batches(step, dims.dp)[dims.dp_rank]
-        losses.append(forward_backward(chunks, batches, dims, hidden_shape=(B, S // dims.tp, config.hidden_size),
-                                       dtype=torch.float32))  # fmt: skip
+        shape = (B, S // dims.tp, config.hidden_size)
+        losses.append(forward_backward(chunks, batches, dims, loss_fn=loss_fn, hidden_shape=shape, dtype=torch.float32))
         assert opt.step().applied
     mismatches = []
     for c in chunks:
-        for name, p in c.module.named_parameters():
-            for got, want in _local_view(p, ref_params[name]):
+        for name, p, where in named_placements(c.module):
+            for got, want in _local_view(p, where.shard, ref_params[name]):
                 if not torch.allclose(got, want, rtol=1e-3, atol=5e-5):
                     mismatches.append((name, float((got - want).abs().max())))
     return losses, mismatches
@@ -86,21 +69,21 @@ def _worker(rank, world, ref_params):
 @pytest.mark.slow
 def test_llama_tp2_pp2_dp2_three_steps_match_one_process():
     config = ModelConfig(**CONFIG)
-    model = models.Transformer(config, seed=0)
+    model = reference_model(config)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], **OPT)
+    opt = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=OPT["lr"],
+        betas=(OPT["beta1"], OPT["beta2"]), eps=OPT["eps"], weight_decay=OPT["weight_decay"],
+    )  # fmt: skip
     ref_losses = []
     for step in range(STEPS):
         opt.zero_grad()
-        batches = [b for rank_batches in _batches(step, 2) for b in rank_batches]
-        loss = sum(model(b["input_ids"], b["labels"]).sum() / (b["labels"] != -100).sum() for b in batches) / len(
-            batches
-        )
+        loss = reference_loss(model, [b for rank_batches in _batches(step, 2) for b in rank_batches])
         ref_losses.append(float(loss.detach()))
         loss.backward()
         opt.step()
-    ref_params = {name: _canonical(p) for name, p in model.named_parameters()}
+    ref_params = {name: p.detach().clone() for name, p in model.named_parameters()}
     results = run_distributed(_worker, 8, ref_params, timeout=300)
     for rank, (losses, mismatches) in enumerate(results):
         assert losses == pytest.approx(ref_losses, rel=1e-5), f"rank {rank}"

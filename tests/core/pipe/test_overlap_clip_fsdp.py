@@ -8,19 +8,21 @@ import torch
 import torch.distributed as dist
 from torch.utils.module_tracker import ModuleTracker
 
-from megalith.core.distributed import DDPConfig, build_groups
+from megalith.core import ParallelDims
+from megalith.core.distributed import DDPConfig
 from megalith.core.grad_clip import clip_grad_norm_
 from megalith.core.pipeline import finalize_grads, forward_backward
+from megalith.core.placement import set_placement
 from megalith.core.precision import DynamicLossScaler, PrecisionConfig
-from tests.core.pipe.common import MICRO_BATCH, OPT, build, reference_training, step_batches
-from tests.core.pipe.model import TinyConfig, TinyTransformer, reference_loss
+from tests.core.pipe.common import MICRO_BATCH, OPT, build, loss_fn, reference_training, step_batches
+from tests.core.pipe.model import reference_loss, reference_model, tiny_config
 from tests.harness import run_distributed
 
 
 def _overlap_worker(rank, world, zero: bool, m: int):
-    cfg = TinyConfig(num_layers=2)
-    groups = build_groups(dp=world)
-    (ddp,) = build(cfg, groups, ddp_config=DDPConfig(bucket_size=300, use_distributed_optimizer=zero))
+    cfg = tiny_config(num_layers=2)
+    dims = ParallelDims(dp=world)
+    (ddp,) = build(cfg, dims, ddp_config=DDPConfig(bucket_size=300, use_distributed_optimizer=zero))
     forwards = []
     ddp.module.layers["0"].register_forward_pre_hook(lambda *_: forwards.append(1))
     calls = []
@@ -41,8 +43,9 @@ def _overlap_worker(rank, world, zero: bool, m: int):
     real = getattr(dist, name)
     setattr(dist, name, counting(real, 1 if zero else 0))
     try:
-        batches = step_batches(cfg, 0, m, groups.dp)[groups.dp_rank]
-        forward_backward([ddp], batches, groups, hidden_shape=(MICRO_BATCH, 8, 16), dtype=torch.float32)
+        batches = step_batches(cfg, 0, m, dims.dp)[dims.dp_rank]
+        forward_backward([ddp], batches, dims, loss_fn=loss_fn([ddp]), hidden_shape=(MICRO_BATCH, 8, 16),
+                         dtype=torch.float32)  # fmt: skip
     finally:
         setattr(dist, name, real)
     return calls, len(ddp.buckets)
@@ -71,22 +74,20 @@ def _clip_grads(seed=0):
 
 
 def _clip_worker(rank, world, max_norm):
-    groups = build_groups(tp=2, pp=2)
+    dims = ParallelDims(tp=2, pp=2)
     full = _clip_grads()
-    params = []
-    for grad, sharded in full[groups.pp_rank].values():
-        local = grad.chunk(2)[groups.tp_rank].clone() if sharded else grad.clone()
-        p = torch.nn.Parameter(torch.zeros_like(local))
-        p.grad = local
-        p.megalith_tp_sharded = sharded
-        params.append(p)
+    module = torch.nn.Module()
+    for name, (grad, sharded) in full[dims.pp_rank].items():
+        local = grad.chunk(2)[dims.tp_rank].clone() if sharded else grad.clone()
+        setattr(module, name, torch.nn.Parameter(torch.zeros_like(local)))
+        getattr(module, name).grad = local
+        set_placement(module, name, tp_sharded=sharded)
     # The tied embedding: a vocab-sharded copy on the first and on the last stage, same (summed) gradient.
-    emb = torch.nn.Parameter(torch.zeros(3, 4))
-    emb.grad = full["embed"].chunk(2)[groups.tp_rank].clone()
-    emb.megalith_tp_sharded = emb.megalith_shared_embedding = True
-    params.append(emb)
-    norm = clip_grad_norm_(params, max_norm, groups)
-    return float(norm), [p.grad.clone() for p in params]
+    module.embed = torch.nn.Parameter(torch.zeros(3, 4))
+    module.embed.grad = full["embed"].chunk(2)[dims.tp_rank].clone()
+    set_placement(module, "embed", tp_sharded=True, shared_embedding=True)
+    norm = clip_grad_norm_([module], max_norm, dims)
+    return float(norm), [getattr(module, n).grad.clone() for n in (*full[dims.pp_rank], "embed")]
 
 
 def test_clip_grad_norm_counts_every_element_once_over_tp_and_pp():
@@ -107,25 +108,28 @@ def test_clip_grad_norm_counts_every_element_once_over_tp_and_pp():
 def _fsdp_worker(rank, world, cfg, m, steps, clip=None):
     from megalith.core.distributed import apply_fsdp2
 
-    groups = build_groups(dp=world)
-    model = apply_fsdp2(TinyTransformer(cfg), groups)
+    dims = ParallelDims(dp=world)
+    model = apply_fsdp2(reference_model(cfg), dims)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], **OPT)
+    opt = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=OPT["lr"],
+        betas=(OPT["beta1"], OPT["beta2"]), eps=OPT["eps"], weight_decay=OPT["weight_decay"],
+    )  # fmt: skip
     losses, norms = [], []
     for step in range(steps):
         opt.zero_grad()
-        loss = reference_loss(model, step_batches(cfg, step, m, world)[groups.dp_rank])
+        loss = reference_loss(model, step_batches(cfg, step, m, world)[dims.dp_rank])
         loss.backward()
         if clip is not None:
-            norms.append(float(clip_grad_norm_(model.parameters(), clip, groups)))
+            norms.append(float(clip_grad_norm_([model], clip, dims)))
         opt.step()
         losses.append(float(loss.detach()))
     return losses, {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}, norms
 
 
 def test_fsdp2_matches_one_process():
-    cfg = TinyConfig(num_layers=2)
+    cfg = tiny_config(num_layers=2)
     m, steps = 2, 2
     results = run_distributed(_fsdp_worker, 2, cfg, m, steps, timeout=120)
     ref_losses, _, ref_params = reference_training(cfg, m, 2, steps)
@@ -141,7 +145,7 @@ def test_fsdp2_matches_one_process():
 def test_fsdp2_clip_grad_norm_matches_one_process(world):
     """Clipping FSDP2's dp-sharded DTensor gradients: the same norm and the same update as torch's clip in one
     process (3 ranks shard some parameters unevenly)."""
-    cfg = TinyConfig(num_layers=2)
+    cfg = tiny_config(num_layers=2)
     m, steps = 2, 2
     _, ref_norms, ref_params = reference_training(cfg, m, world, steps)  # the unclipped norms, to pick the bound
     clip = min(ref_norms) / 4  # clips every step
@@ -191,14 +195,14 @@ def test_precision_config_errors_name_the_field():
 def _sequence_parallel_worker(rank, world):
     from megalith.core.distributed import DistributedDataParallel
 
-    groups = build_groups(tp=2, dp=2)
+    dims = ParallelDims(tp=2, dp=2)
     model = torch.nn.Linear(3, 2)
-    model.weight.megalith_tp_sharded = True  # stays per-rank
-    model.bias.megalith_sequence_parallel = True  # replicated, each tp rank saw half the sequence
-    ddp = DistributedDataParallel(model, groups)
+    set_placement(model, "weight", tp_sharded=True)  # stays per-rank
+    set_placement(model, "bias", sequence_parallel=True)  # replicated, each tp rank saw half the sequence
+    ddp = DistributedDataParallel(model, dims)
     x = torch.full((4, 3), float(rank + 1))
     ddp(x).sum().backward()
-    finalize_grads([ddp], groups)
+    finalize_grads([ddp], dims)
     return model.weight.main_grad.clone(), model.bias.main_grad.clone()
 
 
@@ -216,12 +220,12 @@ def _replicated_dtensor_worker(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
 
-    groups = build_groups(dp=world)
+    dims = ParallelDims(dp=world)
     mesh = init_device_mesh("cpu", (world,))
-    p = torch.nn.Parameter(torch.zeros(4, 3))
-    p.grad = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])
+    module = torch.nn.Linear(3, 4, bias=False)
+    module.weight.grad = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])
     try:
-        clip_grad_norm_([p], 1.0, groups)
+        clip_grad_norm_([module], 1.0, dims)
     except ValueError as exc:
         return str(exc)
     return None

@@ -1,8 +1,8 @@
 """Global gradient-norm clipping that is correct across tensor, pipeline and data parallelism.
 
-Every gradient element of the full model must be counted exactly once. Parameters replicated over tp (norm
-weights, row-parallel biases: no `megalith_tp_sharded`) are counted on tp rank 0 only; the tied embedding held
-by both the first and the last pipeline stage (`megalith_shared_embedding`) on the first stage only. Squares
+Every gradient element of the full model must be counted exactly once (read from each parameter's placement).
+Parameters replicated over tp (norm weights, row-parallel biases) are counted on tp rank 0 only; the tied
+embedding held by both the first and the last pipeline stage on the first stage only. Squares
 are summed over tp and pp, and over dp too when each dp rank holds only a shard of the gradients (ZeRO-1).
 FSDP2 gradients are DTensors sharded over the dp group: their local shards' squares are always summed over dp,
 and clipping scales the local shards.
@@ -16,68 +16,64 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.parallel_dims import ParallelDims
+from megalith.core.placement import Placement, named_placements
 
-__all__ = ["any_nonfinite", "clip_grad_norm_", "global_norm", "param_is_counted"]
+__all__ = ["clip_grad_norm_", "global_norm", "is_counted"]
 
 
-def param_is_counted(p: torch.Tensor, groups: ParallelGroups) -> bool:
-    """Whether this rank's copy of `p` contributes to the global norm (read from the parameter attributes)."""
-    if not getattr(p, "megalith_tp_sharded", False) and groups.tp_rank != 0:
+def is_counted(where: Placement, dims: ParallelDims) -> bool:
+    """Whether this rank's copy of a parameter placed `where` contributes to the global norm."""
+    if not where.tp_sharded and dims.tp_rank != 0:
         return False
     # The tied copy on the last stage carries the same (summed) gradient as the first stage's embedding.
-    return not (getattr(p, "megalith_shared_embedding", False) and groups.pp_rank != 0)
+    return not (where.shared_embedding and dims.pp_rank != 0)
 
 
-def _local_dp_shard(p: torch.Tensor, grad, groups: ParallelGroups) -> torch.Tensor:
+def _local_dp_shard(p: torch.Tensor, grad, dims: ParallelDims) -> torch.Tensor:
     """This rank's shard of an FSDP2 gradient, after checking it is sharded over exactly the dp group."""
     mesh, placements = grad.device_mesh, grad.placements
-    if mesh.ndim != 1 or mesh.size() != groups.dp or not all(pl.is_shard() for pl in placements):
+    if mesh.ndim != 1 or mesh.size() != dims.dp or not all(pl.is_shard() for pl in placements):
         raise ValueError(
             f"clip_grad_norm_: a DTensor gradient of shape {tuple(p.shape)} is laid out as {placements} over a "
-            f"mesh of {mesh.size()} ranks; only gradients sharded over the data-parallel group ({groups.dp} "
+            f"mesh of {mesh.size()} ranks; only gradients sharded over the data-parallel group ({dims.dp} "
             "ranks, as apply_fsdp2 lays them out) are supported"
         )
     return grad.to_local()
 
 
-def _sum_over(value: torch.Tensor, groups: ParallelGroups, dp_sharded: bool, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def _sum_over(value: torch.Tensor, dims: ParallelDims, dp_sharded: bool, op=dist.ReduceOp.SUM) -> torch.Tensor:
     # Reducing over tp, then pp, then dp covers the whole tp x pp x dp grid (the groups are orthogonal).
-    for size, group in ((groups.tp, groups.tp_group), (groups.pp, groups.pp_group)):
+    for size, group in ((dims.tp, dims.tp_group), (dims.pp, dims.pp_group)):
         if size > 1:
             dist.all_reduce(value, op=op, group=group)
-    if dp_sharded and groups.dp > 1:
-        dist.all_reduce(value, op=op, group=groups.dp_group)
+    if dp_sharded and dims.dp > 1:
+        dist.all_reduce(value, op=op, group=dims.dp_group)
     return value
 
 
-def global_norm(local_squares: torch.Tensor, groups: ParallelGroups, *, dp_sharded: bool) -> torch.Tensor:
+def global_norm(local_squares: torch.Tensor, dims: ParallelDims, *, dp_sharded: bool) -> torch.Tensor:
     """The global L2 norm from this rank's sum of squared (counted) gradient elements (an fp32 scalar)."""
     total = local_squares.detach().to(torch.float64).reshape(1).clone()
-    return _sum_over(total, groups, dp_sharded).sqrt().to(torch.float32)[0]
-
-
-def any_nonfinite(local_flag: bool, device, groups: ParallelGroups) -> bool:
-    """True on every rank if any rank of the tp x pp x dp grid saw an inf/NaN gradient."""
-    flag = torch.tensor([1.0 if local_flag else 0.0], device=device)
-    return bool(_sum_over(flag, groups, dp_sharded=True, op=dist.ReduceOp.MAX).item() > 0)
+    return _sum_over(total, dims, dp_sharded).sqrt().to(torch.float32)[0]
 
 
 def clip_grad_norm_(
-    params: Iterable[torch.Tensor], max_norm: float | None, groups: ParallelGroups, *, dp_sharded: bool = False
+    modules: Iterable[torch.nn.Module], max_norm: float | None, dims: ParallelDims, *, dp_sharded: bool = False
 ) -> torch.Tensor:
     """Scales the gradients (`p.main_grad` when present, else `p.grad`) so their global norm is <= max_norm.
 
     Args:
-        params: this rank's parameters (all model chunks).
+        modules: this rank's model chunks (their parameters' placements say what to count).
         max_norm: clipping threshold; None or <= 0 only measures.
-        groups: the topology (tp/pp/dp groups and ranks).
+        dims: the topology (tp/pp/dp groups and ranks).
         dp_sharded: the gradients differ across dp ranks and their norms must be summed over dp too.
 
     Returns:
         The global norm before clipping (identical on every rank).
     """
-    params = list(dict.fromkeys(params))
+    placed = {id(p): (p, where) for m in modules for _, p, where in named_placements(m)}
+    params = [p for p, _ in placed.values()]
     grads = []
     # squares[0]: gradients laid out as `dp_sharded` says; squares[1]: dp-sharded DTensor (FSDP2) gradients
     device = params[0].device if params else None
@@ -90,15 +86,15 @@ def clip_grad_norm_(
             continue
         kind = 0
         if isinstance(grad, DTensor):
-            grad = _local_dp_shard(p, grad, groups)
+            grad = _local_dp_shard(p, grad, dims)
             has_dtensor, kind = True, 1
         grads.append(grad)
-        if param_is_counted(p, groups):
+        if is_counted(placed[id(p)][1], dims):
             squares[kind] += grad.detach().double().pow(2).sum()
-    if has_dtensor and not dp_sharded and groups.dp > 1:
-        dist.all_reduce(squares[1], group=groups.dp_group)  # squares[0] is replicated over dp
+    if has_dtensor and not dp_sharded and dims.dp > 1:
+        dist.all_reduce(squares[1], group=dims.dp_group)  # squares[0] is replicated over dp
     total = squares[0] + squares[1]
-    norm = global_norm(total, groups, dp_sharded=dp_sharded)
+    norm = global_norm(total, dims, dp_sharded=dp_sharded)
     if max_norm is not None and max_norm > 0:
         coef = max_norm / (float(norm) + 1e-6)
         if coef < 1.0:

@@ -11,20 +11,70 @@ gradients are reduced over `group("ep", "dp")` (and `"cp"` too under context par
 over `group("dp")`.
 
 Groups are created once, when the object is built, and passed explicitly to whatever needs them; nothing
-here is stored at module level.
+here is stored at module level. `ParallelConfig` is the layout as a user writes it (megalith-train's `parallel`
+section); `ParallelDims.from_config` turns it into the topology of the running world.
+
+Context parallelism and expert parallelism are not implemented yet: cp > 1 and ep > 1 are refused, since
+replicas along them would never average their gradients.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
+
+from megalith.core.fields import option
+from megalith.core.world import init_distributed
 
 DIM_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
 """Dimension names, fastest-varying first (the rank order)."""
+_NOT_YET = {"cp": "context parallelism", "ep": "expert parallelism"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """The parallel layout: degrees (dp is what the world size leaves), pipeline chunks, sequence parallelism."""
+
+    tp: int = option(1, help="Tensor-parallel degree.")
+    pp: int = option(1, help="Pipeline-parallel degree.")
+    dp: int | None = option(None, help="Data-parallel degree; None: world_size / (tp * pp). Checked when set.")
+    virtual_stages: int = option(1, help="Model chunks per pipeline rank (> 1: interleaved 1F1B).")
+    layers_per_stage: list[int] | None = option(None, help="Layers of each virtual stage (default: even split).")
+    sequence_parallel: bool = option(False, help="Shard activations along the sequence between layers (tp > 1).")
+    backend: str = option("auto", help="Process-group backend: auto (NCCL on GPUs, else gloo), nccl or gloo.")
+    device: str = option("auto", help="Where to train: auto (a GPU when present), cuda or cpu.")
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "virtual_stages"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        checks = [
+            (self.dp is None or self.dp >= 1, f"dp must be >= 1, got {self.dp}"),
+            (
+                self.virtual_stages == 1 or self.pp > 1,
+                f"virtual_stages ({self.virtual_stages}) > 1 needs pp > 1 (pp={self.pp})",
+            ),
+            (not self.sequence_parallel or self.tp > 1, "sequence_parallel needs tp > 1"),
+            (self.backend in ("auto", "nccl", "gloo"), f"backend must be auto, nccl or gloo, got {self.backend!r}"),
+            (self.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got {self.device!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def data_parallel(self, world_size: int) -> int:
+        """dp for `world_size` ranks; raises naming the degrees when they do not fit."""
+        other = self.tp * self.pp
+        if world_size % other:
+            raise ValueError(f"parallel: world size {world_size} is not divisible by tp ({self.tp}) * pp ({self.pp})")
+        dp = world_size // other
+        if self.dp is not None and self.dp != dp:
+            raise ValueError(
+                f"parallel.dp ({self.dp}) does not match world size {world_size} / (tp {self.tp} * pp {self.pp}) = {dp}"
+            )
+        return dp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +105,11 @@ class ParallelDims:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ParallelDims.{name} must be a positive integer, got {value!r}")
+        for name, what in _NOT_YET.items():
+            if getattr(self, name) > 1:
+                raise ValueError(
+                    f"ParallelDims.{name}={getattr(self, name)}: {what} is not implemented yet; use {name}=1"
+                )
         initialized = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if initialized else 1
         product = self.tp * self.cp * self.ep * self.dp * self.pp
@@ -71,37 +126,27 @@ class ParallelDims:
         return cls()
 
     @classmethod
-    def from_env(
-        cls, *, tp: int = 1, cp: int = 1, ep: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None
-    ) -> ParallelDims:
-        """Joins the torchrun world described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT and builds the dims.
-
-        Initialises the default process group when it is not yet initialised (NCCL when CUDA is available,
-        else gloo, unless `backend` says otherwise). Without WORLD_SIZE in the environment this is one process.
+    def from_env(cls, *, tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None) -> ParallelDims:
+        """Joins the torchrun world (`megalith.core.world.init_distributed`) and builds the dims over it.
 
         Args:
-            tp, cp, ep, pp: degrees of those dimensions.
+            tp, pp: degrees of those dimensions.
             dp: data-parallel degree; None means whatever the world size leaves.
-            backend: process-group backend override.
+            backend: process-group backend override (default: NCCL when CUDA is available, else gloo).
         """
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1 and not dist.is_initialized():
-            if backend is None:
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend)
-        if dist.is_initialized():
-            world_size = dist.get_world_size()
+        world_size = init_distributed(backend).world_size
         if dp is None:
-            others = tp * cp * ep * pp
-            if others < 1 or world_size % others:
+            if world_size % (tp * pp):
                 raise ValueError(
-                    f"ParallelDims.from_env: world size {world_size} is not divisible by "
-                    f"tp({tp}) * cp({cp}) * ep({ep}) * pp({pp}) = {others}"
+                    f"ParallelDims.from_env: world size {world_size} is not divisible by tp({tp}) * pp({pp})"
                 )
-            dp = world_size // others
-        return cls(tp=tp, cp=cp, ep=ep, dp=dp, pp=pp)
+            dp = world_size // (tp * pp)
+        return cls(tp=tp, pp=pp, dp=dp)
+
+    @classmethod
+    def from_config(cls, config: ParallelConfig, world_size: int) -> ParallelDims:
+        """The topology `config` describes in a world of `world_size` ranks (torch.distributed initialised)."""
+        return cls(tp=config.tp, pp=config.pp, dp=config.data_parallel(world_size))
 
     def coordinate(self, name: str, rank: int | None = None) -> int:
         """This rank's (or `rank`'s) index along dimension `name`."""

@@ -1,8 +1,8 @@
 """Applies tensor and sequence parallelism to a single-device Transformer, from outside the model code.
 
 Order: validate the layout against the config, swap each block's linears for column/row-parallel ones,
-swap the embedding and output projection for vocabulary-parallel ones, mark the parameters whose gradients
-need a tp reduction under sequence parallelism, and give the model its per-rank RNG streams.
+swap the embedding and output projection for vocabulary-parallel ones, and record in the placement table the
+parameters whose gradients need a tp reduction under sequence parallelism.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from megalith.core.config import ModelConfig
+from megalith.core.config import ModelConfig, check_tensor_parallel
 from megalith.core.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -20,19 +20,7 @@ from megalith.core.parallel.layers import (
     padded_vocab_size,
 )
 from megalith.core.parallel.mappings import group_size, scatter_to_sequence_parallel_region
-
-
-def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
-    """Raises ValueError when `config` cannot be split over `tp` ranks."""
-    rules = [
-        ("num_attention_heads", config.num_attention_heads),
-        ("num_kv_heads", config.num_kv_heads),
-        ("ffn_hidden_size", config.ffn_hidden_size),
-    ]
-    for name, value in rules:
-        if value % tp:
-            hint = " (key/value heads are not replicated; use tp <= num_kv_heads)" if name == "num_kv_heads" else ""
-            raise ValueError(f"ModelConfig.{name} ({value}) is not divisible by tp ({tp}){hint}")
+from megalith.core.placement import named_placements, set_placement
 
 
 class SequenceShardedEmbedding(nn.Module):
@@ -48,13 +36,14 @@ class SequenceShardedEmbedding(nn.Module):
         return scatter_to_sequence_parallel_region(out_SH, self.group, seq_dim=0)
 
 
-def parallelize(model: nn.Module, dims, *, sequence_parallel: bool = False) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = False) -> nn.Module:
     """Applies tp (and sequence parallelism) of `dims` to `model` in place; weights are kept (sliced).
 
     Works on a materialised model and on one still on the meta device. Returns the model.
     """
     group = dims.tp_group
-    model.rng.reset(model.rng.seed, tp_rank=dims.tp_rank, pp_rank=dims.pp_rank, dp_rank=dims.dp_rank)
+    if sequence_parallel and dims.tp == 1:
+        raise ValueError("sequence parallelism needs tp > 1")
     if dims.tp == 1:
         return model
     check_tensor_parallel(model.config, dims.tp)
@@ -87,7 +76,6 @@ def apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> No
     """Embedding and output projection split over the (re-padded) vocabulary; positions scattered under SP."""
     config = model.config
     tp = group_size(group)
-    rank = torch.distributed.get_rank(group)
     if model.embed is not None:
         model.embed = VocabParallelEmbedding.from_module(
             model.embed, config.vocab_size, group=group, sequence_parallel=sequence_parallel
@@ -103,19 +91,18 @@ def apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> No
         model.embed_dropout.stream = "tp"
         if model.final_norm is not None:
             _mark_sequence_parallel(model.final_norm)
-    model.tp_group = group
-    model.vocab_offset = rank * padded_vocab_size(config.vocab_size, tp) // tp
 
 
 def _mark_sequence_parallel(*norms: nn.Module) -> None:
     # Each rank sees only its sequence chunk, so these replicated parameters' gradients are partial sums.
     for norm in norms:
-        for p in norm.parameters():
-            p.megalith_sequence_parallel = True
+        for name, p in norm.named_parameters(recurse=False):
+            if p is not None:
+                set_placement(norm, name, sequence_parallel=True)
 
 
 def reduce_sequence_parallel_grads(modules: nn.Module | Sequence[nn.Module], group) -> None:
-    """Sums over tp the gradients of parameters marked `megalith_sequence_parallel`, in one flat all-reduce.
+    """Sums over tp the gradients of parameters placed `sequence_parallel`, in one flat all-reduce.
 
     Each tp rank saw only its part of the sequence for these replicated weights (norms, row-parallel biases
     under sequence parallelism), so their gradients are partial sums. A parameter's gradient is its
@@ -128,13 +115,14 @@ def reduce_sequence_parallel_grads(modules: nn.Module | Sequence[nn.Module], gro
     if isinstance(modules, nn.Module):
         modules = [modules]
     grads = []
-    for p in dict.fromkeys(p for m in modules for p in m.parameters()):
-        if not getattr(p, "megalith_sequence_parallel", False):
-            continue
-        grad = getattr(p, "main_grad", None)
-        grad = p.grad if grad is None else grad
-        if grad is not None:
-            grads.append(grad.to_local() if hasattr(grad, "to_local") else grad)
+    for module in modules:
+        for _, p, where in named_placements(module):
+            if not where.sequence_parallel:
+                continue
+            grad = getattr(p, "main_grad", None)
+            grad = p.grad if grad is None else grad
+            if grad is not None:
+                grads.append(grad.to_local() if hasattr(grad, "to_local") else grad)
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

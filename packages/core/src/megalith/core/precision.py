@@ -8,32 +8,32 @@ a step whose gradients contain inf/NaN is skipped and the scale lowered).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from megalith.core.fields import option
 
 __all__ = ["ConstantLossScaler", "DynamicLossScaler", "PrecisionConfig", "make_loss_scaler"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class PrecisionConfig:
     """Numeric format of training (the dynamic-scaling fields matter only for fp16)."""
 
-    dtype: str = "fp32"
-    """"fp32", "bf16" or "fp16": the dtype of parameters and activations."""
-    initial_loss_scale: float = 2.0**32
-    """fp16: the loss scale to start from."""
-    min_loss_scale: float = 1.0
-    """fp16: the scale never drops below this."""
-    loss_scale_window: int = 1000
-    """fp16: after this many consecutive finite steps the scale is multiplied by `growth_factor`."""
-    hysteresis: int = 2
-    """fp16: how many overflowing steps (since the last growth) are tolerated before the scale is lowered."""
-    growth_factor: float = 2.0
-    """fp16: multiplier applied when the scale grows."""
-    backoff_factor: float = 0.5
-    """fp16: multiplier applied when the scale is lowered."""
+    dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", help="Dtype of parameters and activations.")
+    initial_loss_scale: float = option(2.0**16, help="fp16: the loss scale to start from.")
+    min_loss_scale: float = option(1.0, help="fp16: the scale never drops below this.")
+    loss_scale_window: int = option(
+        1000, help="fp16: after this many consecutive finite steps the scale is multiplied by growth_factor."
+    )
+    hysteresis: int = option(
+        2, help="fp16: overflowing steps (since the last growth) tolerated before the scale is lowered."
+    )
+    growth_factor: float = option(2.0, help="fp16: multiplier applied when the scale grows.")
+    backoff_factor: float = option(0.5, help="fp16: multiplier applied when the scale is lowered.")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

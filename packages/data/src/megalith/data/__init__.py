@@ -1,7 +1,7 @@
 """Megalith's data pipeline: Megatron-compatible indexed datasets, tokenizers, GPT and blended datasets.
 
-Needs only numpy and megalith-kernels (tokenizer libraries are optional extras, imported when used); never
-imports torch or the rest of Megalith.
+Needs numpy, megalith-kernels and `tokenizers` (tiktoken and sentencepiece are optional extras; every tokenizer
+library is imported only when used); never imports torch or the rest of Megalith.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ _EXPORTS = {
         "count_samples",
     ),
     "megalith.data.sampler": ("PretrainingSampler", "collate"),
+    "megalith.data.vocabulary": ("check_vocabulary", "token_id_range"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -36,12 +37,14 @@ __all__ = [
     "build_gpt_datasets",
     "build_gpt_indices",
     "build_sample_index",
+    "check_vocabulary",
     "collate",
     "count_samples",
     "optimal_dtype",
     "parse_blend",
     "parse_split",
     "split_ranges",
+    "token_id_range",
 ]
 
 

@@ -148,6 +148,12 @@ def build_gpt_datasets(blend, split: str, num_samples, config: GPTDatasetConfig)
     if missing:
         raise FileNotFoundError(f"no .bin/.idx pair for {', '.join(missing)}")
     indexed = [IndexedDataset(p) for p in prefixes]
+    for ds in indexed:
+        if ds.num_tokens == 0:
+            raise ValueError(
+                f"dataset {ds.prefix} is empty: {ds.prefix}.idx holds {len(ds.document_indices) - 1} documents, "
+                f"{len(ds)} sequences and no tokens"
+            )
     out = []
     for s, name in enumerate(SPLIT_NAMES):
         target = num_samples[s]

@@ -152,6 +152,8 @@ class GPTDataset:
             "class": "GPTDataset",
             "format": _CACHE_FORMAT,
             "dataset_path": os.path.abspath(self.dataset.prefix),
+            # The data itself, so a dataset rewritten in place never reuses the indices of the old one.
+            "dataset_index": self.dataset.content_key,
             "dataset_sequences": len(self.dataset),
             "split_sequences": [int(self.ids[0]), int(self.ids[-1]) + 1, len(self.ids)] if len(self.ids) else [],
             "split_tokens": tokens,

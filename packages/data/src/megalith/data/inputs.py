@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["Chunk", "expand_inputs", "is_jsonl", "iter_chunks", "iter_texts", "parse_json_line"]
+from megalith.data.errors import names_file
+
+__all__ = ["Chunk", "InputError", "expand_inputs", "is_jsonl", "iter_chunks", "iter_texts", "parse_json_line"]
+
+
+class InputError(ValueError):
+    """An input file cannot be read as what its name says (a truncated or fake `.gz`); names the file."""
 
 
 def expand_inputs(patterns) -> list[str]:
@@ -35,6 +43,20 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Turns the ways a read fails (a damaged gzip stream, an I/O error) into errors that name the file."""
+    try:
+        with names_file(path):
+            yield
+    except gzip.BadGzipFile as exc:
+        raise InputError(f"{path}: not a gzip file ({exc})") from None
+    except EOFError:
+        raise InputError(f"{path}: truncated gzip file (it ends before the end-of-stream marker)") from None
+    except zlib.error as exc:
+        raise InputError(f"{path}: corrupt gzip data ({exc})") from None
+
+
 @dataclass
 class Chunk:
     """A run of consecutive input lines (jsonl) or one whole text file, numbered in input order."""
@@ -56,15 +78,20 @@ def iter_chunks(files: list[str], chunk_bytes: int = 1 << 18) -> Iterator[Chunk]
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     seq = 0
     for path in files:
-        with _open(path) as handle:
+        with _reading(path):
+            handle = _open(path)
+        with handle:
             if not is_jsonl(path):
-                yield Chunk(seq, path, 1, False, handle.read())
+                with _reading(path):
+                    payload = handle.read()
+                yield Chunk(seq, path, 1, False, payload)
                 seq += 1
                 continue
             line, position = 1, 0
             carry: list[bytes] = []  # the unfinished last line, in pieces (a very long line stays linear)
             while True:
-                block = handle.read1(chunk_bytes)  # one system call: signals are seen between reads
+                with _reading(path):
+                    block = handle.read1(chunk_bytes)  # one system call: signals are seen between reads
                 if not block:
                     break
                 cut = block.rfind(b"\n") + 1

@@ -1,8 +1,9 @@
 """`megalith-preprocess`: tokenizes jsonl / jsonl.gz / text files into Megatron-format `.bin/.idx` datasets.
 
-Input is read in blocks of whole lines (chunks). Each chunk goes through three steps: `prepare` (split lines,
-parse JSON, collect the texts), `encode` (the tokenizer's batch encoder) and `finish` (ids into one token
-array per key). Two ways to run them with `--workers N`:
+Input is read in blocks of whole lines (chunks). Each chunk goes through three steps of
+`megalith.data.encoding.ChunkEncoder`: `prepare` (split lines, parse JSON, collect the texts), `encode` (the
+tokenizer's batch encoder) and `finish` (ids into one token array per key). Two ways to run them with
+`--workers N`:
 
 - threads, for tokenizers whose encoder runs without the GIL (Hugging Face `tokenizers`, tiktoken) and
   N <= MAX_THREAD_WORKERS: N threads only encode; the main thread reads, prepares the next chunks, finishes
@@ -12,7 +13,8 @@ array per key). Two ways to run them with `--workers N`:
   (workers read uncompressed files themselves) and writes.
 
 Either way results are written in input order with a bounded number of chunks in flight: the output bytes do
-not depend on N or on the way, and memory does not grow with the corpus.
+not depend on N or on the way, and memory does not grow with the corpus, nor with one long document (see
+`megalith.data.encoding`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from megalith.data.encoding import MAX_DOCUMENT_BYTES, PIECE_CHARS, ChunkEncoder, ChunkResult
+from megalith.data.errors import names_file, refuse_overwrite, run_command, stop_on_sigterm
 from megalith.data.indexed import IndexedDatasetWriter, optimal_dtype
-from megalith.data.inputs import Chunk, expand_inputs, iter_chunks, parse_json_line
+from megalith.data.inputs import expand_inputs, iter_chunks
 from megalith.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 __all__ = ["PreprocessError", "PreprocessStats", "main", "output_prefix", "preprocess"]
@@ -54,151 +56,9 @@ class PreprocessStats:
     outputs: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _ChunkResult:
-    seq: int
-    path: str
-    documents: int
-    input_bytes: int
-    bad: list[tuple[int, str]]
-    # key -> (tokens, sequence lengths, sequences per document)
-    per_key: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
-
-
-@dataclass
-class _Prepared:
-    chunk: Chunk
-    records: list[dict]  # key -> str or list[str], one per good line
-    lines: list[int]  # the input line of each record
-    bad: list[tuple[int, str]]
-    texts: dict[str, list[str]]  # key -> every piece of every record, in order (what the encoder takes)
-
-
 def output_prefix(prefix: str, key: str) -> str:
     """Megatron-LM's naming: `{prefix}_{key}_document` (the `.bin/.idx` pair of one JSON key)."""
     return f"{prefix}_{key}_document"
-
-
-def _pieces(value) -> list[str]:
-    return value if isinstance(value, list) else [value]
-
-
-class _Encoder:
-    """Chunk -> _ChunkResult in three steps (see the module docstring); `encoder(chunk)` runs all three."""
-
-    def __init__(self, tokenizer, keys, append_eod: bool, dtype, stop_at_bad_line: bool) -> None:
-        self.tokenizer = tokenizer
-        self.keys = list(keys)
-        self.eod = tokenizer.eod if append_eod else None
-        self.dtype = np.dtype(dtype)
-        self.stop = stop_at_bad_line
-
-    def prepare(self, chunk: Chunk) -> _Prepared:
-        bad: list[tuple[int, str]] = []
-        records: list[dict] = []
-        lines: list[int] = []
-        if not chunk.jsonl:
-            records.append(dict.fromkeys(self.keys, chunk.payload.decode("utf-8", errors="replace")))
-            lines.append(chunk.first_line)
-        else:
-            for offset, line in enumerate(chunk.payload.split(b"\n")):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(parse_json_line(line, self.keys))
-                except ValueError as exc:
-                    bad.append((chunk.first_line + offset, str(exc)))
-                    if self.stop:
-                        break
-                    continue
-                lines.append(chunk.first_line + offset)
-        return _Prepared(chunk, records, lines, bad, self._texts(records))
-
-    def _texts(self, records) -> dict[str, list[str]]:
-        return {key: [p for record in records for p in _pieces(record[key])] for key in self.keys}
-
-    def encode(self, prepared: _Prepared) -> dict:
-        """key -> the tokenizer's deferred result, or the exception it raised on the batch."""
-        out: dict = {}
-        for key in self.keys:
-            texts = prepared.texts[key]
-            try:
-                out[key] = self.tokenizer.encode_batch_deferred(texts) if texts else []
-            except Exception as exc:
-                out[key] = exc
-        return out
-
-    def finish(self, prepared: _Prepared, encoded: dict) -> _ChunkResult:
-        chunk, bad = prepared.chunk, prepared.bad
-        if any(isinstance(result, Exception) for result in encoded.values()):
-            # The records before a bad JSON line still go through this, so the first bad line is the one reported.
-            self._drop_failing(prepared)
-            if not (bad and self.stop):
-                encoded = self.encode(prepared)
-                failed = [result for result in encoded.values() if isinstance(result, Exception)]
-                if failed:
-                    raise failed[0]
-        bad.sort()
-        if bad and self.stop:
-            return _ChunkResult(chunk.seq, chunk.path, 0, len(chunk.payload), bad, {})
-        per_key = {}
-        for key in self.keys:
-            ids = self.tokenizer.ids_of(encoded[key])
-            counts = [len(r[key]) if isinstance(r[key], list) else 1 for r in prepared.records]
-            per_key[key] = _pack(ids, counts, self.eod, self.dtype)
-        return _ChunkResult(chunk.seq, chunk.path, len(prepared.records), len(chunk.payload), bad, per_key)
-
-    def _drop_failing(self, prepared: _Prepared) -> None:
-        """A batch failed: encodes record by record, moves the records the tokenizer rejects to `bad`."""
-        records, lines = [], []
-        for record, line in zip(prepared.records, prepared.lines, strict=True):
-            for key in self.keys:
-                try:
-                    self.tokenizer.encode_batch(_pieces(record[key]))
-                except Exception as exc:
-                    prepared.bad.append((line, f"tokenizer failed on key {key!r}: {exc}"))
-                    break
-            else:
-                records.append(record)
-                lines.append(line)
-                continue
-            if self.stop:
-                break
-        if len(records) == len(prepared.records):
-            raise RuntimeError("the tokenizer failed on a batch but on none of its records alone")
-        prepared.records, prepared.lines = records, lines
-        prepared.texts = self._texts(records)
-
-    def __call__(self, chunk: Chunk) -> _ChunkResult:
-        prepared = self.prepare(chunk)
-        return self.finish(prepared, self.encode(prepared))
-
-
-def _pack(ids: list[list[int]], counts: list[int], eod: int | None, dtype) -> tuple:
-    """Flattens id lists into (tokens, sequence lengths, sequences per document).
-
-    Empty pieces are dropped (a document can end up with no sequence at all, as in Megatron-LM); with `eod`,
-    the EOD id is appended to the last sequence of every non-empty document. `ids` lists are modified.
-    """
-    kept: list[list[int]] = []
-    per_doc: list[int] = []
-    position = 0
-    for count in counts:
-        before = len(kept)
-        kept.extend(piece for piece in ids[position : position + count] if piece)
-        position += count
-        if eod is not None and len(kept) > before:
-            kept[-1].append(eod)
-        per_doc.append(len(kept) - before)
-    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
-    if not kept:
-        return np.empty(0, dtype), lengths, np.asarray(per_doc, np.int64)
-    tokens = np.concatenate([np.array(piece, dtype=np.int64) for piece in kept])
-    low, high = int(tokens.min()), int(tokens.max())
-    info = np.iinfo(dtype)
-    if low < info.min or high > info.max:
-        raise ValueError(f"token ids in [{low}, {high}] do not fit {np.dtype(dtype).name}")
-    return tokens.astype(dtype), lengths, np.asarray(per_doc, np.int64)
 
 
 def _block_signals() -> None:
@@ -212,7 +72,7 @@ def _block_signals() -> None:
 MAX_THREAD_WORKERS = 8
 
 
-def _threaded(encoder: _Encoder, chunks, workers: int):
+def _threaded(encoder: ChunkEncoder, chunks, workers: int):
     """`workers` threads encode; this thread prepares the next chunks and finishes the earlier ones meanwhile."""
     pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="megalith-encode", initializer=_block_signals) as threads:
@@ -237,8 +97,8 @@ def _worker_main(tasks, results, encoder, spec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if encoder is None:  # spawn: build from the spec
-        (type_, path, options), keys, append_eod, dtype, stop = spec
-        encoder = _Encoder(build_tokenizer(type_, path, **options), keys, append_eod, dtype, stop)
+        (type_, path, options), keys, append_eod, dtype, stop, limits = spec
+        encoder = ChunkEncoder(build_tokenizer(type_, path, **options), keys, append_eod, dtype, stop, *limits)
     files: dict[str, int] = {}
     try:
         while (task := tasks.recv()) is not None:
@@ -247,7 +107,8 @@ def _worker_main(tasks, results, encoder, spec) -> None:
                 if size is not None:  # a reference into an uncompressed file: read it here, not in the parent
                     if chunk.path not in files:
                         files[chunk.path] = os.open(chunk.path, os.O_RDONLY)
-                    chunk.payload = os.pread(files[chunk.path], size, chunk.offset)
+                    with names_file(chunk.path):
+                        chunk.payload = os.pread(files[chunk.path], size, chunk.offset)
                     if len(chunk.payload) != size:
                         raise OSError(f"{chunk.path} changed while it was being read")
                 results.send(encoder(chunk))
@@ -271,7 +132,7 @@ class _WorkerFailure:
         return (_WorkerFailure, (error, self.text))
 
 
-def _pooled(encoder: _Encoder, chunks, workers: int, spec, depth: int = 3):
+def _pooled(encoder: ChunkEncoder, chunks, workers: int, spec, depth: int = 3):
     """`workers` processes run whole chunks, each given at most `depth` at a time (to whichever has fewest);
     results come back in input order. Uncompressed inputs travel as (offset, size) and workers read them.
     """
@@ -295,7 +156,7 @@ def _pooled(encoder: _Encoder, chunks, workers: int, spec, depth: int = 3):
             tasks.append(task_writer)
             results.append(result_reader)
         in_flight = [0] * workers
-        done: dict[int, _ChunkResult] = {}
+        done: dict[int, ChunkResult] = {}
         source = iter(chunks)
         exhausted = False
         next_seq = 0
@@ -414,10 +275,15 @@ def preprocess(
     chunk_bytes: int = 1 << 18,
     worker_kind: str = "auto",
     progress_stream=None,
+    force: bool = False,
+    max_document_bytes: int | None = MAX_DOCUMENT_BYTES,
+    piece_chars: int = PIECE_CHARS,
 ) -> PreprocessStats:
     """Tokenizes `inputs` into one dataset per JSON key; see the module docstring. Returns the counts.
 
-    `worker_kind` "thread" or "process" overrides the choice the module docstring describes ("auto").
+    `worker_kind` "thread" or "process" overrides the choice the module docstring describes ("auto"). Existing
+    outputs are replaced only with `force`, and never when they are among the inputs. A record with more text
+    than the encoder may take at once (`max_document_bytes`, 0 or None for no limit) is a bad line.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -425,18 +291,23 @@ def preprocess(
         raise ValueError(f"worker_kind must be 'auto', 'thread' or 'process', got {worker_kind!r}")
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+    if max_document_bytes is not None and max_document_bytes < 0:
+        raise ValueError(f"max_document_bytes must be 0 (no limit) or positive, got {max_document_bytes}")
     start = time.perf_counter()
     files = expand_inputs(inputs)
+    outputs = [output_prefix(output_prefix_, key) for key in json_keys]
+    refuse_overwrite([prefix + ext for prefix in outputs for ext in (".bin", ".idx")], files, force)
     # One encoding thread per worker: the parallelism is the workers' (restored on return).
     saved_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     options = {"vocab_size": vocab_size, "vocab_file": vocab_file, "merge_file": merge_file}
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, **options)
     dtype = optimal_dtype(tokenizer.vocab_size)
-    stats = PreprocessStats(outputs=[output_prefix(output_prefix_, key) for key in json_keys])
+    stats = PreprocessStats(outputs=outputs)
     writers = [IndexedDatasetWriter(prefix, dtype) for prefix in stats.outputs]
     progress = _Progress(log_interval, progress_stream)
-    encoder = _Encoder(tokenizer, json_keys, append_eod, dtype, on_bad_line == "error")
+    limits = (max_document_bytes, piece_chars)
+    encoder = ChunkEncoder(tokenizer, json_keys, append_eod, dtype, on_bad_line == "error", *limits)
     chunks = iter_chunks(files, chunk_bytes)
     if worker_kind == "auto":
         threads = workers == 1 or (tokenizer.encodes_without_gil and workers <= MAX_THREAD_WORKERS)
@@ -444,7 +315,8 @@ def preprocess(
     if worker_kind == "thread":
         results = _threaded(encoder, chunks, workers)
     else:
-        spec = ((tokenizer_type, tokenizer_model, options), json_keys, append_eod, dtype, on_bad_line == "error")
+        stop = on_bad_line == "error"
+        spec = ((tokenizer_type, tokenizer_model, options), json_keys, append_eod, dtype, stop, limits)
         results = _pooled(encoder, chunks, workers, spec)
     try:
         for result in results:
@@ -477,10 +349,6 @@ def preprocess(
     return stats
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="megalith-preprocess",
@@ -505,30 +373,38 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--on-bad-line", choices=["error", "skip"], default="error")
     parser.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
+    parser.add_argument("--force", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--max-document-bytes",
+        type=int,
+        default=MAX_DOCUMENT_BYTES,
+        help="most text (UTF-8 bytes) the tokenizer encodes at once, 0 for no limit; a document over it is a bad "
+        "line. Tokenizers that encode long documents in parts (byte-level BPE, tiktoken, byte, null) only count "
+        "stretches without a cut point (a space after a non-space, a newline after a letter or digit)",
+    )
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        stats = preprocess(
-            args.input,
-            args.output_prefix,
-            args.tokenizer_type,
-            args.tokenizer_model,
-            json_keys=args.json_keys,
-            append_eod=args.append_eod,
-            workers=args.workers,
-            on_bad_line=args.on_bad_line,
-            vocab_size=args.vocab_size,
-            vocab_file=args.vocab_file,
-            merge_file=args.merge_file,
-            log_interval=args.log_interval,
-            worker_kind=args.worker_kind,
-        )
-    except (PreprocessError, FileNotFoundError, ValueError) as exc:
-        print(f"megalith-preprocess: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(f"megalith-preprocess: interrupted ({exc or 'Ctrl-C'}); no output was written", file=sys.stderr)
-        return 130
+    stop_on_sigterm()
+    return run_command("megalith-preprocess", lambda: _run(args))
+
+
+def _run(args) -> int:
+    stats = preprocess(
+        args.input,
+        args.output_prefix,
+        args.tokenizer_type,
+        args.tokenizer_model,
+        json_keys=args.json_keys,
+        append_eod=args.append_eod,
+        workers=args.workers,
+        on_bad_line=args.on_bad_line,
+        vocab_size=args.vocab_size,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        log_interval=args.log_interval,
+        worker_kind=args.worker_kind,
+        force=args.force,
+        max_document_bytes=args.max_document_bytes,
+    )
     rate = stats.input_bytes / max(stats.seconds, 1e-9) / 1e6
     print(
         f"done: {stats.documents:,} documents, {stats.tokens:,} tokens, {stats.bad_lines} bad lines skipped, "

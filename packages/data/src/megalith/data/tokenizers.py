@@ -7,9 +7,14 @@ Every tokenizer reads local files only; nothing is fetched from a hub. The libra
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import os
+import re
+from itertools import pairwise
 from pathlib import Path
+
+from megalith.data.errors import MissingPackageError
 
 __all__ = [
     "TOKENIZER_TYPES",
@@ -21,6 +26,8 @@ __all__ = [
     "TikTokenizer",
     "Tokenizer",
     "build_tokenizer",
+    "cut_points",
+    "split_text",
 ]
 
 # Special tokens looked for, in order, when a tokenizer file does not say which one ends a document / pads.
@@ -35,6 +42,9 @@ class Tokenizer:
     identifier: str
     #: True when `encode_batch_deferred` runs without holding the GIL, so threads encode in parallel.
     encodes_without_gil: bool = False
+    #: True when the parts `split_text` cuts a text into (at `cut_points`) encode to exactly the ids of the whole
+    #: text, so a long document can be encoded part by part in bounded memory.
+    encodes_in_pieces: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -73,6 +83,49 @@ class Tokenizer:
         return deferred
 
 
+# A cut point: just before a space that follows any other character than whitespace, or before a newline that
+# follows a letter or digit ([^\W_] is exactly Unicode's L and N categories). No pre-token of the patterns these
+# tokenizers use (GPT-2's, cl100k / Llama-3's, Qwen2's, whitespace splitting) holds such a pair: a space only
+# ever starts a pre-token or sits in a run of whitespace, and only punctuation takes newlines after it (cl100k's
+# ` ?[^\s\p{L}\p{N}]+[\r\n]*`). So every cut is a boundary between pre-tokens, the scan of the text after it
+# starts where the scan of the whole text is, and the one lookahead (`\s+(?!\S)`) sees whitespace or the end
+# of the text at the cut, which it treats alike.
+_CUT = re.compile(r"\S(?= )|[^\W_](?=\n)")
+
+
+def cut_points(text: str, max_chars: int) -> list[int]:
+    """Where to cut `text` into consecutive parts of at least `max_chars` characters (the last may be shorter).
+
+    Each cut lies at the first cut point (a space after a character other than whitespace, or a newline after a
+    letter or digit) at least `max_chars` characters into the part; a text with no such point stays whole.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    cuts: list[int] = []
+    start = 0
+    while len(text) - start > max_chars:
+        match = _CUT.search(text, start + max_chars - 1)
+        if match is None:
+            break
+        start = match.end()
+        cuts.append(start)
+    return cuts
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """`text` cut at `cut_points(text, max_chars)`; `"".join(split_text(text, n)) == text`."""
+    bounds = [0, *cut_points(text, max_chars), len(text)]
+    return [text[a:b] for a, b in pairwise(bounds)]
+
+
+def _import(module: str, what: str, extra: str):
+    """Imports an optional tokenizer library, or says which pip extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingPackageError(what, module, extra) from None
+
+
 def _require_file(path, what: str) -> Path:
     if path is None:
         raise ValueError(f"{what} needs a model file (--tokenizer-model)")
@@ -90,8 +143,7 @@ class HuggingFaceTokenizer(Tokenizer):
     """
 
     def __init__(self, model_path) -> None:
-        from tokenizers import Tokenizer as _HFTokenizer
-
+        library = _import("tokenizers", "HuggingFaceTokenizer", "hf")
         path = _require_file(model_path, "HuggingFaceTokenizer")
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -99,8 +151,17 @@ class HuggingFaceTokenizer(Tokenizer):
         config = {}
         config_file = file.parent / "tokenizer_config.json"
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
-        self._setup(_HFTokenizer.from_file(str(file)), f"HuggingFaceTokenizer:{file.resolve()}", file, config)
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{config_file}: not a JSON file ({exc})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
+        try:
+            tok = library.Tokenizer.from_file(str(file))
+        except Exception as exc:  # the library raises a bare Exception for every kind of bad file
+            raise ValueError(f"{file}: not a Hugging Face tokenizer.json ({exc})") from None
+        self._setup(tok, f"HuggingFaceTokenizer:{file.resolve()}", file, config)
 
     def _setup(self, tok, identifier: str, where, config: dict) -> None:
         self._tok = tok
@@ -112,6 +173,7 @@ class HuggingFaceTokenizer(Tokenizer):
         self._pad = self._eod if pad is None else pad
         self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         self.encodes_without_gil = True
+        self.encodes_in_pieces = _cuts_are_pre_token_boundaries(tok)
 
     def _special(self, configured, candidates) -> int | None:
         if isinstance(configured, dict):
@@ -160,6 +222,7 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
     """
 
     def __init__(self, vocab_file, merge_file) -> None:
+        _import("tokenizers", "GPT2BPETokenizer", "hf")
         from tokenizers import Tokenizer as _HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers
 
@@ -196,6 +259,42 @@ TIKTOKEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
     r"""|\s+(?!\S)|\s+"""
 )
+# Split patterns for which every `_CUT` point is a pre-token boundary: cl100k and Llama-3's (TIKTOKEN_PATTERN)
+# and Qwen2's (numbers one digit at a time).
+_PIECEWISE_PATTERNS = frozenset({TIKTOKEN_PATTERN, TIKTOKEN_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")})
+
+
+def _cuts_are_pre_token_boundaries(tok) -> bool:
+    """Whether a Hugging Face tokenizer encodes `split_text`'s parts to the ids of the whole text.
+
+    True for the layouts the argument at `_CUT` covers: no normalizer (it could join characters across a cut);
+    GPT-2's byte-level pre-tokenizer, or a known split pattern followed by a byte-level step; a BPE without
+    dropout; added tokens without whitespace that strip none; no truncation or padding.
+    """
+    if tok.normalizer is not None or tok.truncation is not None or tok.padding is not None:
+        return False
+    if type(tok.model).__name__ != "BPE" or tok.model.dropout not in (None, 0.0):
+        return False
+    for added in tok.get_added_tokens_decoder().values():
+        if added.lstrip or added.rstrip or any(c.isspace() for c in added.content):
+            return False
+    if tok.pre_tokenizer is None:
+        return False
+    pre = json.loads(tok.pre_tokenizer.__getstate__())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False}
+    if pre.get("type") == "ByteLevel":
+        return pre.get("use_regex", True) and pre.items() >= byte_level.items()
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(steps) != 2:
+        return False
+    split, last = steps
+    return (
+        split.get("type") == "Split"
+        and split.get("pattern", {}).get("Regex") in _PIECEWISE_PATTERNS
+        and split.get("behavior") == "Isolated"
+        and not split.get("invert")
+        and last.items() >= {**byte_level, "use_regex": False}.items()
+    )
 
 
 class TikTokenizer(Tokenizer):
@@ -206,11 +305,14 @@ class TikTokenizer(Tokenizer):
     """
 
     def __init__(self, model_path, pattern: str = TIKTOKEN_PATTERN, num_special_tokens: int = 2) -> None:
-        import tiktoken
-
+        tiktoken = _import("tiktoken", "TikTokenizer", "tiktoken")
         path = _require_file(model_path, "TikTokenizer")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a tiktoken ranks file (not UTF-8 text: {exc})") from None
         ranks: dict[bytes, int] = {}
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -229,6 +331,7 @@ class TikTokenizer(Tokenizer):
         self.identifier = f"TikTokenizer:{path.resolve()}:{num_special_tokens}"
         self._threads = 1
         self.encodes_without_gil = True
+        self.encodes_in_pieces = pattern in _PIECEWISE_PATTERNS
 
     @property
     def vocab_size(self) -> int:
@@ -256,10 +359,12 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece `.model` file; eod is its `</s>` (eos) id, pad its pad id or else eod."""
 
     def __init__(self, model_path) -> None:
-        import sentencepiece
-
+        sentencepiece = _import("sentencepiece", "SentencePieceTokenizer", "sentencepiece")
         path = _require_file(model_path, "SentencePieceTokenizer")
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as exc:
+            raise ValueError(f"{path}: not a SentencePiece model ({exc})") from None
         self.identifier = f"SentencePieceTokenizer:{path.resolve()}"
         if self._sp.eos_id() < 0:
             raise ValueError(f"{path}: the SentencePiece model has no end-of-sentence token (eos_id is -1)")
@@ -292,6 +397,7 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255, then eod = 256 and pad = 257; needs no file."""
 
     identifier = "ByteTokenizer"
+    encodes_in_pieces = True  # UTF-8 encodes characters one by one
 
     @property
     def vocab_size(self) -> int:
@@ -314,6 +420,8 @@ class ByteTokenizer(Tokenizer):
 
 class NullTokenizer(Tokenizer):
     """Text is already token ids separated by spaces (for tests); ids 0..vocab_size-1, then eod, then pad."""
+
+    encodes_in_pieces = True  # every cut lies at whitespace, where the ids are split anyway
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size is None or int(vocab_size) < 1:
@@ -391,3 +499,23 @@ def build_tokenizer(
     if type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     raise ValueError(f"unknown tokenizer type {type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def tokenizer_from_folder(folder: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved in `folder` (a checkpoint's `tokenizer/`), its kind recognised from the files:
+    `tokenizer.json` (Hugging Face), `vocab.json` + `merges.txt` (GPT-2 BPE), one `*.model` (SentencePiece) or
+    one `*.tiktoken` (tiktoken)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return build_tokenizer("HuggingFaceTokenizer", folder)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return build_tokenizer("GPT2BPETokenizer", folder)
+    for suffix, kind in ((".model", "SentencePieceTokenizer"), (".tiktoken", "TikTokenizer")):
+        files = sorted(folder.glob(f"*{suffix}"))
+        if len(files) == 1:
+            return build_tokenizer(kind, files[0])
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise ValueError(
+        f"{folder}: cannot tell the tokenizer kind from its files {names} (expected tokenizer.json, vocab.json "
+        "with merges.txt, one *.model or one *.tiktoken)"
+    )

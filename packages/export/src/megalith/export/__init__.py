@@ -6,7 +6,7 @@ from importlib import metadata as _metadata
 
 from megalith.export.hf import HFModelSource, export_hf
 from megalith.export.io import CanonicalDirSource, ModelSource, open_source, write_canonical_dir
-from megalith.export.spec import ConversionError, ModelSpec
+from megalith.export.spec import ConversionError, model_config_from_dict
 from megalith.export.trtllm import export_trtllm
 from megalith.export.verify import verify_dir
 
@@ -17,9 +17,9 @@ __all__ = [
     "ConversionError",
     "HFModelSource",
     "ModelSource",
-    "ModelSpec",
     "export_hf",
     "export_trtllm",
+    "model_config_from_dict",
     "open_source",
     "verify_dir",
     "write_canonical_dir",

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import tempfile
 from pathlib import Path
 
+from megalith.core.config import ModelConfig
 from megalith.export.hf import DEFAULT_MAX_SHARD_BYTES, HFModelSource, export_hf
 from megalith.export.io import (
     atomic_output_dir,
+    check_output_apart,
     checkpoint_sink,
     copy_tokenizer_files,
     open_source,
     write_canonical_dir,
 )
-from megalith.export.spec import ConversionError, ModelSpec, parse_dtype
+from megalith.export.spec import ConversionError, check_parallel, parse_dtype
 from megalith.export.trtllm import export_trtllm
 from megalith.export.verify import verify_dir
 
@@ -25,16 +28,27 @@ _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, 
 
 def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 1000000")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    size = float(match.group(1)) * _UNITS.get(match.group(2).upper(), math.nan) if match else math.nan
+    if not math.isfinite(size) or size <= 0:  # too many digits overflow to inf
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a size such as 5GB, 500MB or 1000000")
+    return int(size)
 
 
-def _load(path: str):
+def _one_line(text: str) -> str:
+    """`text` with control characters (newlines, terminal escapes from file or tensor names) spelled out."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _fail(prog: str, exc: Exception) -> int:
+    print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
+    return 2
+
+
+def _load(path: str, verify: str = "checksum"):
     """--load: an HF directory, a canonical directory, or a Megalith checkpoint (through ModelCheckpointReader)."""
     if HFModelSource.looks_like(path):
         return HFModelSource(path)
-    return open_source(path)
+    return open_source(path, verify=verify)
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -47,6 +61,10 @@ def _export_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="stored dtype")
         p.add_argument("--force", action="store_true", help="replace an existing output directory")
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument(
+            "--verify", choices=["checksum", "size"], default="checksum",
+            help="check each file of a training checkpoint: size and CRC32 (checksum) or the size only (faster)",
+        )  # fmt: skip
 
     hf = sub.add_parser("hf", help="Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory")
     common(hf)
@@ -68,10 +86,11 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             problems = verify_dir(args.dir)
             for problem in problems:
-                print(problem)
+                print(_one_line(problem))
             print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
             return 1 if problems else 0
-        source = _load(args.load)
+        check_output_apart(args.out, [args.load])  # the folder named, which may hold more than the source reads
+        source = _load(args.load, args.verify)
         dtype = parse_dtype(args.dtype)
         if args.command == "hf":
             ids = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id}
@@ -80,9 +99,8 @@ def export_main(argv: list[str] | None = None) -> int:
         else:
             export_trtllm(source, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
                           progress=not args.quiet)  # fmt: skip
-    except ConversionError as exc:
-        print(f"megalith-export: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConversionError, OSError) as exc:  # OSError: the output could not be written (disk full, ...)
+        return _fail("megalith-export", exc)
     print(f"wrote {args.out}")
     return 0
 
@@ -102,9 +120,9 @@ def _import_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_training_layout(spec: ModelSpec, tp: int, pp: int) -> None:
+def check_training_layout(spec: ModelConfig, tp: int, pp: int) -> None:
     """Megalith training shards q, k and v over tp (no kv duplication) and needs a layer per pipeline stage."""
-    spec.check_parallel(tp, 1, allow_kv_duplication=False)
+    check_parallel(spec, tp, 1, allow_kv_duplication=False)
     if pp < 1 or spec.num_layers < pp:
         raise ConversionError(f"pp ({pp}) must be between 1 and num_layers ({spec.num_layers})")
 
@@ -115,13 +133,13 @@ def import_main(argv: list[str] | None = None) -> int:
         source = HFModelSource(args.hf, dtype=parse_dtype(args.dtype))
         check_training_layout(source.spec, args.tp, args.pp)
         sink = write_canonical_dir if args.format == "canonical" else checkpoint_sink()
-        with tempfile.TemporaryDirectory() as staging, atomic_output_dir(args.out, args.force) as tmp:
+        output = atomic_output_dir(args.out, args.force, [source.path])
+        with tempfile.TemporaryDirectory() as staging, output as tmp:
             tokenizer = Path(staging) / "tokenizer"
             has_tokenizer = bool(copy_tokenizer_files(source.path, tokenizer))
             tmp.rmdir()  # the sink creates the directory itself (a checkpoint writer may insist on a new one)
             sink(tmp, source.model_config, source.named_tensors(), tokenizer_dir=tokenizer if has_tokenizer else None)
-    except ConversionError as exc:
-        print(f"megalith-import: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConversionError, OSError) as exc:  # OSError: the output could not be written (disk full, ...)
+        return _fail("megalith-import", exc)
     print(f"wrote {args.out}")
     return 0

@@ -5,23 +5,30 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from megalith.core.config import ModelConfig
 from megalith.export import mapping
-from megalith.export.io import ModelSource, Progress, atomic_output_dir, copy_tokenizer_files, reads_rows, row_blocks
+from megalith.export.fields import Fields
+from megalith.export.hf_spec import ARCHITECTURES, GPT2_ACTIVATION, spec_from_hf_config
+from megalith.export.io import (
+    SOURCE_READ_ERRORS,
+    ModelSource,
+    Progress,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    describe,
+    reads_rows,
+    row_blocks,
+    source_paths,
+)
+from megalith.export.paths import file_in_folder, read_json
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter, tensor_nbytes
-from megalith.export.spec import DTYPE_NAMES, NAME_TO_DTYPE, ConversionError, ModelSpec
+from megalith.export.spec import DTYPE_NAMES, ConversionError, model_config_from_dict, name_list
 
-ARCHITECTURES = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
-MODEL_TYPES = {"gpt2": "gpt", "llama": "llama"}
-# Megalith's "gelu" is the tanh approximation GPT-2 was trained with; Hugging Face calls it "gelu_new"
-# ("gelu_pytorch_tanh" and "gelu_fast" are the same function computed differently).
-GPT2_ACTIVATION = "gelu_new"
-GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 
@@ -29,7 +36,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 # ---------------------------------------------------------------- configs
 
 
-def hf_config(spec: ModelSpec, dtype: torch.dtype, token_ids: dict) -> dict:
+def hf_config(spec: ModelConfig, dtype: torch.dtype, token_ids: dict) -> dict:
     """config.json for the exported model (transformers v4 keys, which v5 still reads)."""
     common = {
         "architectures": [ARCHITECTURES[spec.family]],
@@ -83,128 +90,7 @@ def hf_config(spec: ModelSpec, dtype: torch.dtype, token_ids: dict) -> dict:
     }
 
 
-def _get(config: dict, key: str, path: Path, default=None):
-    if key in config and config[key] is not None:
-        return config[key]
-    if default is None:
-        raise ConversionError(f"{path}: lacks the field {key!r}")
-    return default
-
-
-def spec_from_hf_config(config: dict, path: Path) -> ModelSpec:
-    """Canonical model description of a Hugging Face GPT-2 or Llama config.json; raises for anything else."""
-    architectures = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES or any(a not in ARCHITECTURES.values() for a in architectures):
-        raise ConversionError(
-            f"{path}: unsupported architecture {architectures} (model_type {model_type!r}); "
-            f"supported: {sorted(ARCHITECTURES.values())}"
-        )
-    if model_type == "gpt2":
-        return _gpt2_spec(config, path)
-    return _llama_spec(config, path)
-
-
-def _gpt2_spec(config: dict, path: Path) -> ModelSpec:
-    act = _get(config, "activation_function", path, "gelu_new")
-    if act == "gelu":
-        warnings.warn(
-            f"{path}: activation_function 'gelu' is the exact (erf) GELU; Megalith computes the tanh approximation "
-            "(gelu_new), so logits will differ slightly (about 1e-4 relative)",
-            stacklevel=3,
-        )
-    elif act not in GPT2_TANH_GELUS:
-        raise ConversionError(f"{path}: activation_function {act!r} is not supported (use gelu_new)")
-    for key, want in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
-        if config.get(key, want) != want:
-            raise ConversionError(f"{path}: {key} = {config[key]!r} is not supported (needs {want})")
-    hidden = _get(config, "n_embd", path)
-    return ModelSpec.from_config(
-        {
-            "family": "gpt",
-            "vocab_size": _get(config, "vocab_size", path),
-            "hidden_size": hidden,
-            "num_layers": _get(config, "n_layer", path),
-            "num_attention_heads": _get(config, "n_head", path),
-            "num_kv_heads": _get(config, "n_head", path),
-            "ffn_hidden_size": config.get("n_inner") or 4 * hidden,
-            "max_seq_len": _get(config, "n_positions", path),
-            "norm": "layernorm",
-            "norm_eps": float(_get(config, "layer_norm_epsilon", path, 1e-5)),
-            "activation": "gelu",
-            "position_embedding": "learned",
-            "rope_base": 10000.0,
-            "rope_scaling": None,
-            "bias": True,
-            "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
-            "init_std": float(config.get("initializer_range", 0.02)),
-        }
-    )
-
-
-def _llama_rope(config: dict, path: Path) -> tuple[float, dict | None]:
-    params = config.get("rope_parameters") or {}
-    base = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    if not scaling:
-        return base, None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return base, None
-    if kind != "llama3":
-        raise ConversionError(f"{path}: rope_scaling type {kind!r} is not supported (only llama3): {scaling}")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in scaling]
-    if missing:
-        raise ConversionError(f"{path}: rope_scaling lacks {missing}: {scaling}")
-    return base, {k: scaling[k] for k in keys}
-
-
-def _llama_spec(config: dict, path: Path) -> ModelSpec:
-    if _get(config, "hidden_act", path, "silu") != "silu":
-        raise ConversionError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (needs silu)")
-    hidden, heads = _get(config, "hidden_size", path), _get(config, "num_attention_heads", path)
-    head_dim = config.get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise ConversionError(
-            f"{path}: head_dim ({head_dim}) * num_attention_heads ({heads}) != hidden_size ({hidden}); "
-            "Megalith needs head_dim = hidden_size / num_attention_heads"
-        )
-    attn_bias, mlp_bias = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
-    if attn_bias != mlp_bias:
-        raise ConversionError(f"{path}: attention_bias ({attn_bias}) != mlp_bias ({mlp_bias}) is not supported")
-    base, scaling = _llama_rope(config, path)
-    return ModelSpec.from_config(
-        {
-            "family": "llama",
-            "vocab_size": _get(config, "vocab_size", path),
-            "hidden_size": hidden,
-            "num_layers": _get(config, "num_hidden_layers", path),
-            "num_attention_heads": heads,
-            "num_kv_heads": config.get("num_key_value_heads") or heads,
-            "ffn_hidden_size": _get(config, "intermediate_size", path),
-            "max_seq_len": _get(config, "max_position_embeddings", path),
-            "norm": "rmsnorm",
-            "norm_eps": float(_get(config, "rms_norm_eps", path, 1e-6)),
-            "activation": "swiglu",
-            "position_embedding": "rope",
-            "rope_base": base,
-            "rope_scaling": scaling,
-            "bias": attn_bias,
-            "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
-            "init_std": float(config.get("initializer_range", 0.02)),
-        }
-    )
-
-
-def hf_dtype(config: dict, path: Path) -> torch.dtype:
-    name = config.get("torch_dtype") or config.get("dtype") or "float32"
-    if name not in NAME_TO_DTYPE:
-        raise ConversionError(f"{path}: torch_dtype {name!r} is not one of {sorted(NAME_TO_DTYPE)}")
-    return NAME_TO_DTYPE[name]
-
-
-def hf_manifest(spec: ModelSpec) -> list[tuple[mapping.Entry, str, tuple[int, ...]]]:
+def hf_manifest(spec: ModelConfig) -> list[tuple[mapping.Entry, str, tuple[int, ...]]]:
     """(entry, Hugging Face name, shape) of every tensor of the exported model, in file order."""
     out = []
     for entry in mapping.entries(spec):
@@ -215,7 +101,7 @@ def hf_manifest(spec: ModelSpec) -> list[tuple[mapping.Entry, str, tuple[int, ..
 # ---------------------------------------------------------------- export
 
 
-def to_hf(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+def to_hf(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelConfig) -> list[torch.Tensor]:
     op = entry.param.hf_op
     if op == "copy":
         return [tensor]
@@ -224,24 +110,45 @@ def to_hf(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelSpec) -> list[t
     return list(torch.split(tensor, mapping.split_sizes(entry, spec), dim=0))
 
 
-def check_source(source: ModelSource, spec: ModelSpec) -> list[mapping.Entry]:
-    """The model's entries; raises naming every canonical tensor the source lacks or has in excess."""
+def _read(source: ModelSource, name: str, rows: slice | None = None) -> torch.Tensor:
+    """`source.read`, its failures (a damaged checkpoint, say) turned into ConversionErrors naming the tensor."""
+    try:
+        return (source.read(name) if rows is None else source.read(name, rows=rows)).detach()
+    except ConversionError:
+        raise
+    except SOURCE_READ_ERRORS as exc:
+        raise ConversionError(f"tensor {name!r}: cannot read ({describe(exc)})") from None
+
+
+def _check_shape(entry: mapping.Entry, shape: tuple[int, ...], spec: ModelConfig) -> None:
+    expected = mapping.canonical_shape(entry, spec)
+    if tuple(shape) != expected:
+        raise ConversionError(
+            f"tensor {entry.canonical!r} has shape {list(shape)}, the model config implies {list(expected)}"
+        )
+
+
+def check_source(source: ModelSource, spec: ModelConfig) -> list[mapping.Entry]:
+    """The model's entries; raises naming every canonical tensor the source lacks or has in excess, and, for a
+    source that declares shapes, every shape the config does not imply (before any output is laid out)."""
+    names = set(source.tensor_names())
+    mapping.check_tensor_count(spec, len(names), getattr(source, "path", "the source"))
     wanted = mapping.entries(spec)
     expected = {e.canonical for e in wanted}
-    names = set(source.tensor_names())
     missing, extra = sorted(expected - names), sorted(names - expected)
     if missing or extra:
-        raise ConversionError(f"source tensors do not match the model config: missing {missing}, unexpected {extra}")
+        raise ConversionError(
+            f"source tensors do not match the model config: missing {name_list(missing)}, unexpected {name_list(extra)}"
+        )
+    if callable(getattr(source, "shape", None)):
+        for entry in wanted:
+            _check_shape(entry, tuple(source.shape(entry.canonical)), spec)
     return wanted
 
 
-def read_checked(source: ModelSource, entry: mapping.Entry, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
-    tensor = source.read(entry.canonical).detach()
-    expected = mapping.canonical_shape(entry, spec)
-    if tuple(tensor.shape) != expected:
-        raise ConversionError(
-            f"tensor {entry.canonical!r} has shape {list(tensor.shape)}, the model config implies {list(expected)}"
-        )
+def read_checked(source: ModelSource, entry: mapping.Entry, spec: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+    tensor = _read(source, entry.canonical)
+    _check_shape(entry, tuple(tensor.shape), spec)
     if not tensor.is_floating_point():
         raise ConversionError(f"tensor {entry.canonical!r} has dtype {tensor.dtype}, expected a floating dtype")
     return tensor.to(device="cpu", dtype=dtype)
@@ -251,7 +158,7 @@ VOCAB_TENSORS = ("embed.weight", "output.weight")
 
 
 def row_stream(
-    source: ModelSource, entry: mapping.Entry, spec: ModelSpec, dtype: torch.dtype
+    source: ModelSource, entry: mapping.Entry, spec: ModelConfig, dtype: torch.dtype
 ) -> Iterator[tuple[int, torch.Tensor]] | None:
     """(first row, block) pieces of a vocabulary-sized tensor, read in row blocks, when the source supports it.
 
@@ -260,15 +167,11 @@ def row_stream(
     if entry.canonical not in VOCAB_TENSORS or not reads_rows(source):
         return None
     expected = mapping.canonical_shape(entry, spec)
-    shape = tuple(source.shape(entry.canonical))
-    if shape != expected:
-        raise ConversionError(
-            f"tensor {entry.canonical!r} has shape {list(shape)}, the model config implies {list(expected)}"
-        )
+    _check_shape(entry, tuple(source.shape(entry.canonical)), spec)
 
     def blocks() -> Iterator[tuple[int, torch.Tensor]]:
         for start, stop in row_blocks(expected[0], tensor_nbytes(dtype, expected[1:])):
-            block = source.read(entry.canonical, rows=slice(start, stop)).detach()
+            block = _read(source, entry.canonical, rows=slice(start, stop))
             if tuple(block.shape) != (stop - start, *expected[1:]):
                 raise ConversionError(
                     f"tensor {entry.canonical!r}: rows {start}:{stop} came back with shape {list(block.shape)}"
@@ -295,9 +198,10 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
 def _token_ids(source: ModelSource, overrides: dict) -> dict:
     ids = {}
     tokenizer_dir = source.tokenizer_dir
-    if tokenizer_dir is not None and (Path(tokenizer_dir) / "generation_config.json").is_file():
-        gen = json.loads((Path(tokenizer_dir) / "generation_config.json").read_text())
-        ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None}
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "generation_config.json").exists():
+        path = file_in_folder(tokenizer_dir, "generation_config.json")
+        gen = Fields(read_json(path), path)
+        ids = {k: gen.token_ids(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.has(k)}
     ids.update({k: v for k, v in overrides.items() if v is not None})
     return ids
 
@@ -306,7 +210,7 @@ def export_hf(source: ModelSource, out: str | os.PathLike, *, dtype: torch.dtype
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False, progress: bool = True,
               token_ids: dict | None = None) -> Path:  # fmt: skip
     """Writes `source` as a Hugging Face model directory `out`; returns its path."""
-    spec = ModelSpec.from_config(source.model_config)
+    spec = model_config_from_dict(source.model_config)
     mapping.check_family_fits_hf(spec)
     wanted = check_source(source, spec)
     manifest = hf_manifest(spec)
@@ -317,7 +221,7 @@ def export_hf(source: ModelSource, out: str | os.PathLike, *, dtype: torch.dtype
     ]  # fmt: skip
     ids = _token_ids(source, token_ids or {})
     bar = Progress(spec.num_layers + 2, enabled=progress)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, source_paths(source)) as tmp:
         writers, where = [], {}
         try:
             for file, names in zip(files, shards, strict=True):
@@ -367,17 +271,24 @@ _IGNORED = {
 }
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a safetensors index (tensor name -> file name), every file checked to lie in its folder."""
+    doc = read_json(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ConversionError(f"{index}: not a safetensors index (needs a 'weight_map' of tensor name -> file name)")
+    for file in sorted(set(weight_map.values())):
+        file_in_folder(index.parent, file, listed_in=index)
+    return weight_map
+
+
 def _weight_files(hf_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a Hugging Face directory (single file or index + shards)."""
     index, single = hf_dir / INDEX_FILE, hf_dir / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConversionError(f"{index}: not a safetensors index ({exc})") from exc
-        return {name: hf_dir / file for name, file in weight_map.items()}
-    if single.is_file():
-        return dict.fromkeys(SafetensorsReader(single).names(), single)
+    if index.exists():
+        return {name: hf_dir / file for name, file in read_index(index).items()}
+    if single.exists():
+        return dict.fromkeys(SafetensorsReader(file_in_folder(hf_dir, single.name)).names(), single)
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")):
         raise ConversionError(f"{hf_dir}: only safetensors weights are read (pickled .bin/.pt files are never loaded)")
     raise ConversionError(f"{hf_dir}: has neither model.safetensors nor {INDEX_FILE}")
@@ -388,23 +299,22 @@ class HFModelSource:
 
     def __init__(self, hf_dir: str | os.PathLike, dtype: torch.dtype | None = None):
         self.path = Path(hf_dir)
-        config_path = self.path / "config.json"
-        try:
-            self.hf_config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConversionError(f"{config_path}: cannot read ({exc})") from exc
+        config_path = file_in_folder(self.path, "config.json")
+        self.hf_config = read_json(config_path)
         self.spec = spec_from_hf_config(self.hf_config, config_path)
         self.dtype = dtype
-        self._entries = {e.canonical: e for e in mapping.entries(self.spec)}
-        self._files = self._normalised(_weight_files(self.path))
         self._readers: dict[Path, SafetensorsReader] = {}
+        self._files = self._normalised(_weight_files(self.path))
+        mapping.check_tensor_count(self.spec, len(self._files), config_path, side="hf")
+        self._entries = {e.canonical: e for e in mapping.entries(self.spec)}
         self._check()
 
     @staticmethod
     def looks_like(path: str | os.PathLike) -> bool:
         path = Path(path)
-        return (path / "config.json").is_file() and (
-            (path / "model.safetensors").is_file() or (path / INDEX_FILE).is_file()
+        # exists(), not is_file(): a damaged file (a directory, unreadable) is reported by the reader, by name.
+        return (path / "config.json").exists() and (
+            (path / "model.safetensors").exists() or (path / INDEX_FILE).exists()
         )
 
     def _normalised(self, files: dict[str, Path]) -> dict[str, tuple[Path, str]]:
@@ -423,8 +333,6 @@ class HFModelSource:
 
     def _reader(self, path: Path) -> SafetensorsReader:
         if path not in self._readers:
-            if not path.is_file():
-                raise ConversionError(f"{path}: listed in {INDEX_FILE} but missing")
             self._readers[path] = SafetensorsReader(path)
         return self._readers[path]
 
@@ -434,7 +342,8 @@ class HFModelSource:
         missing, extra = sorted(names - self._files.keys()), sorted(self._files.keys() - names)
         if missing or extra:
             raise ConversionError(
-                f"{self.path}: tensors do not match config.json: missing {missing}, unexpected {extra}"
+                f"{self.path}: tensors do not match config.json: missing {name_list(missing)}, "
+                f"unexpected {name_list(extra)}"
             )
         for _, name, shape in expected:
             path, stored = self._files[name]
@@ -446,7 +355,7 @@ class HFModelSource:
 
     @property
     def model_config(self) -> dict:
-        return self.spec.to_config()
+        return self.spec.to_dict()
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -457,7 +366,14 @@ class HFModelSource:
 
     def read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        parts = [self._reader(self._files[n][0]).read(self._files[n][1]) for n in entry.hf]
+        parts = []
+        for hf_name in entry.hf:
+            path, stored = self._files[hf_name]
+            part = self._reader(path).read(stored)
+            if not part.is_floating_point():
+                tag = self._reader(path).dtype_tag(stored)
+                raise ConversionError(f"{path}: tensor {stored!r} has dtype {tag}, expected a floating dtype")
+            parts.append(part)
         op = entry.param.hf_op
         tensor = parts[0].t().contiguous() if op == "transpose" else parts[0] if op == "copy" else torch.cat(parts)
         return tensor if self.dtype is None else tensor.to(self.dtype)

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -23,8 +24,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from megalith.export.paths import file_in_folder, read_json, require_file, resolve
 from megalith.export.safetensors_io import SafetensorsReader, SafetensorsWriter
-from megalith.export.spec import ConversionError, ModelSpec
+from megalith.export.spec import ConversionError, model_config_from_dict
 
 CANONICAL_WEIGHTS = "model.safetensors"
 CANONICAL_CONFIG = "megalith.json"
@@ -79,6 +81,17 @@ def row_blocks(num_rows: int, row_bytes: int, block_bytes: int | None = None) ->
     return [(a, min(num_rows, a + step)) for a in range(0, num_rows, step)]
 
 
+# What a source raises for data it cannot read: ModelCheckpointReader's CheckpointCorruptError is a ValueError,
+# a file it cannot open an OSError.
+SOURCE_READ_ERRORS = (OSError, ValueError)
+
+
+def describe(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 300 characters (a source's message may run on)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
 def _config_from_json(doc: dict, path: Path) -> dict:
     for key in ("model_config", "model"):
         if isinstance(doc.get(key), dict):
@@ -93,20 +106,23 @@ class CanonicalDirSource:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        config_path = self.path / CANONICAL_CONFIG
-        try:
-            doc = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConversionError(f"{config_path}: cannot read the model config ({exc})") from exc
+        config_path = file_in_folder(self.path, CANONICAL_CONFIG)
+        doc = read_json(config_path)
         self._config = _config_from_json(doc, config_path)
-        self._reader = SafetensorsReader(self.path / CANONICAL_WEIGHTS)
+        try:
+            model_config_from_dict(self._config)
+        except ConversionError as exc:
+            raise ConversionError(f"{config_path}: {exc}") from None
+        self._reader = SafetensorsReader(file_in_folder(self.path, CANONICAL_WEIGHTS))
         tokenizer = self.path / "tokenizer"
-        self._tokenizer = tokenizer if tokenizer.is_dir() else None
+        # Its files are checked against the tokenizer folder when copied; the folder itself must be ours.
+        self._tokenizer = file_in_folder(self.path, "tokenizer") if tokenizer.is_dir() else None
 
     @staticmethod
     def looks_like(path: str | os.PathLike) -> bool:
         path = Path(path)
-        return (path / CANONICAL_WEIGHTS).is_file() and (path / CANONICAL_CONFIG).is_file()
+        # exists(), not is_file(): a damaged file (a directory, unreadable) is reported when read, by name.
+        return (path / CANONICAL_WEIGHTS).exists() and (path / CANONICAL_CONFIG).exists()
 
     @property
     def model_config(self) -> dict:
@@ -126,8 +142,9 @@ class CanonicalDirSource:
         return self._reader.read(name, rows=rows)
 
 
-def open_source(path: str | os.PathLike) -> ModelSource:
-    """A canonical directory directly; anything else through megalith.core.checkpoint.ModelCheckpointReader."""
+def open_source(path: str | os.PathLike, *, verify: str = "checksum") -> ModelSource:
+    """A canonical directory directly; anything else through megalith.core.checkpoint.ModelCheckpointReader
+    (`verify`: check each checkpoint file's size and CRC32, or its size only)."""
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"--load {path}: no such file or directory")
@@ -140,7 +157,12 @@ def open_source(path: str | os.PathLike) -> ModelSource:
             f"--load {path}: not a canonical directory ({CANONICAL_WEIGHTS} + {CANONICAL_CONFIG}), and "
             f"megalith.core.checkpoint.ModelCheckpointReader is unavailable to read a training checkpoint ({exc})"
         ) from exc
-    return ModelCheckpointReader(str(path))
+    try:
+        return ModelCheckpointReader(str(path), verify=verify)
+    except ConversionError:
+        raise
+    except SOURCE_READ_ERRORS as exc:
+        raise ConversionError(f"--load {path}: {describe(exc)}") from None
 
 
 def checkpoint_sink() -> Sink:
@@ -161,7 +183,7 @@ def write_canonical_dir(out_dir, model_config: dict, named_tensors: Iterable[tup
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = ModelSpec.from_config(model_config)
+    spec = model_config_from_dict(model_config)
     iterator = iter(named_tensors)
     first = next(iterator, None)
     if first is None:
@@ -185,28 +207,69 @@ def write_canonical_dir(out_dir, model_config: dict, named_tensors: Iterable[tup
 def copy_tokenizer_files(src, dst, *, skip: tuple[str, ...] = ()) -> list[str]:
     """Copies the known tokenizer files present in `src` into `dst`; returns their names."""
     src, dst = Path(src), Path(dst)
-    names = [n for n in TOKENIZER_FILES if (src / n).is_file() and n not in skip]
+    names = [n for n in TOKENIZER_FILES if (src / n).exists() and n not in skip]
     if names:
         dst.mkdir(parents=True, exist_ok=True)
     for name in names:
-        shutil.copyfile(src / name, dst / name)
+        # A link out of the folder would copy an unrelated file (a credential, say) into the output.
+        path = require_file(file_in_folder(src, name))
+        try:
+            with open(path, "rb") as fin, open(dst / name, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        except OSError as exc:
+            raise ConversionError(f"{src / name}: cannot copy to {dst / name} ({exc.strerror or exc})") from None
     return names
 
 
+def source_paths(source: ModelSource) -> list[Path]:
+    """The folders a source reads from (its own path where it has one, and its tokenizer folder)."""
+    paths = [getattr(source, "path", None), source.tokenizer_dir]
+    return [Path(p) for p in paths if p is not None]
+
+
+def check_output_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuses an output that is, contains or lies inside one of `inputs` (after resolving symlinks).
+
+    Replacing such an output would delete (part of) the input it is made from, so `force` does not override this.
+    """
+    out = Path(out)
+    target = resolve(out)
+    for src in inputs:
+        if src is None:
+            continue
+        resolved = resolve(src)
+        if target == resolved:
+            relation = "is"
+        elif resolved.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(resolved):
+            relation = "lies inside"
+        else:
+            continue
+        raise ConversionError(
+            f"output {out} {relation} the input {src}; choose another output directory (--force does not override this)"
+        )
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `out`; on success it replaces `out`, on failure it is removed.
 
     An existing `out` is refused unless `force`; with `force` it is replaced only after the new one is complete.
+    An `out` that is, contains or lies inside one of `inputs` is always refused (see `check_output_apart`).
     """
     out = Path(out)
+    check_output_apart(out, inputs)
     if out.exists() and not force:
         raise ConversionError(f"output {out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+        raise ConversionError(f"output {out}: cannot create {exc.filename or out.parent} ({reason})") from None
+    tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
     except BaseException:
@@ -214,13 +277,28 @@ def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
         raise
     if not tmp.is_dir():
         raise ConversionError(f"{tmp}: the output was not written")
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
+    holder = None
+    if out.exists() or out.is_symlink():
+        # Moved aside whole (a symlink as the link itself, its target untouched), deleted once the new one is in.
+        holder = _fresh_dir(out.parent, f".{out.name}.old-")
+        out.rename(holder / out.name)
     tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if holder is not None:
+        shutil.rmtree(holder)
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A directory `parent / (prefix + random)` created new: a leftover or planted one of that name is never used."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConversionError(f"{parent}: cannot create a working directory ({exc.strerror})") from None
+    raise ConversionError(f"{parent}: cannot create a working directory {prefix}* (every name tried exists)")
 
 
 class Progress:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megalith.export.spec import ConversionError, ModelSpec
+from megalith.core.config import ModelConfig
+from megalith.export.spec import ConversionError
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,12 @@ output.weight               | lm_head.weight                     | copy         
 TABLES = {"gpt": GPT2_TABLE, "llama": LLAMA_TABLE}
 
 
-def applies(when: str, spec: ModelSpec) -> bool:
+def applies(when: str, spec: ModelConfig) -> bool:
     return {
         "always": True,
         "bias": spec.bias,
-        "norm_bias": spec.norm_bias,
-        "learned": spec.learned_positions,
+        "norm_bias": (spec.norm == "layernorm"),
+        "learned": (spec.position_embedding == "learned"),
         "untied": not spec.tie_embeddings,
     }[when]
 
@@ -149,7 +150,7 @@ def group_name(entry: Entry) -> str:
     return "embeddings" if stage_of(entry.param) == "first" else "head"
 
 
-def entries(spec: ModelSpec) -> list[Entry]:
+def entries(spec: ModelConfig) -> list[Entry]:
     """Every canonical tensor of the model, in order: embeddings, layers 0..L-1, final norm, output."""
     table = TABLES[spec.family]
     pre = [p for p in table if stage_of(p) == "first"]
@@ -164,11 +165,40 @@ def entries(spec: ModelSpec) -> list[Entry]:
     return out
 
 
-def canonical_shape(entry: Entry, spec: ModelSpec) -> tuple[int, ...]:
+MAX_MISSING = 10_000
+"""How many more tensors than an input holds a config may imply before it is refused without listing them."""
+
+
+def num_tensors(spec: ModelConfig, side: str = "canonical") -> int:
+    """How many canonical ("canonical") or Hugging Face ("hf") tensors the model has, counted without listing them."""
+    counts = {"first": 0, "layer": 0, "last": 0}
+    for param in TABLES[spec.family]:
+        if applies(param.when, spec):
+            counts[stage_of(param)] += len(param.hf) if side == "hf" else 1
+    return counts["first"] + spec.num_layers * counts["layer"] + counts["last"]
+
+
+def check_tensor_count(
+    spec: ModelConfig, available: int, where: object, *, side: str = "canonical", tp: int = 1
+) -> None:
+    """Refuses a config implying far more tensors than the input holds, before any list of names is built.
+
+    A hostile num_layers (or TensorRT-LLM tp) would otherwise make the lists of expected tensors unbounded; within
+    MAX_MISSING of the input, the missing tensors are listed by name as usual.
+    """
+    needed = num_tensors(spec, side) * tp
+    if needed > available + MAX_MISSING:
+        detail = f"{spec.num_layers} layers" + (f", tp {tp}" if tp > 1 else "")
+        raise ConversionError(
+            f"{where}: the config implies at least {needed} tensors ({detail}), but only {available} are stored"
+        )
+
+
+def canonical_shape(entry: Entry, spec: ModelConfig) -> tuple[int, ...]:
     """Shape of a canonical tensor (CONTRACT: canonical parameter names and shapes)."""
     h, d, f, v = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size, spec.vocab_size
     qkv = (spec.num_attention_heads + 2 * spec.num_kv_heads) * d
-    fc1 = 2 * f if spec.gated else f
+    fc1 = 2 * f if (spec.activation == "swiglu") else f
     name = entry.param.canonical
     shapes = {
         "embed.weight": (v, h),
@@ -184,18 +214,18 @@ def canonical_shape(entry: Entry, spec: ModelSpec) -> tuple[int, ...]:
     return shapes.get(name, (h,))  # norm weights/biases and the [H] biases of proj/fc2
 
 
-def split_sizes(entry: Entry, spec: ModelSpec) -> list[int]:
+def split_sizes(entry: Entry, spec: ModelConfig) -> list[int]:
     """Row counts of the parts a fused canonical tensor is made of (q, k, v or gate, up); one part if not fused."""
     name = entry.param.canonical
     if name.startswith("layers.{i}.attn.qkv"):
         d = spec.head_dim
         return [spec.num_attention_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d]
-    if name.startswith("layers.{i}.mlp.fc1") and spec.gated:
+    if name.startswith("layers.{i}.mlp.fc1") and (spec.activation == "swiglu"):
         return [spec.ffn_hidden_size, spec.ffn_hidden_size]
     return [canonical_shape(entry, spec)[0]]
 
 
-def hf_shapes(entry: Entry, spec: ModelSpec) -> list[tuple[int, ...]]:
+def hf_shapes(entry: Entry, spec: ModelConfig) -> list[tuple[int, ...]]:
     shape = canonical_shape(entry, spec)
     op = entry.param.hf_op
     if op == "copy":
@@ -207,7 +237,7 @@ def hf_shapes(entry: Entry, spec: ModelSpec) -> list[tuple[int, ...]]:
     raise AssertionError(f"unknown hf_op {op!r}")
 
 
-def check_family_fits_hf(spec: ModelSpec) -> None:
+def check_family_fits_hf(spec: ModelConfig) -> None:
     """Hugging Face GPT2LMHeadModel / LlamaForCausalLM can express only their own architecture."""
     if spec.family == "gpt":
         wanted = {"norm": "layernorm", "activation": "gelu", "position_embedding": "learned"}

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import torch
 
+from megalith.core.config import ModelConfig
 from megalith.export import mapping
 from megalith.export.hf import check_source, read_checked, row_stream
-from megalith.export.io import ModelSource, Progress, atomic_output_dir
+from megalith.export.io import ModelSource, Progress, atomic_output_dir, source_paths
 from megalith.export.safetensors_io import SafetensorsWriter
-from megalith.export.spec import DTYPE_NAMES, ConversionError, ModelSpec
+from megalith.export.spec import DTYPE_NAMES, ConversionError, check_parallel, model_config_from_dict
 
 ARCHITECTURES = {"gpt": "GPTForCausalLM", "llama": "LlamaForCausalLM"}
 
 
-def check_trt_family(spec: ModelSpec) -> None:
+def check_trt_family(spec: ModelConfig) -> None:
     if spec.family == "llama":
         wanted = {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope"}
     else:
@@ -39,7 +40,7 @@ def check_trt_family(spec: ModelSpec) -> None:
             )
 
 
-def trt_config(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict:
+def trt_config(spec: ModelConfig, dtype: torch.dtype, tp: int, pp: int) -> dict:
     rotary_scaling = None
     if spec.rope_scaling is not None:
         # Releases differ in which key names the scaling kind; both are written (extra keys are ignored).
@@ -72,7 +73,7 @@ def trt_config(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict:
     else:
         # The GPT class builds a gated MLP only when hidden_act names a gated activation.
         config.update(
-            hidden_act="swiglu" if spec.gated else "gelu",
+            hidden_act="swiglu" if (spec.activation == "swiglu") else "gelu",
             bias=spec.bias,
             gpt_variant="gpt2",
             rotary_pct=1.0,
@@ -82,16 +83,18 @@ def trt_config(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict:
     return config
 
 
-def trt_names(entry: mapping.Entry, spec: ModelSpec, local_layer: int | None) -> tuple[str, ...]:
+def trt_names(entry: mapping.Entry, spec: ModelConfig, local_layer: int | None) -> tuple[str, ...]:
     names = entry.trt(local_layer)
-    return names if entry.param.trt_op != "fc1" or spec.gated else names[:1]  # plain MLP: mlp.fc only
+    return (
+        names if entry.param.trt_op != "fc1" or (spec.activation == "swiglu") else names[:1]
+    )  # plain MLP: mlp.fc only
 
 
-def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:
+def kv_heads_per_rank(spec: ModelConfig, tp: int) -> int:
     return math.ceil(spec.num_kv_heads / tp)
 
 
-def rank_shapes(entry: mapping.Entry, spec: ModelSpec, tp: int) -> list[tuple[int, ...]]:
+def rank_shapes(entry: mapping.Entry, spec: ModelConfig, tp: int) -> list[tuple[int, ...]]:
     """Per-rank shape of each TensorRT-LLM tensor an entry becomes."""
     shape = mapping.canonical_shape(entry, spec)
     op = entry.param.trt_op
@@ -103,14 +106,14 @@ def rank_shapes(entry: mapping.Entry, spec: ModelSpec, tp: int) -> list[tuple[in
         rows = (spec.num_attention_heads // tp + 2 * kv_heads_per_rank(spec, tp)) * spec.head_dim
         return [(rows, *shape[1:])]
     if op == "fc1":
-        parts = 2 if spec.gated else 1
+        parts = 2 if (spec.activation == "swiglu") else 1
         return [(spec.ffn_hidden_size // tp, *shape[1:])] * parts
     if op == "lm_head":
         return [(math.ceil(spec.vocab_size / tp), shape[1])]
     raise AssertionError(f"unknown trt_op {op!r}")
 
 
-def shard(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelSpec, tp: int) -> list[list[torch.Tensor]]:
+def shard(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelConfig, tp: int) -> list[list[torch.Tensor]]:
     """[tp_rank][k]: the k-th TensorRT-LLM tensor of `entry` on each tensor-parallel rank."""
     op = entry.param.trt_op
     if op == "replicate":
@@ -153,7 +156,7 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return _concat_rows([tensor, torch.zeros((rows - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)])
 
 
-def _stage_entries(spec: ModelSpec, pp: int) -> list[tuple[mapping.Entry, int, int | None]]:
+def _stage_entries(spec: ModelConfig, pp: int) -> list[tuple[mapping.Entry, int, int | None]]:
     """(entry, pp_rank, local layer) for every tensor written; lm_head comes from embed.weight when tied."""
     per_stage = spec.num_layers // pp
     out = []
@@ -169,7 +172,7 @@ def _stage_entries(spec: ModelSpec, pp: int) -> list[tuple[mapping.Entry, int, i
     return out
 
 
-def trt_manifest(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict[int, list]:
+def trt_manifest(spec: ModelConfig, dtype: torch.dtype, tp: int, pp: int) -> dict[int, list]:
     """rank -> [(name, dtype, shape)] of every rank file."""
     manifest: dict[int, list] = {r: [] for r in range(tp * pp)}
     for entry, pp_rank, local in _stage_entries(spec, pp):
@@ -182,7 +185,7 @@ def trt_manifest(spec: ModelSpec, dtype: torch.dtype, tp: int, pp: int) -> dict[
 _ROW_OPS = ("replicate", "lm_head")
 
 
-def _write_row_blocks(op: str, stream, files: list[SafetensorsWriter], name: str, spec: ModelSpec, tp: int) -> int:
+def _write_row_blocks(op: str, stream, files: list[SafetensorsWriter], name: str, spec: ModelConfig, tp: int) -> int:
     """Writes a vocabulary-sized tensor from row blocks: whole on every tp rank ("replicate"), or split into
     ceil(V / tp) rows per rank and zero-padded ("lm_head"). Returns the bytes written."""
     rows = math.ceil(spec.vocab_size / tp) if op == "lm_head" else spec.vocab_size
@@ -207,13 +210,13 @@ def _write_row_blocks(op: str, stream, files: list[SafetensorsWriter], name: str
 def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, pp: int = 1,
                   dtype: torch.dtype = torch.bfloat16, force: bool = False, progress: bool = True) -> Path:  # fmt: skip
     """Writes `source` as a TensorRT-LLM checkpoint for tp x pp ranks in `out`; returns its path."""
-    spec = ModelSpec.from_config(source.model_config)
+    spec = model_config_from_dict(source.model_config)
     check_trt_family(spec)
-    spec.check_parallel(tp, pp, allow_kv_duplication=True)
+    check_parallel(spec, tp, pp, allow_kv_duplication=True)
     check_source(source, spec)
     manifest = trt_manifest(spec, dtype, tp, pp)
     bar = Progress(spec.num_layers + 2, enabled=progress)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, source_paths(source)) as tmp:
         writers = {r: SafetensorsWriter(tmp / f"rank{r}.safetensors", m) for r, m in manifest.items()}
         try:
             for entry, pp_rank, local in _stage_entries(spec, pp):

@@ -6,16 +6,20 @@ reported, not just the first.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
 
-from megalith.export.hf import INDEX_FILE, hf_dtype, hf_manifest, spec_from_hf_config
-from megalith.export.safetensors_io import DTYPE_TO_TAG, TAG_TO_DTYPE, SafetensorsError, read_header, tensor_nbytes
-from megalith.export.spec import NAME_TO_DTYPE, ConversionError, ModelSpec
+from megalith.core.config import ModelConfig
+from megalith.export.fields import Fields
+from megalith.export.hf import INDEX_FILE, hf_manifest, read_index
+from megalith.export.hf_spec import hf_dtype, spec_from_hf_config
+from megalith.export.mapping import check_tensor_count
+from megalith.export.paths import file_in_folder, read_json
+from megalith.export.safetensors_io import DTYPE_TO_TAG, SafetensorsReader
+from megalith.export.spec import NAME_TO_DTYPE, ConversionError, check_parallel, model_config_from_dict
 from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
 from megalith.export.trtllm import check_trt_family, trt_manifest
 
@@ -23,34 +27,23 @@ from megalith.export.trtllm import check_trt_family, trt_manifest
 def verify_dir(path: str | os.PathLike) -> list[str]:
     """Every mismatch between the directory and its config.json; an empty list means it is consistent."""
     path = Path(path)
-    config_path = path / "config.json"
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return [f"{config_path}: cannot read ({exc})"]
-    try:
-        if "architecture" in config:
+        config = read_json(file_in_folder(path, "config.json"))
+        if isinstance(config, dict) and "architecture" in config:
             return _verify_trtllm(path, config)
         return _verify_hf(path, config)
     except ConversionError as exc:
         return [str(exc)]
 
 
-def _header_entries(file: Path, problems: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype tag, shape) of one file, recording malformed entries as problems."""
+def _header_entries(file: Path, problems: list[str]) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict]:
+    """name -> (dtype tag, shape) of one file and its metadata; an unreadable file is recorded as a problem."""
     try:
-        header, _, _ = read_header(file)
-    except (OSError, SafetensorsError) as exc:
-        problems.append(f"{file.name}: unreadable ({exc})")
-        return {}
-    out = {}
-    for name, entry in header.items():
-        tag, shape = entry["dtype"], tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        if tag in TAG_TO_DTYPE and end - begin != tensor_nbytes(TAG_TO_DTYPE[tag], shape):
-            problems.append(f"{file.name}: {name}: {end - begin} data bytes do not hold {tag} {list(shape)}")
-        out[name] = (tag, shape)
-    return out
+        reader = SafetensorsReader(file)
+    except ConversionError as exc:  # unreadable or corrupt: one problem, the other files are still checked
+        problems.append(str(exc))
+        return {}, {}
+    return {name: (reader.dtype_tag(name), reader.shape(name)) for name in reader.names()}, reader.metadata
 
 
 def _compare(where: str, found: dict, expected: list[tuple[str, torch.dtype, tuple[int, ...]]], problems: list[str]):
@@ -72,24 +65,20 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
     spec = spec_from_hf_config(config, path / "config.json")
     dtype = hf_dtype(config, path / "config.json")
     index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            return [f"{index.name}: not a safetensors index ({exc})"]
+    if index.exists():
+        weight_map = read_index(index)
         files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        weight_map, files = None, ["model.safetensors"]
+    elif (path / "model.safetensors").exists():
+        weight_map, files = None, [file_in_folder(path, "model.safetensors").name]
     else:
         return [f"{path}: has neither model.safetensors nor {INDEX_FILE}"]
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
-        if not (path / file).is_file():
+        if not (path / file).exists():
             problems.append(f"{INDEX_FILE}: lists {file}, which does not exist")
             continue
-        entries = _header_entries(path / file, problems)
-        metadata = read_header(path / file)[1] if entries else {}
-        if metadata.get("format") != "pt":
+        entries, metadata = _header_entries(path / file, problems)
+        if entries and metadata.get("format") != "pt":
             problems.append(f"{file}: safetensors metadata {metadata} lacks format 'pt'")
         for name, value in entries.items():
             if weight_map is not None and weight_map.get(name) != file:
@@ -98,71 +87,82 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
     if weight_map is not None:
         for name in sorted(weight_map.keys() - found.keys()):
             problems.append(f"{INDEX_FILE}: maps {name} to {weight_map[name]}, which does not hold it")
+    check_tensor_count(spec, len(found), path / "config.json", side="hf")  # bounds the list below
     _compare("model", found, [(n, dtype, s) for _, n, s in hf_manifest(spec)], problems)
     return problems
 
 
-def spec_from_trt_config(config: dict, path: Path) -> tuple[ModelSpec, torch.dtype, int, int]:
+def spec_from_trt_config(config: object, path: Path) -> tuple[ModelConfig, torch.dtype, int, int]:
+    """Model, dtype, tp and pp a TensorRT-LLM config.json describes, every field it uses type-checked."""
+    fields = Fields(config, path)
     families = {a: f for f, a in TRT_ARCHITECTURES.items()}
-    arch = config.get("architecture")
+    arch = fields.string("architecture")
     if arch not in families:
         raise ConversionError(f"{path}: architecture {arch!r} is not one of {sorted(families)}")
     family = families[arch]
-    required = ["dtype", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mapping"]
-    missing = [k for k in required if k not in config]
-    if missing:
-        raise ConversionError(f"{path}: lacks {missing}")
-    if config["dtype"] not in NAME_TO_DTYPE:
-        raise ConversionError(f"{path}: dtype {config['dtype']!r} is not one of {sorted(NAME_TO_DTYPE)}")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_size", hidden // heads) * heads != hidden:
-        raise ConversionError(f"{path}: head_size {config['head_size']} * {heads} heads != hidden_size {hidden}")
+    dtype = fields.string("dtype")
+    if dtype not in NAME_TO_DTYPE:
+        raise ConversionError(f"{path}: dtype {dtype!r} is not one of {sorted(NAME_TO_DTYPE)}")
+    hidden, heads = fields.integer("hidden_size"), fields.integer("num_attention_heads")
+    head_size = fields.integer("head_size", hidden // heads or 1)
+    if head_size * heads != hidden:
+        raise ConversionError(f"{path}: head_size {head_size} * {heads} heads != hidden_size {hidden}")
     if family == "llama":
-        if config.get("attn_bias", False) != config.get("mlp_bias", False):
+        bias = fields.boolean("attn_bias", False)
+        if bias != fields.boolean("mlp_bias", False):
             raise ConversionError(f"{path}: attn_bias != mlp_bias is not a layout Megalith writes")
-        bias, gated, norm = bool(config.get("attn_bias", False)), True, "rmsnorm"
+        gated, norm = True, "rmsnorm"
     else:
-        bias, gated, norm = bool(config.get("bias", True)), config.get("hidden_act") in ("swiglu",), "layernorm"
-    learned = config.get("position_embedding_type", "learned_absolute") == "learned_absolute"
-    spec = ModelSpec.from_config(
-        {
-            "family": family,
-            "vocab_size": config["vocab_size"],
-            "hidden_size": hidden,
-            "num_layers": config["num_hidden_layers"],
-            "num_attention_heads": heads,
-            "num_kv_heads": config.get("num_key_value_heads") or heads,
-            "ffn_hidden_size": config.get("intermediate_size") or 4 * hidden,
-            "max_seq_len": config.get("max_position_embeddings") or 0,
-            "norm": norm,
-            "norm_eps": float(config.get("norm_epsilon", 1e-5)),
-            "activation": "swiglu" if gated else "gelu",
-            "position_embedding": "learned" if learned else "rope",
-            "bias": bias,
-            "tie_embeddings": False,  # lm_head is a tensor of its own in every TensorRT-LLM checkpoint
-        }
-    )
+        bias, gated, norm = fields.boolean("bias", True), fields.string("hidden_act", "gelu") == "swiglu", "layernorm"
+    learned = fields.string("position_embedding_type", "learned_absolute") == "learned_absolute"
+    canonical = {
+        "family": family,
+        "vocab_size": fields.integer("vocab_size"),
+        "hidden_size": hidden,
+        "num_layers": fields.integer("num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_kv_heads": fields.integer("num_key_value_heads", heads),
+        "ffn_hidden_size": fields.integer("intermediate_size", 4 * hidden),
+        "max_seq_len": fields.integer("max_position_embeddings"),
+        "norm": norm,
+        "norm_eps": fields.number("norm_epsilon", 1e-5, positive=True),
+        "activation": "swiglu" if gated else "gelu",
+        "position_embedding": "learned" if learned else "rope",
+        "bias": bias,
+        "tie_embeddings": False,  # lm_head is a tensor of its own in every TensorRT-LLM checkpoint
+    }
+    try:
+        spec = model_config_from_dict(canonical)
+    except ConversionError as exc:
+        raise ConversionError(f"{path}: {exc}") from None
     check_trt_family(spec)
-    mapping_cfg = config["mapping"]
-    tp, pp = int(mapping_cfg.get("tp_size", 1)), int(mapping_cfg.get("pp_size", 1))
-    if mapping_cfg.get("world_size", tp * pp) != tp * pp:
-        raise ConversionError(f"{path}: mapping world_size {mapping_cfg['world_size']} != tp {tp} * pp {pp}")
-    spec.check_parallel(tp, pp, allow_kv_duplication=True)
-    return spec, NAME_TO_DTYPE[config["dtype"]], tp, pp
+    mapping_fields = fields.nested("mapping")
+    if mapping_fields is None:
+        raise ConversionError(f"{path}: lacks the field 'mapping'")
+    tp, pp = mapping_fields.integer("tp_size", 1), mapping_fields.integer("pp_size", 1)
+    world_size = mapping_fields.integer("world_size", tp * pp)
+    if world_size != tp * pp:
+        raise ConversionError(f"{path}: mapping world_size {world_size} != tp {tp} * pp {pp}")
+    check_parallel(spec, tp, pp, allow_kv_duplication=True)
+    return spec, NAME_TO_DTYPE[dtype], tp, pp
 
 
 def _verify_trtllm(path: Path, config: dict) -> list[str]:
     problems: list[str] = []
     spec, dtype, tp, pp = spec_from_trt_config(config, path / "config.json")
-    expected = trt_manifest(spec, dtype, tp, pp)
-    for rank, manifest in expected.items():
-        file = path / f"rank{rank}.safetensors"
-        if not file.is_file():
-            problems.append(f"{file.name}: missing (world_size {tp * pp})")
-            continue
-        _compare(file.name, _header_entries(file, problems), manifest, problems)
+    present: dict[int, dict] = {}
     for file in sorted(path.glob("rank*.safetensors")):
         match = re.fullmatch(r"rank(\d+)\.safetensors", file.name)
         if match is None or int(match.group(1)) >= tp * pp:
             problems.append(f"{file.name}: unexpected file (world_size {tp * pp})")
+            continue
+        file_in_folder(path, file.name)
+        present[int(match.group(1))] = _header_entries(file, problems)[0]
+    stored = sum(len(entries) for entries in present.values())
+    check_tensor_count(spec, stored, path / "config.json", tp=tp)  # bounds the lists below
+    for rank, manifest in trt_manifest(spec, dtype, tp, pp).items():
+        if rank not in present:
+            problems.append(f"rank{rank}.safetensors: missing (world_size {tp * pp})")
+            continue
+        _compare(f"rank{rank}.safetensors", present[rank], manifest, problems)
     return problems

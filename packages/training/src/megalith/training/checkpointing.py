@@ -1,10 +1,10 @@
 """Checkpoint directories of a run: atomic sharded saves (optionally async), keep-last-N, resume, RNG states.
 
-Layout (see megalith.core.checkpoint.layout): ROOT/iter_{step:07d}/ holds the DCP files of the sharded
-model/optimizer state, `rng/rank_XXXXX.json` per rank and `megalith.json` (step, model config, world size and
-the small JSON state the caller passes: scheduler, loss scaler, data position...). ROOT/latest names the
-newest complete checkpoint. Nothing is unpickled on load: tensors go through DCP's weights-only loader and the
-rest is JSON.
+Layout (see megalith.core.checkpoint.layout): ROOT/iter_{step:07d}/ holds the safetensors files and
+`index.json` of the sharded model/optimizer state, `rng/rank_XXXXX.json` per rank and `megalith.json` (step,
+model config, world size and the small JSON state the caller passes: scheduler, loss scaler, data position...).
+ROOT/latest names the newest complete checkpoint. Nothing is unpickled on load, and every file is checked
+against the size and CRC32 the index recorded (`verify="size"` skips the CRC32 for speed).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from megalith.core.checkpoint import (
     save_sharded_state,
     tmp_dir_name,
 )
+from megalith.core.checkpoint.storage import probe_writable, read_json, storage_error
 
 __all__ = [
     "CheckpointManager",
@@ -161,14 +162,20 @@ class CheckpointManager:
             raise ValueError(f"checkpoint extra state / model_config must be JSON-able: {exc}") from None
         rng = capture_rng_state() if save_rng else None
         tmp = self.root / tmp_dir_name(step)
+        error = None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("iter_*.tmp"):  # left by a crashed save
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-            if tokenizer_dir is not None:
-                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        self._barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob("iter_*.tmp"):  # left by a crashed save
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir()
+                if tokenizer_dir is not None:
+                    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = storage_error(tmp, exc, "creating the checkpoint directory")
+        if self._agree(error):  # also the barrier: every rank sees the directory before writing into it
+            raise error or OSError(f"rank 0 could not create {tmp}")
         if not self.async_save:
             start = time.perf_counter()
             self._write(step, tmp, state, rng, info)
@@ -190,16 +197,46 @@ class CheckpointManager:
             self._error = exc
 
     def _write(self, step: int, tmp: Path, state, rng, info) -> None:
-        if rng is not None:
-            rng_dir = tmp / "rng"
-            rng_dir.mkdir(exist_ok=True)
-            _write_json(rng_dir / f"rank_{self.rank:05d}.json", rng)
-        save_sharded_state(state, tmp, process_group=self.group)
-        self._barrier()
+        error = None
+        try:
+            if rng is not None:
+                rng_dir = tmp / "rng"
+                rng_dir.mkdir(exist_ok=True)
+                _write_json(rng_dir / f"rank_{self.rank:05d}.json", rng)
+        except OSError as exc:
+            error = storage_error(tmp, exc, "writing the RNG state")
+        try:
+            if self._agree(error):
+                raise error or OSError("another rank failed to write its RNG state")
+            save_sharded_state(state, tmp, process_group=self.group)
+            self._barrier()
+            if self.rank == 0:
+                publish_checkpoint(self.root, step, info)
+                self._prune()
+            self._barrier()
+        except BaseException:
+            if self.rank == 0:  # a failed save leaves nothing behind; the previous checkpoint stays `latest`
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _agree(self, error: BaseException | None) -> bool:
+        """Whether any rank saw an error (collective), so every rank stops at the same point."""
+        if not self.distributed:
+            return error is not None
+        flag = torch.tensor([int(error is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def probe(self) -> None:
+        """Checks now that the checkpoint root can be created and written, rather than at the first save."""
+        error = None
         if self.rank == 0:
-            publish_checkpoint(self.root, step, info)
-            self._prune()
-        self._barrier()
+            try:
+                probe_writable(self.root, "checkpoint.save")
+            except OSError as exc:
+                error = exc
+        if self._agree(error):
+            raise error or OSError(f"rank 0 cannot write checkpoints into {self.root}")
 
     def wait(self) -> None:
         """Blocks until a background save has finished; raises its error if it failed."""
@@ -236,19 +273,21 @@ class CheckpointManager:
         *,
         strict: bool = True,
         load_rng: bool = True,
+        verify: str = "checksum",
     ) -> LoadedCheckpoint:
         """Loads checkpoint `path` (a root or iter dir; default this manager's root) into `state` in place.
 
-        RNG states are restored only when the world size equals the saving one (else `rng_restored` is False).
+        Every file is checked first (`verify`: "checksum" = size and CRC32, "size" = size only). RNG states are
+        restored only when the world size equals the saving one (else `rng_restored` is False).
         """
         self.wait()
         ckpt = resolve_checkpoint_dir(self.root if path is None else path)
         info = read_info(ckpt)
-        missing = load_sharded_state(state, ckpt, process_group=self.group, strict=strict)
+        missing = load_sharded_state(state, ckpt, process_group=self.group, strict=strict, verify=verify)
         rng_restored = False
         rng_file = ckpt / "rng" / f"rank_{self.rank:05d}.json"
         if load_rng and info.get("world_size") == self.world_size and rng_file.is_file():
-            restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+            restore_rng_state(read_json(rng_file))
             rng_restored = True
         return LoadedCheckpoint(
             path=ckpt,
@@ -262,7 +301,7 @@ class CheckpointManager:
 
 def _to_cpu(name: str, value: torch.Tensor | LocalShard) -> LocalShard:
     """A CPU copy the training thread may keep modifying the original of."""
-    shard = value if isinstance(value, LocalShard) else LocalShard(value, getattr(value, "megalith_shard", None))
+    shard = value if isinstance(value, LocalShard) else LocalShard(value)
     copy = shard.tensor.detach().to("cpu", copy=True)
     return LocalShard(copy, shard.spec, flat_range=shard.flat_range, local_shape=shard.local_shape)
 

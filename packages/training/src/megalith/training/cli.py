@@ -20,8 +20,9 @@ Train a GPT-2 or Llama style model with tensor, pipeline and data parallelism.
   megalith-train --config FILE model.num_layers=4 parallel.tp=2 --print-config
 
 --load DIR, --save DIR and --run-dir DIR are short for checkpoint.load=DIR, checkpoint.save=DIR and
-logging.run_dir=DIR. Exit codes: 0 finished or stopped cleanly (SIGTERM/SIGINT/SIGUSR1, time limit; a checkpoint
-is saved first when checkpoint.save is set), 2 configuration error, 1 anything else.
+logging.run_dir=DIR, and --force for checkpoint.force=true (save into a folder holding another run's
+checkpoints). Exit codes: 0 finished or stopped cleanly (SIGTERM/SIGINT/SIGUSR1, time limit; a checkpoint is
+saved first when checkpoint.save is set), 2 configuration error, 1 anything else.
 """
 
 _SHORTCUTS = {"--load": "checkpoint.load", "--save": "checkpoint.save", "--run-dir": "logging.run_dir"}
@@ -33,7 +34,9 @@ def _expand_shortcuts(argv: Sequence[str]) -> list[str]:
     while i < len(argv):
         item = argv[i]
         flag, eq, value = item.partition("=")
-        if flag in _SHORTCUTS:
+        if item == "--force":
+            out.append("checkpoint.force=true")
+        elif flag in _SHORTCUTS:
             if not eq:
                 if i + 1 >= len(argv):
                     raise ConfigError(f"{flag} needs a directory")
@@ -56,19 +59,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(format_config(cfg), end="")
         return 0
-    from megalith.training.resilience import NonFiniteLossError, destroy_distributed
+    from megalith.core.world import destroy_distributed
+    from megalith.training.resilience import NonFiniteLossError
     from megalith.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"megalith-train: error: {exc}", file=sys.stderr)
         destroy_distributed()
         return 2
     try:
         reason = trainer.fit()
         trainer.logger.message(_summary(trainer, reason))
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, OSError) as exc:  # OSError: a full or read-only disk while saving, named
         print(f"megalith-train: error: {exc}", file=sys.stderr)
         return 1
     finally:

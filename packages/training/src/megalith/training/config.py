@@ -1,13 +1,8 @@
-"""The training configuration tree (optimizer, schedule, training, checkpoint, logging) and its command line.
+"""The training loop's own config sections (schedule, training, checkpoint, logging) and the command line.
 
-Applications add sections by subclassing the root, keeping it a frozen kw-only dataclass:
-
-    @dataclasses.dataclass(kw_only=True, frozen=True)
-    class RunConfig(TrainConfig):
-        model: ModelConfig = option(factory=ModelConfig, help="...")
-        parallel: ParallelConfig = option(factory=ParallelConfig, help="...")
-
-Every field has a help text (shown by --help) and each section validates itself in `__post_init__`.
+`megalith.training.run_config.RunConfig` composes them with the components' configs (model, runtime, loss,
+parallel, precision, ddp, optimizer from megalith.core; data). Every field has a help text (shown by --help)
+and each section validates itself in `__post_init__`.
 """
 
 from __future__ import annotations
@@ -18,15 +13,14 @@ import math
 from collections.abc import Sequence
 from typing import Literal, TypeVar
 
-from megalith.training.config_tree import ConfigError, format_config_help, load_config, option
+from megalith.core.fields import option
+from megalith.training.config_tree import ConfigError, format_config_help, load_config
 
 __all__ = [
     "CheckpointConfig",
     "CliArgs",
     "LoggingConfig",
-    "OptimizerConfig",
     "ScheduleConfig",
-    "TrainConfig",
     "TrainingConfig",
     "parse_cli",
 ]
@@ -41,28 +35,6 @@ def _check(ok: bool, message: str) -> None:
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
-class OptimizerConfig:
-    """AdamW hyperparameters and gradient clipping."""
-
-    name: Literal["adamw"] = option("adamw", help="Optimizer (AdamW, decoupled weight decay).")
-    lr: float = option(3e-4, help="Peak learning rate, reached at the end of warmup.")
-    weight_decay: float = option(0.1, help="Weight decay of matrices (norms and biases get none).")
-    beta1: float = option(0.9, help="Adam beta1.")
-    beta2: float = option(0.95, help="Adam beta2.")
-    eps: float = option(1e-8, help="Adam epsilon.")
-    clip_grad: float = option(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
-    fused: bool | None = option(None, help="Use the fused AdamW kernel; None: on when training on a GPU.")
-
-    def __post_init__(self) -> None:
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}")
-        _check(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}")
-        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        _check(self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}")
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
 class ScheduleConfig:
     """Learning-rate warmup and decay, and the weight-decay schedule (steps are optimizer steps)."""
 
@@ -71,7 +43,7 @@ class ScheduleConfig:
         None, help="Warmup as a fraction of the total steps (overrides warmup_steps)."
     )
     warmup_init_lr: float = option(0.0, help="Learning rate at the start of warmup.")
-    decay_style: DecayStyle = option(  # noqa: RUF009 (option() returns dataclasses.field)
+    decay_style: DecayStyle = option(
         "cosine", help="Decay after warmup: constant, linear, cosine, wsd or inverse-sqrt."
     )
     decay_steps: int | None = option(None, help="Step at which decay reaches min_lr; None: the total number of steps.")
@@ -190,6 +162,12 @@ class CheckpointConfig:
     load_optimizer: bool = option(True, help="Load optimizer state when the checkpoint has it.")
     load_rng: bool = option(True, help="Restore RNG states (when the world size matches the saving one).")
     finetune: bool = option(False, help="Load weights only and start from step 0.")
+    verify: Literal["checksum", "size"] = option(
+        "checksum", help="What loading checks of every checkpoint file: size and CRC32, or the size only (faster)."
+    )
+    force: bool = option(
+        False, help="Save into checkpoint.save even when it holds another run's checkpoints (`latest` moves)."
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -215,29 +193,6 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _check(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
         _check(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be > 0, got {self.peak_tflops}")
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class TrainConfig:
-    """Root of the training configuration; subclass it to add model, parallel and data sections."""
-
-    optimizer: OptimizerConfig = option(factory=OptimizerConfig, help="Optimizer.")  # noqa: RUF009 (option() returns dataclasses.field)
-    schedule: ScheduleConfig = option(factory=ScheduleConfig, help="Learning-rate and weight-decay schedule.")  # noqa: RUF009 (option() returns dataclasses.field)
-    training: TrainingConfig = option(factory=TrainingConfig, help="Batch, length, evaluation, seed.")  # noqa: RUF009 (option() returns dataclasses.field)
-    checkpoint: CheckpointConfig = option(factory=CheckpointConfig, help="Checkpoints.")  # noqa: RUF009 (option() returns dataclasses.field)
-    logging: LoggingConfig = option(factory=LoggingConfig, help="Logging.")  # noqa: RUF009 (option() returns dataclasses.field)
-
-    def __post_init__(self) -> None:
-        total = self.training.total_steps
-        sched = self.schedule
-        _check(
-            sched.warmup_steps <= total,
-            f"schedule.warmup_steps ({sched.warmup_steps}) exceeds the run length ({total} steps)",
-        )
-        _check(
-            sched.min_lr <= self.optimizer.lr,
-            f"schedule.min_lr ({sched.min_lr}) exceeds optimizer.lr ({self.optimizer.lr})",
-        )
 
 
 @dataclasses.dataclass(frozen=True)

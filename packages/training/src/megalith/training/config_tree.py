@@ -1,22 +1,21 @@
 """Turning YAML/TOML files and dotted overrides into a tree of kw-only dataclasses, and back into text.
 
-Works for any dataclass tree (the training sections here, and whatever sections an application adds by
-subclassing, e.g. a model config): field types drive the conversion, field metadata["help"] the --help text,
-and each dataclass's own `__post_init__` the validation, whose ValueError is re-raised with the dotted path.
+Works for any dataclass tree whose fields are documented with `megalith.core.fields.option` (the components'
+own configs, composed by `RunConfig`): field types drive the conversion, field metadata["help"] the --help
+text, and each dataclass's own `__post_init__` the validation, whose ValueError is re-raised with the dotted
+path. A section class may start from defaults that depend on the given values (`config_defaults(data)`: the
+model section starts from its preset), and the root may list renamed keys (`RENAMED_KEYS`: old dotted key ->
+message naming the new one).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import functools
-import inspect
-import itertools
 import json
+import math
 import os
 import sys
-import textwrap
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,22 +33,15 @@ __all__ = [
     "format_config_help",
     "load_config",
     "load_config_file",
-    "option",
 ]
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
+_YAML_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 class ConfigError(ValueError):
     """A configuration value, key or file is wrong; the message names the dotted field and the value."""
-
-
-def option(default: Any = _MISSING, *, help: str, factory: Any = _MISSING) -> Any:
-    """A dataclass field with its --help text (use `factory` for mutable or nested defaults)."""
-    if factory is not _MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -118,12 +110,22 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T
         raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
+    defaults = getattr(cls, "config_defaults", None)
+    if defaults is not None:
+        try:
+            data = {**defaults(dict(data)), **data}
+        except ValueError as exc:
+            raise ConfigError(f"{path or 'config'}: {exc}") from None
     for key in data:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {where!r}{hint} (valid: {', '.join(sorted(fields))})")
+    required = [n for n, f in fields.items() if f.default is _MISSING and f.default_factory is _MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: these fields must be set: {', '.join(missing)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
@@ -152,7 +154,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
-        if value in args:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans; take the spelling the choices use
+            value = next((a for a in args if isinstance(a, str) and _YAML_BOOLS.get(a.lower()) is value), value)
+        if any(value == a and type(value) is type(a) for a in args):
             return value
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
     if dataclasses.is_dataclass(tp):
@@ -189,9 +193,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {number}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -216,8 +223,18 @@ def _type_name(tp: Any) -> str:
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Loads `cls` from an optional YAML/TOML/JSON file plus dotted `section.field=value` overrides."""
-    data = load_config_file(path) if path is not None else {}
-    return config_from_dict(cls, apply_overrides(data, overrides))
+    data = apply_overrides(load_config_file(path) if path is not None else {}, overrides)
+    _check_renamed(data, getattr(cls, "RENAMED_KEYS", {}), str(path) if path is not None else "the overrides")
+    return config_from_dict(cls, data)
+
+
+def _check_renamed(data: Mapping[str, Any], renamed: Mapping[str, str], where: str) -> None:
+    for old, message in renamed.items():
+        node: Any = data
+        for part in old.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        if node is not _MISSING:
+            raise ConfigError(f"config key {old!r} (in {where}) {message}")
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -247,29 +264,6 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-@functools.cache
-def _field_docstrings(cls: type) -> dict[str, str]:
-    """Docstrings written under fields (`name: int = 1` then a string literal), for classes (and bases) that
-    document fields that way instead of with `option(help=...)`. Empty when the source is unavailable."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for stmt, nxt in itertools.pairwise(body):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
 def format_config_help(cls: type, prefix: str = "") -> str:
     """One entry per field, recursively: dotted name, type, default and help text."""
     lines: list[str] = []
@@ -290,6 +284,6 @@ def format_config_help(cls: type, prefix: str = "") -> str:
             default = repr(f.default_factory())
         else:
             default = "required"
-        help_text = f.metadata.get("help") or _field_docstrings(cls).get(f.name, "")
+        help_text = f.metadata.get("help", "")
         lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default})\n      {help_text}".rstrip())
     return "\n".join(lines)

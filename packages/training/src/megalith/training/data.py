@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megalith.data import GPTDatasetConfig, PretrainingSampler, build_gpt_datasets, collate
+from megalith.data import GPTDatasetConfig, PretrainingSampler, build_gpt_datasets, check_vocabulary, collate
 from megalith.training.run_config import DataConfig
 
 __all__ = ["SyntheticDataset", "build_datasets", "load_tokenizer", "micro_batches", "samples_needed"]
@@ -52,7 +52,7 @@ def load_tokenizer(data: DataConfig):
         return None
     from megalith.data.tokenizers import build_tokenizer
 
-    return build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+    return build_tokenizer(data.tokenizer_type, data.tokenizer_model, vocab_size=data.vocab_size)
 
 
 def build_datasets(
@@ -83,6 +83,9 @@ def build_datasets(
         valid = None
         if data.valid_blend is not None:
             (valid, _, _) = build_gpt_datasets(data.valid_blend, "1", (valid_samples, None, None), config)
+    for blend in (data.blend, data.train_blend, data.valid_blend):
+        if blend is not None:  # an id past the embedding table would fail mid-run, far from its cause
+            check_vocabulary(blend, vocab_size, cache_dir=data.cache_dir)
     if train is None:
         raise ValueError(f"data.split {data.split!r} leaves no training samples")
     if len(train) < train_samples:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from megalith.training.config import OptimizerConfig, ScheduleConfig
+from megalith.core.distributed import OptimizerConfig
+from megalith.training.config import ScheduleConfig
 
 __all__ = ["ParamScheduler", "lr_at", "weight_decay_at"]
 

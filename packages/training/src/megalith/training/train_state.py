@@ -1,6 +1,6 @@
 """What a training checkpoint holds, in canonical form: model tensors and the AdamW state per parameter piece.
 
-Model tensors are `model/NAME` with each parameter's `megalith_shard` placement. The optimizer's fp32 master
+Model tensors are `model/NAME` with each parameter's placement. The optimizer's fp32 master
 weights and both moments are `optim/NAME/{master,exp_avg,exp_avg_sq}`: under ZeRO-1 a rank owns a flat range
 of each of its (tp-local) parameters, described by `LocalShard(flat_range=...)`, so the state reshards to any
 (tp, pp, dp) on load. Scalars (step, Adam step count, scheduler, loss scaler, data position) go into the
@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from megalith.core.checkpoint import OPTIM_PREFIX, LocalShard, model_sharded_state
+from megalith.core.config import ARCHITECTURE_FIELDS
 from megalith.core.distributed import AdamW
 from megalith.core.pipeline import unwrap
+from megalith.core.placement import named_placements
 
 __all__ = [
-    "ARCHITECTURE_FIELDS",
     "OPTIMIZER_KEYS",
+    "AdamCounters",
     "check_model_config",
     "masters_from_params",
     "model_state",
@@ -29,11 +31,19 @@ __all__ = [
 ]
 
 OPTIMIZER_KEYS = ("master", "exp_avg", "exp_avg_sq")
-# ModelConfig fields that decide tensor shapes and meaning; a checkpoint must agree on them to be loaded.
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
-    "norm", "activation", "position_embedding", "bias", "tie_embeddings",
-)  # fmt: skip
+
+
+class AdamCounters:
+    """The JSON part of AdamW's resume state (its tensors are saved as canonical shards by `optimizer_state`)."""
+
+    def __init__(self, optimizer: AdamW) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.optimizer.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.step_count = int(state["step"])
 
 
 def model_state(chunks: Sequence[nn.Module]) -> dict[str, LocalShard]:
@@ -46,9 +56,10 @@ def model_state(chunks: Sequence[nn.Module]) -> dict[str, LocalShard]:
 
 def optimizer_state(optimizer: AdamW) -> dict[str, LocalShard]:
     """`optim/NAME/KEY` -> the flat piece of the fp32 state this rank's optimizer owns for parameter NAME."""
+    placed = {id(p): where for ddp in optimizer.chunks for _, p, where in named_placements(unwrap(ddp))}
     state: dict[str, LocalShard] = {}
     for name, param, start, length, views in optimizer.param_segments():
-        spec = getattr(param, "megalith_shard", None)
+        spec = placed[id(param)].shard
         for key in OPTIMIZER_KEYS:
             state[f"{OPTIM_PREFIX}{name}/{key}"] = LocalShard(
                 views[key], spec, flat_range=(start, start + length), local_shape=tuple(param.shape)

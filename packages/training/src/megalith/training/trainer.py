@@ -8,33 +8,55 @@ step, evaluation, logging, saving, loading) is a method, so tests and tools can 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-from megalith.core import ParallelDims, Transformer, count_parameters, flops_per_token
+from megalith.core import (
+    ParallelDims,
+    build_loss_fn,
+    build_model_chunks,
+    count_parameters,
+    flops_per_token,
+    init_distributed,
+)
 from megalith.core.checkpoint import read_info
-from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel
-from megalith.core.distributed import OptimizerConfig as CoreOptimizerConfig
+from megalith.core.checkpoint.storage import probe_writable
+from megalith.core.config import PRESETS
+from megalith.core.distributed import AdamW, DistributedDataParallel
 from megalith.core.parallel.random import derive_seed
-from megalith.core.pipeline import build_stages, forward_backward, unwrap
-from megalith.core.precision import PrecisionConfig, make_loss_scaler
+from megalith.core.pipeline import forward_backward, unwrap
+from megalith.core.precision import make_loss_scaler
 from megalith.training.checkpointing import CheckpointManager, find_checkpoint, has_optimizer_state
 from megalith.training.config_tree import config_to_dict, dump_config
 from megalith.training.data import build_datasets, load_tokenizer, micro_batches, samples_needed
 from megalith.training.metrics import MetricsLogger, ThroughputMeter, memory_stats, peak_tflops
-from megalith.training.resilience import ExitMonitor, NonFiniteTracker, init_distributed
+from megalith.training.resilience import ExitMonitor, NonFiniteTracker
 from megalith.training.run_config import RunConfig
 from megalith.training.schedules import ParamScheduler
-from megalith.training.train_state import check_model_config, masters_from_params, model_state, optimizer_state
+from megalith.training.train_state import (
+    AdamCounters,
+    check_model_config,
+    masters_from_params,
+    model_state,
+    optimizer_state,
+)
 
 __all__ = ["StepOutput", "Trainer", "no_weight_decay"]
+
+
+def _shared_run_id() -> str:
+    """A fresh identifier of this run, the same on every rank (rank 0 draws it)."""
+    box = [uuid.uuid4().hex]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -54,18 +76,6 @@ class StepOutput:
     loss_scale: float
 
 
-class _SchedulerTarget:
-    """The `param_groups` view ParamScheduler writes into; `push` hands the values to our AdamW."""
-
-    def __init__(self, optimizer: AdamW) -> None:
-        self.optimizer = optimizer
-        self.param_groups = [{"lr": optimizer.lr, "weight_decay": optimizer.config.weight_decay}]
-
-    def push(self) -> None:
-        self.optimizer.lr = self.param_groups[0]["lr"]
-        self.optimizer.config.weight_decay = self.param_groups[0]["weight_decay"]
-
-
 class Trainer:
     """One training run described by `cfg`.
 
@@ -82,28 +92,27 @@ class Trainer:
         backend = p.backend if p.backend != "auto" else ("nccl" if use_cuda else "gloo")
         self.env = init_distributed(backend)
         self.device = self.env.device if use_cuda else torch.device("cpu")
-        dp = p.data_parallel(self.env.world_size)
-        self.dims = ParallelDims(tp=p.tp, pp=p.pp, dp=dp)
+        self.dims = ParallelDims.from_config(p, self.env.world_size)
         self.rank = self.env.rank
         self.tokenizer = load_tokenizer(cfg.data)
         self.model_config = self._resolve_model_config()
-        self.precision = PrecisionConfig(
-            dtype=p.precision, initial_loss_scale=p.initial_loss_scale, loss_scale_window=p.loss_scale_window
-        )
-        self.num_microbatches = t.grad_accumulation(dp)
+        self.precision = cfg.precision
+        self.num_microbatches = t.grad_accumulation(self.dims.dp)
         self.total_steps = t.total_steps
         self.seq_len = cfg.data.seq_len
         self.chunks = self._build_model()
+        self.loss_fn = build_loss_fn(unwrap(self.chunks[-1]), cfg.loss, kernels=cfg.runtime.kernels)
         self.loss_scaler = make_loss_scaler(self.precision)
-        self.optimizer = self._build_optimizer()
-        self._sched_target = _SchedulerTarget(self.optimizer)
-        self.scheduler = ParamScheduler(self._sched_target, cfg.schedule, cfg.optimizer, self.total_steps)
-        self._sched_target.push()
+        self.optimizer = AdamW(self.chunks, self.dims, cfg.optimizer, loss_scaler=self.loss_scaler,
+                               no_decay=no_weight_decay)  # fmt: skip
+        self.scheduler = ParamScheduler(self.optimizer, cfg.schedule, cfg.optimizer, self.total_steps)
         self.nonfinite = NonFiniteTracker(t.nonfinite_policy, t.max_consecutive_nonfinite)
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
+        self.run_id = _shared_run_id()  # a resumed run takes its checkpoint's
         self.history: list[dict[str, Any]] = []
+        self._window: list[StepOutput] = []
         train_samples, valid_samples = samples_needed(self.total_steps, t.global_batch_size, t.eval_iters)
         self.train_data, self.valid_data = build_datasets(
             cfg.data,
@@ -120,61 +129,50 @@ class Trainer:
             else None
         )
         self.run_dir = Path(cfg.logging.run_dir)
+        if self.rank == 0:
+            probe_writable(self.run_dir, "logging.run_dir")
+        if ck.save:
+            self.checkpoints.probe()
+        self.meter = self._build_meter()
         self.logger = self._build_logger(stream)
         self.logger.message(self._banner())
         if ck.load is not None:
             self.load_checkpoint(ck.load)
+        if ck.save:
+            self._check_save_folder(ck.save, ck.force)
 
     # ---- construction ---------------------------------------------------------------------------------
 
     def _resolve_model_config(self):
-        model = self.cfg.model_config()
+        """The model config; with a tokenizer, a vocab_size left at the preset's value follows the tokenizer."""
+        model = self.cfg.model
         if self.tokenizer is None:
             return model
         vocab = self.tokenizer.vocab_size
-        if self.cfg.model.vocab_size is None:
+        preset = PRESETS.get(model.preset) if model.preset is not None else None
+        if preset is not None and model.vocab_size == preset.vocab_size:
             return model.replace(vocab_size=vocab)
         if model.vocab_size < vocab:
             raise ValueError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's ({vocab})")
         return model
 
     def _build_model(self) -> list[DistributedDataParallel]:
-        p = self.cfg.parallel
-        factory = functools.partial(
-            Transformer,
+        chunks = build_model_chunks(
             self.model_config,
             self.dims,
-            sequence_parallel=p.sequence_parallel,
+            parallel=self.cfg.parallel,
+            runtime=self.cfg.runtime,
             seed=self.cfg.training.seed,
             device=self.device,
             dtype=self.precision.param_dtype,
         )
-        chunks = build_stages(
-            factory,
-            self.model_config.num_layers,
-            self.dims,
-            virtual_stages=p.virtual_stages,
-            layers_per_stage=p.layers_per_stage,
-            tie_embeddings=self.model_config.tie_embeddings,
-        )
-        ddp = DDPConfig(
-            bucket_size=p.bucket_size,
-            use_distributed_optimizer=p.distributed_optimizer,
-            overlap_grad_reduce=p.overlap_grad_reduce,
-        )
-        return [DistributedDataParallel(chunk, self.dims, ddp) for chunk in chunks]
+        return [DistributedDataParallel(chunk, self.dims, self.cfg.ddp) for chunk in chunks]
 
-    def _build_optimizer(self) -> AdamW:
-        o = self.cfg.optimizer
-        config = CoreOptimizerConfig(
-            lr=o.lr,
-            betas=(o.beta1, o.beta2),
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-            clip_grad=o.clip_grad if o.clip_grad > 0 else None,
-            fused=o.fused if o.fused is not None else self.device.type == "cuda",
-        )
-        return AdamW(self.chunks, self.dims, config, loss_scaler=self.loss_scaler, no_decay=no_weight_decay)
+    def _build_meter(self) -> ThroughputMeter:
+        peak = self.cfg.logging.peak_tflops
+        if peak is None and self.device.type == "cuda":
+            peak = peak_tflops(torch.cuda.get_device_name(self.device), self.precision.dtype)
+        return ThroughputMeter(flops_per_token(self.model_config, self.seq_len), self.env.world_size, peak)
 
     def _build_logger(self, stream) -> MetricsLogger:
         log = self.cfg.logging
@@ -182,11 +180,6 @@ class Trainer:
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
-        peak = log.peak_tflops
-        if peak is None and self.device.type == "cuda":
-            peak = peak_tflops(torch.cuda.get_device_name(self.device), self.cfg.parallel.precision)
-        flops = flops_per_token(self.model_config, self.seq_len)
-        self.meter = ThroughputMeter(flops, self.env.world_size, peak)
         return MetricsLogger(
             self.run_dir,
             total_steps=self.total_steps,
@@ -228,6 +221,7 @@ class Trainer:
             self.dims,
             hidden_shape=self.hidden_shape,
             dtype=self.precision.param_dtype,
+            loss_fn=self.loss_fn,
             loss_scale=1.0 if forward_only else self.loss_scaler.scale,
             forward_only=forward_only,
         )
@@ -251,7 +245,6 @@ class Trainer:
             applied, grad_norm = result.applied, result.grad_norm
         if applied:
             self.scheduler.step()
-            self._sched_target.push()
         else:
             self.skipped_steps += 1
         self.step = step
@@ -301,7 +294,7 @@ class Trainer:
         duration = None if t.exit_duration_min is None else t.exit_duration_min * 60
         batches = self._batches(self.train_data, self.consumed_samples, self.total_steps * t.global_batch_size)
         reason, saved_at = "finished", self.step
-        self._window: list[StepOutput] = []
+        self._window = []
         self.meter.measure()  # throughput intervals start now, not at construction (data indices, loading)
         with ExitMonitor(duration_s=duration, start_time=self.start_time) as monitor:
             while self.step < self.total_steps:
@@ -376,19 +369,61 @@ class Trainer:
         self.logger.message(f"checkpoint {what}: {path} ({time.perf_counter() - start:.2f} s)")
         return path
 
-    def _extra_state(self) -> dict[str, Any]:
+    def _check_save_folder(self, root: str, force: bool) -> None:
+        """Refuses to save into a folder whose latest checkpoint belongs to another run (unless `force`)."""
+        ckpt = find_checkpoint(root)
+        if ckpt is None:
+            return
+        try:
+            other = ((read_info(ckpt).get("extra") or {}).get("trainer") or {}).get("run_id")
+        except ValueError as exc:  # corrupt: still another run's folder as far as we can tell
+            other = f"unreadable ({exc})"
+        if other == self.run_id:
+            return
+        if force:
+            self.logger.message(f"checkpoint.save {root} holds another run's checkpoints; saving there anyway (force)")
+            return
+        raise ValueError(
+            f"checkpoint.save {root} already holds checkpoints of another run (latest {ckpt.name}); resume that "
+            f"run with --load {root}, choose another checkpoint.save, or pass --force (checkpoint.force=true) to "
+            f"save into it anyway"
+        )
+
+    # ---- resume state: declared once, saved and restored through the same table -----------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's own counters (the trainer is one of the stateful objects a checkpoint restores)."""
         return {
+            "run_id": self.run_id,
             "step": self.step,
             "consumed_samples": self.consumed_samples,
-            "adam_step": self.optimizer.step_count,
-            "scheduler": self.scheduler.state_dict(),
-            "loss_scaler": self.loss_scaler.state_dict(),
-            "nonfinite": self.nonfinite.state_dict(),
             "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = str(state["run_id"])
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+    def _stateful(self) -> dict[str, Any]:
+        """Everything a resume restores besides tensors and RNG states, by name in the checkpoint's JSON."""
+        return {
+            "trainer": self,
+            "optimizer": AdamCounters(self.optimizer),
+            "scheduler": self.scheduler,
+            "loss_scaler": self.loss_scaler,
+            "nonfinite": self.nonfinite,
+        }
+
+    def _extra_state(self) -> dict[str, Any]:
+        extra = {name: obj.state_dict() for name, obj in self._stateful().items()}
+        extra["info"] = {  # for people reading megalith.json; not restored
             "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
             "tokenizer": {"type": self.cfg.data.tokenizer_type, "model": self.cfg.data.tokenizer_model},
             "seq_len": self.seq_len,
         }
+        return extra
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Resumes from the latest complete checkpoint under `path` (or loads a model-only one as a start).
@@ -410,22 +445,18 @@ class Trainer:
         state = model_state(self.chunks)
         if resume:
             state.update(optimizer_state(self.optimizer))
-        loaded = self.checkpoints.load(state, ckpt, load_rng=ck.load_rng and resume)
+        loaded = self.checkpoints.load(state, ckpt, load_rng=ck.load_rng and resume, verify=ck.verify)
         if not resume:
             masters_from_params(self.optimizer)
             self.optimizer.sync_params_from_master()
             self.logger.message(f"loaded model weights from {loaded.path} (fresh optimizer, step 0)")
             return
         self.optimizer.sync_params_from_master()
-        extra = loaded.extra
-        self.step = int(extra["step"])
-        self.consumed_samples = int(extra["consumed_samples"])
-        self.optimizer.step_count = int(extra["adam_step"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self._sched_target.push()
-        self.loss_scaler.load_state_dict(extra["loss_scaler"])
-        self.nonfinite.load_state_dict(extra["nonfinite"])
-        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        missing = [name for name in self._stateful() if name not in loaded.extra]
+        if missing:
+            raise ValueError(f"{loaded.path}: megalith.json lacks the resume state {missing}")
+        for name, obj in self._stateful().items():
+            obj.load_state_dict(loaded.extra[name])
         self.logger.message(f"resumed from {loaded.path} at step {self.step}")
 
     def close(self) -> None:

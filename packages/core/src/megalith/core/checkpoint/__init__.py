@@ -1,4 +1,4 @@
-"""Sharded, reshardable checkpoints: canonical names and global shapes on torch.distributed.checkpoint."""
+"""Sharded, reshardable checkpoints: canonical names and global shapes, safetensors files and a JSON index."""
 
 from __future__ import annotations
 
@@ -17,25 +17,27 @@ from megalith.core.checkpoint.layout import (
 )
 from megalith.core.checkpoint.model_io import ModelCheckpointReader, write_model_checkpoint
 from megalith.core.checkpoint.sharded import (
+    VERIFY_CHOICES,
     LocalShard,
-    SafeFileSystemReader,
     TensorInfo,
     load_sharded_state,
     read_full_tensors,
     read_tensor_metadata,
     save_sharded_state,
 )
-from megalith.core.checkpoint.spec import ShardSpec
 from megalith.core.checkpoint.state import model_sharded_state, optimizer_sharded_state, prepare_optimizer_state
+from megalith.core.checkpoint.storage import CheckpointCorruptError
+from megalith.core.placement import ShardSpec
 
 __all__ = [
     "INFO_FILE",
     "LATEST_FILE",
     "MODEL_PREFIX",
     "OPTIM_PREFIX",
+    "VERIFY_CHOICES",
+    "CheckpointCorruptError",
     "LocalShard",
     "ModelCheckpointReader",
-    "SafeFileSystemReader",
     "ShardSpec",
     "TensorInfo",
     "atomic_write_text",

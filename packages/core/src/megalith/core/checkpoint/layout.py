@@ -1,4 +1,4 @@
-"""Checkpoint directory layout: ROOT/iter_{step:07d}/ (DCP files + megalith.json) and ROOT/latest.
+"""Checkpoint directory layout: ROOT/iter_{step:07d}/ (data files, index.json, megalith.json) and ROOT/latest.
 
 A checkpoint directory is written under a temporary name (`iter_0000100.tmp`), its `megalith.json` is written
 last inside it, then it is renamed to its final name, and only then is `latest` replaced (atomically) with the
@@ -7,12 +7,13 @@ new directory's name. A crash at any point leaves the previous checkpoint and `l
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from megalith.core.checkpoint.storage import atomic_write_text, check_crc, dumps_checked, fsync_dir, read_json
 
 __all__ = [
     "INFO_FILE",
@@ -30,9 +31,9 @@ __all__ = [
 
 INFO_FILE = "megalith.json"
 LATEST_FILE = "latest"
-MODEL_PREFIX = "model/"  # DCP key of canonical tensor NAME: "model/NAME"
-OPTIM_PREFIX = "optim/"  # DCP key of optimizer state KEY of tensor NAME: "optim/NAME/KEY"
-FORMAT_VERSION = 1
+MODEL_PREFIX = "model/"  # checkpoint key of canonical tensor NAME: "model/NAME"
+OPTIM_PREFIX = "optim/"  # checkpoint key of optimizer state KEY of tensor NAME: "optim/NAME/KEY"
+FORMAT_VERSION = 2  # 1 was Megalith 0.1's torch.distributed.checkpoint (pickled metadata) layout
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -46,31 +47,6 @@ def tmp_dir_name(step: int) -> str:
     return iter_dir_name(step) + ".tmp"
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to a temporary file next to `path`, fsyncs it and renames it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish_checkpoint(root: str | os.PathLike, step: int, info: dict[str, Any]) -> Path:
     """Finishes ROOT/iter_STEP.tmp: writes its megalith.json, renames it to iter_STEP, then points `latest` at it.
 
@@ -79,28 +55,34 @@ def publish_checkpoint(root: str | os.PathLike, step: int, info: dict[str, Any])
     root = Path(root)
     tmp, final = root / tmp_dir_name(step), root / iter_dir_name(step)
     info = {"format_version": FORMAT_VERSION, "step": step, **info}
-    atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2, sort_keys=True))
+    atomic_write_text(tmp / INFO_FILE, dumps_checked(info))
     if final.exists():  # saving the same step again (e.g. after a resume): the new one wins
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_text(root / LATEST_FILE, final.name + "\n")
     return final
 
 
 def read_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    """The megalith.json of one checkpoint directory."""
+    """The megalith.json of one checkpoint directory (its own CRC32 checked)."""
     path = Path(ckpt_dir) / INFO_FILE
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{ckpt_dir} is not a complete Megalith checkpoint (no {INFO_FILE})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(info, dict) or "step" not in info:
-        raise ValueError(f"{path}: not a Megalith checkpoint description (no 'step')")
-    if info.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {info['format_version']} is newer than this Megalith reads")
+    version = info.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is newer than this Megalith reads")
+    if version < FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {version} is Megalith 0.1's pickle-based (torch.distributed.checkpoint) "
+            f"layout, which this version never loads because unpickling can run code; export it to a Hugging "
+            f"Face directory with the version that wrote it (megalith-export hf) and import that"
+        )
+    info = check_crc(path, info)
+    if not isinstance(info.get("step"), int) or info["step"] < 0:
+        raise ValueError(f"{path}: not a Megalith checkpoint description (no valid 'step')")
     return info
 
 

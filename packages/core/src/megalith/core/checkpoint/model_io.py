@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import math
 import os
 import shutil
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
-from torch.distributed.checkpoint.filesystem import FileSystemWriter, _StorageInfo, _StoragePrefix
-from torch.distributed.checkpoint.metadata import MetadataIndex
-from torch.distributed.checkpoint.planner import SavePlan
 
 from megalith.core.checkpoint.layout import (
     MODEL_PREFIX,
@@ -25,10 +17,16 @@ from megalith.core.checkpoint.layout import (
     resolve_checkpoint_dir,
     tmp_dir_name,
 )
-from megalith.core.checkpoint.sharded import (
-    SafeFileSystemReader,
-    _ShardSavePlanner,
-    read_full_tensors,
+from megalith.core.checkpoint.sharded import _LOCAL, VERIFY_CHOICES, _record_other_files, verify_checkpoint_files
+from megalith.core.checkpoint.storage import (
+    CheckpointCorruptError,
+    Chunk,
+    ChunkReader,
+    DataFileWriter,
+    TensorEntry,
+    TensorIndex,
+    dtype_name,
+    verify_file,
 )
 
 __all__ = ["ModelCheckpointReader", "write_model_checkpoint"]
@@ -41,15 +39,22 @@ class ModelCheckpointReader:
 
     Args:
         path: a run's checkpoint root (its `latest` is followed) or one `iter_*` directory.
+        verify: "checksum" (default) checks each data file's CRC32 the first time a tensor is read from it, and
+            the small files (tokenizer, RNG states) at once; "size" checks file sizes only.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify: str = "checksum") -> None:
+        if verify not in VERIFY_CHOICES:
+            raise ValueError(f"verify must be one of {VERIFY_CHOICES}, got {verify!r}")
         self.path = resolve_checkpoint_dir(path)
         self.info = read_info(self.path)
-        self._metadata = SafeFileSystemReader(self.path).read_metadata()
-        self._names = sorted(
-            key[len(MODEL_PREFIX) :] for key in self._metadata.state_dict_metadata if key.startswith(MODEL_PREFIX)
-        )
+        self._index = TensorIndex.read(self.path)
+        self._checksum = verify == "checksum"
+        small = {n: r for n, r in self._index.files.items() if not n.endswith(".safetensors")}
+        verify_checkpoint_files(self.path, TensorIndex({}, small), verify, process_group=_LOCAL)
+        self._verified: set[str] = set(small)
+        self._reader = ChunkReader(self.path)
+        self._names = sorted(k[len(MODEL_PREFIX) :] for k in self._index.tensors if k.startswith(MODEL_PREFIX))
 
     @property
     def step(self) -> int:
@@ -69,129 +74,52 @@ class ModelCheckpointReader:
         return list(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._md(name).size)
+        return self._entry(name).shape
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """The full canonical tensor `name` (on CPU, in the dtype it was saved in), or rows `rows` of it.
 
         With `rows` (a step-1 slice of dimension 0), only those rows' bytes are read from each saved chunk, so
-        a large tensor (the embedding) can be streamed in row blocks with memory bounded by the block. Either way
-        the bytes go straight from the files into the result (one copy of the tensor in memory).
+        a large tensor (the embedding) can be streamed in row blocks with memory bounded by the block.
         """
-        md = self._md(name)
-        if rows is None:
-            if len(md.size) == 0:
-                return read_full_tensors(self.path, [MODEL_PREFIX + name], self._metadata)[MODEL_PREFIX + name]
-            rows = slice(0, md.size[0])  # read straight into the result (DCP would hold each chunk twice)
-        if not isinstance(rows, slice) or len(md.size) == 0:
+        entry = self._entry(name)
+        if rows is not None and not (isinstance(rows, slice) and entry.shape):
             raise TypeError(f"{name}: rows must be a slice of dimension 0 of a tensor with at least one dimension")
-        start, stop, step = rows.indices(md.size[0])
-        if step != 1:
-            raise ValueError(f"{name}: rows must be a contiguous slice (step 1), got step {step}")
-        stop = max(start, stop)
-        out = torch.empty((stop - start, *md.size[1:]), dtype=md.properties.dtype)
-        for chunk in md.chunks:
-            c0, cn = chunk.offsets[0], chunk.sizes[0]
-            lo, hi = max(start, c0), min(stop, c0 + cn)
+        start, stop = 0, entry.shape[0] if entry.shape else 0
+        if rows is not None:
+            start, stop, step = rows.indices(entry.shape[0])
+            if step != 1:
+                raise ValueError(f"{name}: rows must be a contiguous slice (step 1), got step {step}")
+            stop = max(start, stop)
+        out = torch.empty((stop - start, *entry.shape[1:]) if entry.shape else (), dtype=entry.dtype)
+        for chunk in entry.chunks:
+            self._verify(chunk)
+            if not entry.shape:
+                out.copy_(self._reader.read(chunk, entry.dtype, ()))
+                continue
+            lo, hi = max(start, chunk.offsets[0]), min(stop, chunk.offsets[0] + chunk.sizes[0])
             if lo >= hi:
                 continue
-            info = self._metadata.storage_data[MetadataIndex(MODEL_PREFIX + name, chunk.offsets)]
+            index = (slice(lo - chunk.offsets[0], hi - chunk.offsets[0]), *(slice(0, n) for n in chunk.sizes[1:]))
             dst = out[lo - start : hi - start]
-            for d in range(1, len(md.size)):
+            for d in range(1, len(entry.shape)):
                 dst = dst.narrow(d, chunk.offsets[d], chunk.sizes[d])
-            self._read_chunk_rows(name, info, tuple(chunk.sizes), lo - c0, dst)
+            dst.copy_(self._reader.read(chunk, entry.dtype, index))
         return out
 
-    def _read_chunk_rows(self, name, info: _StorageInfo, sizes, r0: int, dst: torch.Tensor) -> None:
-        """Fills `dst` with rows r0:r0 + len(dst) of one saved chunk, read from the bytes of its storage record
-        (into `dst` itself when it is contiguous) without loading the rest of the chunk."""
-        path = self.path / info.relative_path
-        r1 = r0 + dst.shape[0]
-        with open(path, "rb", buffering=0) as f:
-            located = None
-            if not getattr(info, "transform_descriptors", None) and sys.byteorder == "little":
-                located = _locate_storage(_FileSlice(f, info.offset, info.length), sizes, dst.dtype)
-            if located is None:  # an unusual record (transformed, or not one contiguous storage): load it whole
-                f.seek(info.offset)
-                whole = torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
-                dst.copy_(whole[r0:r1])
-                return
-            row_bytes = math.prod(sizes[1:]) * dst.element_size()
-            target = dst if dst.is_contiguous() else torch.empty(dst.shape, dtype=dst.dtype)
-            nbytes = (r1 - r0) * row_bytes
-            if nbytes:
-                view, done = memoryview(target.reshape(-1).view(torch.uint8).numpy()), 0
-                f.seek(info.offset + located + r0 * row_bytes)
-                while done < nbytes:
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise ValueError(f"{path}: the stored chunk of {name!r} is truncated")
-                    done += got
-        if target is not dst:
-            dst.copy_(target)
+    def _verify(self, chunk: Chunk) -> None:
+        if chunk.file in self._verified:
+            return
+        reason = verify_file(self.path, self._index.files[chunk.file], checksum=self._checksum)
+        if reason is not None:
+            raise CheckpointCorruptError(reason)
+        self._verified.add(chunk.file)
 
-    def _md(self, name: str):
-        md = self._metadata.state_dict_metadata.get(MODEL_PREFIX + name)
-        if md is None:
+    def _entry(self, name: str) -> TensorEntry:
+        entry = self._index.tensors.get(MODEL_PREFIX + name)
+        if entry is None:
             raise KeyError(f"{self.path}: no model tensor {name!r} (has {len(self._names)} tensors)")
-        return md
-
-
-class _FileSlice(io.RawIOBase):
-    """A read-only, seekable window [offset, offset + length) of an open binary file."""
-
-    def __init__(self, f, offset: int, length: int) -> None:
-        self._f, self._offset, self._length, self._pos = f, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = min(max(0, base + pos), self._length)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self._length - self._pos)
-        if n <= 0:
-            return 0
-        self._f.seek(self._offset + self._pos)
-        got = self._f.readinto(memoryview(buffer)[:n])
-        self._pos += got
-        return got
-
-
-def _locate_storage(stream: _FileSlice, sizes, dtype: torch.dtype) -> int | None:
-    """Byte offset, within a saved chunk's `torch.save` record, of its tensor's first element; None when the
-    record is not a single contiguous little-endian tensor of the expected shape and dtype."""
-    try:
-        archive = torch._C.PyTorchFileReader(stream)
-        records = [r for r in archive.get_all_records() if r.startswith("data/") or "/data/" in r]
-        storages = [r for r in records if r.rpartition("data/")[2].isdigit()]
-        if len(storages) != 1:
-            return None
-        if archive.has_record("byteorder") and bytes(archive.get_record("byteorder")).strip() != b"little":
-            return None
-        stream.seek(0)
-        with torch.serialization.skip_data():  # tensor metadata only; the storage bytes are not read
-            meta = torch.load(stream, map_location="cpu", weights_only=True)
-        if (
-            not isinstance(meta, torch.Tensor)
-            or tuple(meta.shape) != tuple(sizes)
-            or meta.dtype != dtype
-            or not meta.is_contiguous()
-        ):
-            return None
-        key = storages[0].rpartition("data/")[2]
-        return archive.get_record_offset(f"data/{key}") + meta.storage_offset() * meta.element_size()
-    except Exception:  # any surprise in these torch internals: the caller loads the record whole
-        return None
+        return entry
 
 
 def write_model_checkpoint(
@@ -203,7 +131,7 @@ def write_model_checkpoint(
     """Writes full canonical tensors as a model-only checkpoint (step 0) under root `out_dir`.
 
     Training loads it at any (tp, pp, dp) layout. Tensors are consumed from the iterator and written in
-    batches of about 1 GiB, so at most one batch is in memory. Returns the checkpoint directory.
+    files of about 1 GiB, so at most one file's tensors are in memory. Returns the checkpoint directory.
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -211,36 +139,27 @@ def write_model_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
-    writer.set_up_storage_writer(True)
-    items, results, batch, batch_bytes, seen = [], [], {}, 0, set()
-
-    def flush(index: int) -> None:
-        planner = _ShardSavePlanner(batch)
-        planner.set_up_planner({}, None, True)
-        plan = planner.create_local_plan()
-        plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__0_{index}_"))
-        items.extend(plan.items)
-        results.append(writer.write_data(plan, planner).wait())
-
-    num_batches = 0
+    writer = DataFileWriter(tmp, "model", _BATCH_BYTES)
+    entries: dict[str, TensorEntry] = {}
     for name, tensor in named_tensors_iter:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
-        if name in seen:
+        key = MODEL_PREFIX + name
+        if key in entries:
             raise ValueError(f"tensor {name!r} given twice")
-        seen.add(name)
-        batch[MODEL_PREFIX + name] = tensor.detach().to("cpu")
-        batch_bytes += tensor.numel() * tensor.element_size()
-        if batch_bytes >= _BATCH_BYTES:
-            flush(num_batches)
-            num_batches, batch, batch_bytes = num_batches + 1, {}, 0
-    if batch or num_batches == 0:
-        flush(num_batches)
-    _, metadata = create_default_global_save_plan([SavePlan(items)])
-    writer.finish(metadata, results)
+        tensor = tensor.detach().to("cpu")
+        shape = tuple(tensor.shape)
+        dtype_name(tensor.dtype)  # refuses a dtype checkpoints cannot hold, naming it
+        entries[key] = TensorEntry(shape, tensor.dtype, [Chunk("", key, (0,) * len(shape), shape)])
+        writer.add(key, tensor)
+    writer.flush()
+    for key, entry in entries.items():
+        entry.chunks = [Chunk(writer.file_of[key], key, c.offsets, c.sizes) for c in entry.chunks]
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    files = {r.name: r for r in writer.records}
+    files.update(_record_other_files(tmp, files))
+    TensorIndex(entries, files).write(tmp)
     return publish_checkpoint(
         root, 0, {"model_config": model_config_dict, "world_size": 1, "extra": {}, "has_optimizer": False}
     )

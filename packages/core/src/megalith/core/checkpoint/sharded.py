@@ -1,61 +1,57 @@
-"""Sharded, reshardable tensor state on torch.distributed.checkpoint (DCP), keyed by canonical names and shapes.
+"""Sharded, reshardable tensor state keyed by canonical names and shapes, in Megalith's own checkpoint format.
 
 Each rank hands in its local tensors with their placement (a `ShardSpec`, and for a ZeRO-style flat shard a
-range of the flattened local tensor). The planners below turn every local tensor into boxes of the canonical
-(global) tensor: one DCP chunk per box, with its global offsets. Boxes that several ranks hold (replicas across
-data parallelism, or a fully replicated tensor) are written once. Loading asks DCP for exactly the boxes the
-loading rank holds, so the layout at load time (tp, pp, dp) need not match the one at save time.
-
-Nothing here unpickles arbitrary objects: tensors are read with `torch.load(weights_only=True)` by DCP, and the
-DCP `.metadata` file is read with an unpickler that only accepts DCP's own metadata classes.
+range of the flattened local tensor). Every local tensor becomes boxes of the canonical (global) tensor. Boxes
+that several ranks hold (replicas across data parallelism, or a fully replicated tensor) are written once, by
+the rank that so far writes the fewest bytes. Each rank writes its boxes into safetensors files of its own, and
+rank 0 writes `index.json` (where every box lies, plus the size and CRC32 of every file; see `storage.py`).
+Loading reads, for every box the loading rank holds, the overlapping parts of the saved boxes, so the layout at
+load time (tp, pp, dp) need not match the one at save time. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import dataclasses
-import io
 import math
 import os
-import pickle
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import (
-    LoadPlan,
-    LoadPlanner,
-    ReadItem,
-    SavePlan,
-    SavePlanner,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+import torch.distributed as dist
 
-from megalith.core.checkpoint.spec import ShardSpec
+from megalith.core.checkpoint.layout import INFO_FILE
+from megalith.core.checkpoint.storage import (
+    INDEX_FILE,
+    CheckpointCorruptError,
+    Chunk,
+    ChunkReader,
+    DataFileWriter,
+    FileRecord,
+    TensorEntry,
+    TensorIndex,
+    check_cover,
+    dtype_from_name,
+    dtype_name,
+    record_file,
+    verify_file,
+)
+from megalith.core.placement import ShardSpec
 
 __all__ = [
+    "VERIFY_CHOICES",
     "LocalShard",
     "TensorInfo",
     "load_sharded_state",
+    "read_full_tensors",
     "read_tensor_metadata",
     "save_sharded_state",
+    "verify_checkpoint_files",
 ]
+
+VERIFY_CHOICES = ("checksum", "size")  # what loading checks of every file: size and CRC32, or the size only
 
 Box = tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]  # (global offsets, sizes, local view)
 
@@ -194,216 +190,81 @@ def _as_shard(name: str, value: Any) -> LocalShard:
     if isinstance(value, LocalShard):
         return value
     if isinstance(value, torch.Tensor):
-        return LocalShard(value, getattr(value, "megalith_shard", None))
+        return LocalShard(value)
     raise TypeError(f"{name}: sharded state holds tensors or LocalShard objects, got {type(value).__name__}")
 
 
-class _ShardSavePlanner(SavePlanner):
-    """Writes one DCP chunk per box; the coordinator drops boxes that several ranks hold (written once)."""
-
-    def __init__(self, entries: Mapping[str, Any]) -> None:
-        self.shards = {name: _as_shard(name, value) for name, value in entries.items()}
-        self.views: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
-
-    def set_up_planner(self, state_dict, storage_meta: StorageMeta | None = None, is_coordinator: bool = False):
-        self.is_coordinator = is_coordinator
-
-    def create_local_plan(self) -> SavePlan:
-        items = []
-        for name, shard in self.shards.items():
-            props = TensorProperties.create_from_tensor(shard.tensor)
-            for offsets, sizes, view in shard.boxes(name):
-                self.views[(name, offsets)] = view
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-                items.append(
-                    WriteItem(
-                        index=MetadataIndex(name, torch.Size(offsets)),
-                        type=WriteItemType.SHARD,
-                        tensor_data=TensorWriteData(chunk=chunk, properties=props, size=torch.Size(shard.global_shape)),
-                    )
-                )
-        return SavePlan(items)
-
-    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        seen: dict[tuple[str, tuple[int, ...]], tuple[tuple[int, ...], torch.Size]] = {}
-        tensors: dict[str, TensorStorageMetadata] = {}
-        # Give each shared box to the rank that so far writes the fewest bytes (spreads replicated tensors).
-        load = [0] * len(all_plans)
-        owner: dict[tuple[str, tuple[int, ...]], int] = {}
-        holders: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-        for rank, plan in enumerate(all_plans):
-            for item in plan.items:
-                key = (item.index.fqn, tuple(item.index.offset))
-                sizes = tuple(item.tensor_data.chunk.sizes)
-                md = tensors.get(item.index.fqn)
-                if md is None:
-                    md = tensors[item.index.fqn] = TensorStorageMetadata(
-                        properties=item.tensor_data.properties, size=item.tensor_data.size, chunks=[]
-                    )
-                elif md.size != item.tensor_data.size:
-                    raise ValueError(
-                        f"{item.index.fqn}: ranks disagree on the global shape ({tuple(md.size)} vs "
-                        f"{tuple(item.tensor_data.size)})"
-                    )
-                holders.setdefault(key, []).append(rank)
-                if key in seen:
-                    if seen[key][0] != sizes:
-                        raise ValueError(f"{item.index.fqn}: ranks hold different boxes starting at {key[1]}")
-                    continue
-                seen[key] = (sizes, item.tensor_data.size)
-                md.chunks.append(item.tensor_data.chunk)
-        for key in seen:
-            best = min(holders[key], key=lambda r: load[r])
-            owner[key] = best
-            load[best] += math.prod(seen[key][0])
-        for name, md in tensors.items():
-            _check_cover(name, md)
-        new_plans = [
-            dataclasses.replace(plan, items=[i for i in plan.items if owner[_key(i)] == rank])
-            for rank, plan in enumerate(all_plans)
-        ]
-        return new_plans, Metadata(state_dict_metadata=dict(tensors))
-
-    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
-        return new_plan
-
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
-        view = self.views[_key(write_item)].detach()
-        return view.to("cpu").contiguous()
+_LOCAL = object()  # a process_group value meaning "this process alone", even inside a distributed job
 
 
-def _key(item: WriteItem) -> tuple[str, tuple[int, ...]]:
-    return (item.index.fqn, tuple(item.index.offset))
+def _rank_world(group: Any) -> tuple[int, int]:
+    if group is not _LOCAL and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
 
 
-def _check_cover(name: str, md: TensorStorageMetadata) -> None:
-    """The saved boxes must tile the canonical tensor exactly (no gap, no overlap)."""
-    total = sum(math.prod(c.sizes) for c in md.chunks)
-    if total != math.prod(md.size):
-        raise ValueError(
-            f"{name}: the ranks' shards cover {total} of {math.prod(md.size)} elements of the global shape "
-            f"{tuple(md.size)} (missing or overlapping pieces)"
-        )
-    chunks = sorted(md.chunks, key=lambda c: tuple(c.offsets))
-    for i, a in enumerate(chunks):
-        for b in chunks[i + 1 : i + 1 + 64]:
-            if all(
-                ao < bo + bs and bo < ao + as_
-                for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
-            ):
-                raise ValueError(f"{name}: shards at {tuple(a.offsets)} and {tuple(b.offsets)} overlap")
+def _gather(obj: Any, group: Any, world: int) -> list[Any]:
+    """Every rank's `obj` (plain data: lists, tuples, strings, numbers), in rank order."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
-class _ShardLoadPlanner(LoadPlanner):
-    """Reads, for every local box, the overlapping parts of whatever boxes the checkpoint holds."""
+def _raise_on_any(errors: Iterable[str | None]) -> None:
+    """Raises the first error any rank reported (the same on every rank, so none waits in a collective)."""
+    for error in errors:
+        if error is not None:
+            raise OSError(error)
 
-    def __init__(self, entries: Mapping[str, Any], strict: bool) -> None:
-        self.shards = {name: _as_shard(name, value) for name, value in entries.items()}
-        self.strict = strict
-        self.views: dict[str, list[torch.Tensor]] = {}
-        self.missing: list[str] = []
 
-    def set_up_planner(self, state_dict, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
-        self.metadata = metadata
+def _chunk_key(name: str, offsets: tuple[int, ...]) -> str:
+    return f"{name}@{','.join(map(str, offsets))}"
 
-    def create_local_plan(self) -> LoadPlan:
-        items: list[ReadItem] = []
-        for name, shard in self.shards.items():
-            md = self.metadata.state_dict_metadata.get(name)
-            if md is None:
-                if self.strict:
-                    raise KeyError(f"the checkpoint has no tensor {name!r}")
-                self.missing.append(name)
-                continue
-            if not isinstance(md, TensorStorageMetadata):
-                raise ValueError(f"{name}: the checkpoint entry is not a tensor")
-            if tuple(md.size) != shard.global_shape:
+
+# A box as ranks describe it to each other: (name, global offsets, sizes, global shape, dtype name).
+_BoxInfo = tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], str]
+_BoxKey = tuple[str, tuple[int, ...]]
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Who writes which box: the same on every rank, computed from every rank's box list."""
+
+    entries: dict[str, TensorEntry]  # chunks are filled in once the files are written
+    owner: dict[_BoxKey, int]
+    sizes: dict[_BoxKey, tuple[int, ...]]
+
+
+def _global_plan(plans: list[list[_BoxInfo]]) -> _Plan:
+    """Raises ValueError naming the tensor when ranks disagree on a shape or dtype, or boxes do not tile it."""
+    entries: dict[str, TensorEntry] = {}
+    holders: dict[_BoxKey, list[int]] = {}
+    sizes_of: dict[_BoxKey, tuple[int, ...]] = {}
+    for rank, plan in enumerate(plans):
+        for name, offsets, sizes, shape, dtype in plan:
+            key, sizes, shape = (name, tuple(offsets)), tuple(sizes), tuple(shape)
+            entry = entries.setdefault(name, TensorEntry(shape, dtype_from_name(dtype, name), []))
+            if entry.shape != shape or dtype_name(entry.dtype) != dtype:
                 raise ValueError(
-                    f"{name}: checkpoint shape {tuple(md.size)} differs from the expected global shape "
-                    f"{shard.global_shape}"
+                    f"{name}: ranks disagree on the global shape or dtype ({entry.shape} {dtype_name(entry.dtype)} "
+                    f"vs {shape} {dtype})"
                 )
-            boxes = shard.boxes(name)
-            self.views[name] = [view for _, _, view in boxes]
-            chunks = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _ in boxes]
-            items += create_read_items_for_chunk_list(name, md, chunks)
-        return LoadPlan(items)
-
-    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
-        return global_plan
-
-    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
-        return central_plan
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        raise ValueError(f"{read_item.dest_index.fqn}: refusing to load a pickled (non-tensor) checkpoint entry")
-
-    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        view = self.views[read_item.dest_index.fqn][read_item.dest_index.index]
-        for d, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
-            view = view.narrow(d, offset, length)
-        return view
-
-    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        pass  # resolve_tensor returned a view of the destination, which DCP has already filled
-
-
-# DCP writes its `.metadata` with pickle; only these classes (and plain containers) may appear in it.
-_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", n)
-    for n in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("torch", "layout"),
-    ("torch", "memory_format"),
-    ("torch", "strided"),
-    ("torch", "contiguous_format"),
-    ("torch", "preserve_format"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-    ("builtins", "getattr"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """A DCP FileSystemReader whose `.metadata` unpickler accepts only DCP's metadata classes."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
-        if not path.is_file():
-            raise FileNotFoundError(f"{path.parent} is not a sharded checkpoint (no {path.name} file)")
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if not isinstance(metadata, Metadata):
-            raise ValueError(f"{path}: not a DCP metadata file")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+            if sizes_of.setdefault(key, sizes) != sizes:
+                raise ValueError(f"{name}: ranks hold different boxes starting at {key[1]}")
+            holders.setdefault(key, []).append(rank)
+    load = [0] * len(plans)
+    owner: dict[_BoxKey, int] = {}
+    for key, ranks in holders.items():  # a shared box goes to the rank that so far writes the fewest bytes
+        owner[key] = min(ranks, key=lambda r: load[r])
+        load[owner[key]] += math.prod(sizes_of[key])
+    by_tensor: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    for (name, offsets), sizes in sizes_of.items():
+        by_tensor.setdefault(name, []).append((offsets, sizes))
+    for name, entry in entries.items():
+        check_cover(name, entry.shape, by_tensor[name])
+    return _Plan(entries, owner, sizes_of)
 
 
 def save_sharded_state(
@@ -411,17 +272,125 @@ def save_sharded_state(
     path: str | os.PathLike,
     *,
     process_group: Any = None,
-    thread_count: int = 1,
+    max_file_bytes: int = 1 << 30,
 ) -> None:
-    """Saves `state` (canonical name -> local tensor or LocalShard) as one DCP checkpoint in directory `path`.
+    """Saves `state` (canonical name -> local tensor or LocalShard) as one checkpoint in directory `path`.
 
     Collective over `process_group` (the default group when torch.distributed is initialised): every rank
-    passes the same names with its own local parts. A plain tensor uses its `megalith_shard` attribute when
-    present, else counts as the whole (replicated) tensor. Boxes held by several ranks are written once.
+    passes the same names with its own local parts. A plain tensor counts as the whole (replicated) tensor.
+    Boxes held by several ranks are written once. Rank 0 also records the size and CRC32 of the other files
+    already in `path` (RNG states, a tokenizer). A write error on any rank (a full disk names the path) is
+    raised on every rank.
     """
-    writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count)
-    with _plain_errors():
-        dcp.save({}, storage_writer=writer, planner=_ShardSavePlanner(state), process_group=process_group)
+    root = Path(path)
+    rank, world = _rank_world(process_group)
+    views: dict[_BoxKey, torch.Tensor] = {}
+    local: list[_BoxInfo] = []
+    for name, value in state.items():
+        shard = _as_shard(name, value)
+        dtype = dtype_name(shard.tensor.dtype)
+        for offsets, sizes, view in shard.boxes(name):
+            views[(name, offsets)] = view
+            local.append((name, offsets, sizes, shard.global_shape, dtype))
+    plan = _global_plan(_gather(local, process_group, world))
+    error, records, file_of = None, [], {}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        writer = DataFileWriter(root, f"shard-{rank:05d}", max_file_bytes)
+        for key, owner in plan.owner.items():
+            if owner == rank:
+                writer.add(_chunk_key(*key), views[key])
+        writer.flush()
+        records, file_of = [dataclasses.astuple(r) for r in writer.records], writer.file_of
+    except OSError as exc:
+        error = str(exc)
+    results = _gather((error, records, file_of), process_group, world)
+    _raise_on_any(e for e, _, _ in results)
+    if rank == 0:
+        try:
+            files = {r[0]: FileRecord(*r) for _, recs, _ in results for r in recs}
+            for (name, offsets), owner in plan.owner.items():
+                key = _chunk_key(name, offsets)
+                chunk = Chunk(results[owner][2][key], key, offsets, plan.sizes[(name, offsets)])
+                plan.entries[name].chunks.append(chunk)
+            files.update(_record_other_files(root, files))
+            TensorIndex(plan.entries, files).write(root)
+        except OSError as exc:
+            error = str(exc)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=_global_rank(process_group, 0), group=process_group)
+        error = box[0]
+    _raise_on_any([error])
+
+
+def _global_rank(group: Any, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _record_other_files(root: Path, data_files: Mapping[str, FileRecord]) -> dict[str, FileRecord]:
+    """Size and CRC32 of every other regular file under `root` (RNG states, a tokenizer), for the manifest.
+
+    Leftover data files of an earlier save into the same directory, hidden temporaries and the JSON
+    descriptions themselves are skipped.
+    """
+    out = {}
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if (
+            not path.is_file()
+            or path.is_symlink()
+            or name in data_files
+            or name in (INDEX_FILE, INFO_FILE)
+            or name.endswith(".safetensors")
+            or any(part.startswith(".") for part in path.relative_to(root).parts)
+        ):
+            continue
+        out[name] = record_file(root, name)
+    return out
+
+
+def verify_checkpoint_files(
+    root: str | os.PathLike, index: TensorIndex, verify: str = "checksum", *, process_group: Any = None
+) -> None:
+    """Checks every file of the manifest: its size always, its CRC32 unless `verify` is "size".
+
+    Collective when torch.distributed is initialised: each rank sums a share of the files (balanced by size)
+    and the ranks agree on the verdict, so every rank raises the same CheckpointCorruptError naming the first
+    bad file. Summing runs on a few threads (zlib releases the GIL).
+    """
+    if verify not in VERIFY_CHOICES:
+        raise ValueError(f"verify must be one of {VERIFY_CHOICES}, got {verify!r}")
+    root = Path(root)
+    rank, world = _rank_world(process_group)
+    records = sorted(index.files.values(), key=lambda r: r.name)
+    load, summed_here = [0] * world, set()
+    for i in sorted(range(len(records)), key=lambda i: -records[i].size):
+        owner = min(range(world), key=lambda r: load[r])
+        load[owner] += records[i].size
+        if owner == rank:
+            summed_here.add(i)
+    threads = max(1, min(4, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        reasons = list(
+            pool.map(
+                lambda i: verify_file(root, records[i], checksum=verify == "checksum" and i in summed_here),
+                range(len(records)),
+            )
+        )
+    if world > 1:
+        flags = torch.tensor([r is not None for r in reasons], dtype=torch.int32)
+        if dist.get_backend(process_group) == "nccl":
+            flags = flags.cuda()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=process_group)
+        bad = [i for i, f in enumerate(flags.tolist()) if f]
+    else:
+        bad = [i for i, r in enumerate(reasons) if r is not None]
+    if bad:
+        i = bad[0]
+        raise CheckpointCorruptError(
+            reasons[i] or f"{root / records[i].name}: corrupt or truncated (CRC32 mismatch, found by another rank)"
+        )
 
 
 def load_sharded_state(
@@ -430,33 +399,50 @@ def load_sharded_state(
     *,
     process_group: Any = None,
     strict: bool = True,
+    verify: str = "checksum",
 ) -> list[str]:
-    """Fills the local tensors of `state` in place from the DCP checkpoint in `path`, whatever its layout.
+    """Fills the local tensors of `state` in place from the checkpoint in `path`, whatever its layout.
 
-    Returns the names absent from the checkpoint (only when `strict` is False; else a missing name raises).
+    Collective over `process_group` when torch.distributed is initialised (the file check is shared). Every file
+    is checked against the manifest first (`verify`: "checksum" or "size"). Returns the names absent from the
+    checkpoint (only when `strict` is False; else a missing name raises).
     """
-    planner = _ShardLoadPlanner(state, strict)
-    with _plain_errors():
-        dcp.load({}, storage_reader=SafeFileSystemReader(path), planner=planner, process_group=process_group)
-    return planner.missing
+    root = Path(path)
+    index = TensorIndex.read(root)
+    verify_checkpoint_files(root, index, verify, process_group=process_group)
+    return _fill_state(root, index, state, strict)
 
 
-@contextlib.contextmanager
-def _plain_errors():
-    """Re-raises the first failing rank's own exception instead of DCP's CheckpointException (a BaseException).
+def _fill_state(root: Path, index: TensorIndex, state: Mapping[str, Any], strict: bool) -> list[str]:
+    reader, missing = ChunkReader(root), []
+    for name, value in state.items():
+        shard = _as_shard(name, value)
+        entry = index.tensors.get(name)
+        if entry is None:
+            if strict:
+                raise KeyError(f"{root}: the checkpoint has no tensor {name!r}")
+            missing.append(name)
+            continue
+        if entry.shape != shard.global_shape:
+            raise ValueError(
+                f"{name}: checkpoint shape {entry.shape} differs from the expected global shape {shard.global_shape}"
+            )
+        for offsets, sizes, view in shard.boxes(name):
+            _fill_box(reader, entry, offsets, sizes, view)
+    return missing
 
-    Also silences DCP's warning that it runs in a single process when torch.distributed is not initialised.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            yield
-    except CheckpointException as exc:
-        rank = min(exc.failures)
-        inner = exc.failures[rank][0]
-        if isinstance(inner, Exception):
-            raise inner from None
-        raise RuntimeError(str(exc)) from None
+
+@torch.no_grad()
+def _fill_box(reader: ChunkReader, entry: TensorEntry, offsets, sizes, view: torch.Tensor) -> None:
+    """Copies into `view` (the global box at `offsets` of `sizes`) every overlapping part of the saved chunks."""
+    for chunk in entry.chunks:
+        lo = [max(a, b) for a, b in zip(offsets, chunk.offsets, strict=True)]
+        hi = [min(a + s, b + t) for a, s, b, t in zip(offsets, sizes, chunk.offsets, chunk.sizes, strict=True)]
+        if any(a >= b for a, b in zip(lo, hi, strict=True)):
+            continue
+        index = tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets, strict=True))
+        src = reader.read(chunk, entry.dtype, index)
+        view[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))].copy_(src)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -468,28 +454,21 @@ class TensorInfo:
 
 
 def read_tensor_metadata(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Name -> TensorInfo for every tensor of the DCP checkpoint in `path` (reads only the metadata file)."""
-    md = SafeFileSystemReader(path).read_metadata()
-    return {
-        name: TensorInfo(tuple(m.size), m.properties.dtype)
-        for name, m in md.state_dict_metadata.items()
-        if isinstance(m, TensorStorageMetadata)
-    }
+    """Name -> TensorInfo for every tensor of the checkpoint in `path` (reads only its index)."""
+    index = TensorIndex.read(Path(path))
+    return {name: TensorInfo(e.shape, e.dtype) for name, e in index.tensors.items()}
 
 
-def read_full_tensors(path: str | os.PathLike, names: Iterable[str], metadata: Metadata | None = None):
-    """Reads whole canonical tensors (one process, no collectives); returns name -> tensor."""
-    reader = SafeFileSystemReader(path)
-    md = metadata if metadata is not None else reader.read_metadata()
+def read_full_tensors(path: str | os.PathLike, names: Iterable[str], *, verify: str = "checksum") -> dict:
+    """Reads whole canonical tensors in this process alone (no collectives); returns name -> tensor."""
+    root = Path(path)
+    index = TensorIndex.read(root)
+    verify_checkpoint_files(root, index, verify, process_group=_LOCAL)
     out = {}
     for name in names:
-        m = md.state_dict_metadata.get(name)
-        if not isinstance(m, TensorStorageMetadata):
-            raise KeyError(f"{path}: the checkpoint has no tensor {name!r}")
-        out[name] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-    reader.set_up_storage_reader(md, True)
-    planner = _ShardLoadPlanner(out, strict=True)
-    planner.set_up_planner({}, md, True)
-    plan = reader.prepare_local_plan(planner.create_local_plan())
-    reader.read_data(plan, planner).wait()
+        entry = index.tensors.get(name)
+        if entry is None:
+            raise KeyError(f"{root}: the checkpoint has no tensor {name!r}")
+        out[name] = torch.empty(entry.shape, dtype=entry.dtype)
+    _fill_state(root, index, out, strict=True)
     return out

@@ -10,6 +10,7 @@ from torch import nn
 
 from megalith.core.checkpoint.layout import MODEL_PREFIX, OPTIM_PREFIX
 from megalith.core.checkpoint.sharded import LocalShard, read_tensor_metadata
+from megalith.core.placement import named_placements
 
 __all__ = ["model_sharded_state", "optimizer_sharded_state", "prepare_optimizer_state"]
 
@@ -17,14 +18,11 @@ __all__ = ["model_sharded_state", "optimizer_sharded_state", "prepare_optimizer_
 def model_sharded_state(model: nn.Module) -> dict[str, LocalShard]:
     """ "model/NAME" -> LocalShard for every parameter of an (unwrapped) model.
 
-    Parameter names must be canonical (global layer indices); each parameter's `megalith_shard` attribute,
-    when present, gives its placement, else it counts as a full replicated tensor. Tensors shared by several
-    stages (a tied embedding) appear on each of them and are written once.
+    Parameter names must be canonical (global layer indices); each parameter's placement gives its slice of
+    the canonical tensor. Tensors shared by several stages (a tied embedding) appear on each of them and are
+    written once.
     """
-    return {
-        MODEL_PREFIX + name: LocalShard(p.data, getattr(p, "megalith_shard", None))
-        for name, p in model.named_parameters()
-    }
+    return {MODEL_PREFIX + name: LocalShard(p.data, pl.shard) for name, p, pl in named_placements(model)}
 
 
 def optimizer_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, LocalShard]:
@@ -34,13 +32,13 @@ def optimizer_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) 
     Other state is not supported and raises, naming it.
     """
     out: dict[str, LocalShard] = {}
-    for name, p in model.named_parameters():
+    for name, p, pl in named_placements(model):
         for key, value in optimizer.state.get(p, {}).items():
             full = f"{OPTIM_PREFIX}{name}/{key}"
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"optimizer state {full} is a {type(value).__name__}, not a tensor")
             if value.shape == p.shape:
-                out[full] = LocalShard(value, getattr(p, "megalith_shard", None))
+                out[full] = LocalShard(value, pl.shard)
             elif value.numel() == 1:
                 out[full] = LocalShard(value)
             else:

@@ -1,20 +1,15 @@
-"""Data parallelism: our DDP (bucketed, overlapped reduction), AdamW with ZeRO-1 sharding, FSDP2 mode, groups."""
+"""Data parallelism: our DDP (bucketed, overlapped reduction), AdamW with ZeRO-1 sharding, FSDP2 mode."""
 
 from megalith.core.distributed.ddp import DDPConfig, DistributedDataParallel
 from megalith.core.distributed.fsdp import apply_fsdp2, finalize_fsdp2_grads
-from megalith.core.distributed.groups import Groups, ParallelGroups, build_groups, single_process_groups
 from megalith.core.distributed.optimizer import AdamW, OptimizerConfig, StepResult
 
 __all__ = [
     "AdamW",
     "DDPConfig",
     "DistributedDataParallel",
-    "Groups",
     "OptimizerConfig",
-    "ParallelGroups",
     "StepResult",
     "apply_fsdp2",
-    "build_groups",
     "finalize_fsdp2_grads",
-    "single_process_groups",
 ]

@@ -6,10 +6,10 @@ sharded over a 1-D data-parallel mesh built from the dp group, so tensor paralle
 working inside each layer. Mixed precision follows `PrecisionConfig`: compute in its dtype, fp32 sharded
 master parameters, gradients reduced in fp32.
 
-The `megalith_*` attributes core layers set on parameters (tp sharding, sequence parallelism, canonical
-placement) describe the tp-local tensor, which FSDP only splits further over dp; `fully_shard` replaces the
-parameters, so `apply_fsdp2` copies those attributes onto the new (DTensor) parameters. With sequence parallelism
-call `finalize_fsdp2_grads` after backward: it sums the sequence-parallel parameters' gradient shards over tp.
+The placements core layers record (tp sharding, sequence parallelism, canonical slices) describe the tp-local
+tensor, which FSDP only splits further over dp; they are kept per module, so they survive `fully_shard`
+replacing the parameters. With sequence parallelism call `finalize_fsdp2_grads` after backward: it sums the
+sequence-parallel parameters' gradient shards over tp.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.parallel_dims import ParallelDims
 from megalith.core.parallelize import reduce_sequence_parallel_grads
 from megalith.core.precision import PrecisionConfig
 
@@ -26,7 +26,7 @@ __all__ = ["apply_fsdp2", "finalize_fsdp2_grads"]
 
 def apply_fsdp2(
     model: nn.Module,
-    groups: ParallelGroups,
+    dims: ParallelDims,
     precision: PrecisionConfig | None = None,
     *,
     reshard_after_forward: bool = True,
@@ -35,7 +35,7 @@ def apply_fsdp2(
 
     Args:
         model: the model or pipeline chunk; its parameters must still be fp32 (FSDP keeps them as masters).
-        groups: the topology (dp_group is used; dp must be > 1).
+        dims: the topology (dp_group is used; dp must be > 1).
         precision: compute dtype (bf16/fp16 cast parameters for compute; fp32 does nothing).
         reshard_after_forward: free gathered layer parameters after forward (ZeRO-3) or keep them until
             backward (ZeRO-2-like, more memory, less communication).
@@ -47,34 +47,28 @@ def apply_fsdp2(
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if groups.dp < 2 or groups.dp_group is None:
-        raise ValueError(f"apply_fsdp2 needs dp > 1 and a dp_group (dp={groups.dp})")
+    if dims.dp < 2 or dims.dp_group is None:
+        raise ValueError(f"apply_fsdp2 needs dp > 1 and a dp_group (dp={dims.dp})")
     bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if bad:
         raise ValueError(f"apply_fsdp2: parameters must be fp32 masters before sharding, found {bad}")
     device_type = next(model.parameters()).device.type
-    mesh = DeviceMesh.from_group(groups.dp_group, device_type=device_type)
+    mesh = DeviceMesh.from_group(dims.dp_group, device_type=device_type)
     compute = (precision or PrecisionConfig()).param_dtype
     policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute, reduce_dtype=torch.float32)
-    attributes = {
-        name: {k: v for k, v in vars(p).items() if k.startswith("megalith_")} for name, p in model.named_parameters()
-    }
     for layer in model.layers.values():
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for name, p in model.named_parameters():
-        for key, value in attributes.get(name, {}).items():
-            setattr(p, key, value)
     return model
 
 
-def finalize_fsdp2_grads(model: nn.Module, groups: ParallelGroups) -> None:
-    """Sums over tp the gradients of `megalith_sequence_parallel` parameters of an `apply_fsdp2` model.
+def finalize_fsdp2_grads(model: nn.Module, dims: ParallelDims) -> None:
+    """Sums over tp the gradients of sequence-parallel parameters of an `apply_fsdp2` model.
 
     Each tp rank saw only its part of the sequence for these replicated weights (norms, row-parallel biases),
     so their gradients are partial sums; FSDP has already averaged them over dp into this rank's dp shard,
     which is the same shard on every tp rank, so one all-reduce of the local shards completes them. Call after
     backward, before clipping and the optimizer step; a no-op without tp.
     """
-    if groups.tp > 1:
-        reduce_sequence_parallel_grads(model, groups.tp_group)
+    if dims.tp > 1:
+        reduce_sequence_parallel_grads(model, dims.tp_group)

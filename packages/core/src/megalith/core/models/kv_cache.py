@@ -1,4 +1,4 @@
-"""Key/value cache for incremental decoding with `Transformer.forward_cached` (inference only).
+"""Key/value cache for incremental decoding with `Transformer.forward(ids, cache)` (inference only).
 
 The cache is a row of slots per sequence. Each cached forward appends the same number of new slots to every
 row (the batch moves in lockstep) and says which of them hold real tokens (`valid`); slots that hold padding
@@ -13,18 +13,9 @@ dim, R = D/2 rotary frequencies.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KVCache", "LayerKVCache", "rope_rotate"]
-
-
-def rope_rotate(x_BSND: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE with per-sequence tables [B, S, R] (the batched form of TorchOps.rope)."""
-    half = x_BSND.shape[-1] // 2
-    x1, x2 = x_BSND[..., :half], x_BSND[..., half:]
-    cos, sin = cos_BSR[:, :, None, :].to(x_BSND.dtype), sin_BSR[:, :, None, :].to(x_BSND.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+__all__ = ["KVCache", "LayerKVCache"]
 
 
 class KVCache:
@@ -44,10 +35,11 @@ class KVCache:
         for module in model.modules():
             if getattr(module, "sequence_parallel", False):
                 raise ValueError("KVCache: a model built with sequence_parallel=True cannot decode incrementally")
+        if model.embed is None or model.final_norm is None:
+            raise ValueError("KVCache: decoding needs the whole model (not a pipeline stage)")
         param = next(model.parameters())
         device = param.device if device is None else torch.device(device)
         dtype = param.dtype if dtype is None else dtype
-        self.config = model.config
         self.batch_size, self.capacity = batch_size, capacity
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
@@ -60,9 +52,8 @@ class KVCache:
         self.length = 0
         # State of the step in progress (set by `begin`, cleared by `commit`).
         self._start = self._end = None
-        self.mask_B1SE: torch.Tensor | None = None
-        self.cos_BSR: torch.Tensor | None = None
-        self.sin_BSR: torch.Tensor | None = None
+        self.mask_B1ST: torch.Tensor | None = None  # T = the slots up to the end of this step
+        self.positions_BS: torch.Tensor | None = None
 
     def begin(
         self, num_new: int, valid_BS: torch.Tensor | None = None, positions_BS: torch.Tensor | None = None
@@ -74,8 +65,6 @@ class KVCache:
             valid_BS: which new slots hold real tokens (default: all).
             positions_BS: explicit positions; default: the count of real tokens before each slot in its row.
         """
-        from megalith.core.models.transformer import rope_tables_at
-
         if self._start is not None:
             raise RuntimeError("KVCache.begin: the previous step was not committed")
         b, start = self.batch_size, self.length
@@ -106,11 +95,36 @@ class KVCache:
         k_E = torch.arange(end, device=device)
         causal_SE = k_E[None, :] <= q_S[:, None]
         self_SE = k_E[None, :] == q_S[:, None]
-        self.mask_B1SE = (causal_SE[None] & (self.valid_BT[:, None, :end] | self_SE[None])).unsqueeze(1)
-        if self.config.position_embedding == "rope":
-            self.cos_BSR, self.sin_BSR = rope_tables_at(positions_BS, self.config)
+        self.mask_B1ST = (causal_SE[None] & (self.valid_BT[:, None, :end] | self_SE[None])).unsqueeze(1)
+        self.positions_BS = positions_BS
         self._start, self._end = start, end
         return positions_BS
+
+    def run(
+        self,
+        model: nn.Module,
+        ids_BS: torch.Tensor,
+        *,
+        valid_BS: torch.Tensor | None = None,
+        positions_BS: torch.Tensor | None = None,
+        select_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One step: appends `ids_BS` (S new slots per row) through `model` and returns its logits.
+
+        `valid_BS` marks real tokens (padding is never attended to); positions default to the count of real
+        tokens before each slot in its row; `select_B` returns only one position's logits per row ([B, 1, V]).
+        A failure inside the forward leaves the cache as it was.
+        """
+        if model.training:
+            raise RuntimeError("KVCache.run is for inference; call model.eval() first")
+        self.begin(ids_BS.shape[1], valid_BS, positions_BS)
+        try:
+            logits = model(ids_BS, self, select_B=select_B)
+        except BaseException:
+            self.abort()
+            raise
+        self.commit()
+        return logits
 
     def layer(self, layer_id: int | str) -> LayerKVCache:
         """The view one layer's attention reads and writes during the open step."""
@@ -124,14 +138,14 @@ class KVCache:
             raise RuntimeError("KVCache.commit: no step is open")
         self.length = self._end
         self._start = self._end = None
-        self.mask_B1SE = self.cos_BSR = self.sin_BSR = None
+        self.mask_B1ST = self.positions_BS = None
 
     def abort(self) -> None:
         """Drops an open step (e.g. after an error inside the forward); the cache is as before `begin`."""
         if self._start is not None:
             self.valid_BT[:, self._start : self._end] = False
         self._start = self._end = None
-        self.mask_B1SE = self.cos_BSR = self.sin_BSR = None
+        self.mask_B1ST = self.positions_BS = None
 
 
 class LayerKVCache:
@@ -140,22 +154,19 @@ class LayerKVCache:
     def __init__(self, cache: KVCache, name: str) -> None:
         self.cache, self.name = cache, name
 
-    def rope(self, x_BSND: torch.Tensor) -> torch.Tensor:
-        return rope_rotate(x_BSND, self.cache.cos_BSR, self.cache.sin_BSR)
+    @property
+    def positions_BS(self) -> torch.Tensor:
+        return self.cache.positions_BS
 
-    def attend(self, q_BSND: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor) -> torch.Tensor:
-        """Stores the new keys/values and attends the new queries over every visible slot: [B, S, N, D]."""
+    @property
+    def mask_B1ST(self) -> torch.Tensor:
+        return self.cache.mask_B1ST
+
+    def extend(self, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores the step's new keys/values; returns every slot's keys and values so far [B, T, K, D]."""
         cache = self.cache
         start, end = cache._start, cache._end
         keys, values = cache.keys[self.name], cache.values[self.name]
         keys[:, start:end] = k_BSKD
         values[:, start:end] = v_BSKD
-        k_BEKD, v_BEKD = keys[:, :end], values[:, :end]
-        groups = q_BSND.shape[2] // k_BEKD.shape[2]
-        if groups > 1:  # grouped-query attention: q head h reads kv head h // groups
-            k_BEKD = k_BEKD.repeat_interleave(groups, dim=2)
-            v_BEKD = v_BEKD.repeat_interleave(groups, dim=2)
-        out_BNSD = F.scaled_dot_product_attention(
-            q_BSND.transpose(1, 2), k_BEKD.transpose(1, 2), v_BEKD.transpose(1, 2), attn_mask=cache.mask_B1SE
-        )
-        return out_BNSD.transpose(1, 2)
+        return keys[:, :end], values[:, :end]

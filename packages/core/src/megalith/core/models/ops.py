@@ -1,12 +1,15 @@
 """The hot ops of the model behind one switch: plain PyTorch ("torch") or Megalith's fused kernels ("fused").
 
-Shapes: x_BSND is [batch, sequence, heads, head_dim]; cos/sin are [S, D/2] (rotate-half RoPE).
+The model is built with the torch op set; `apply_kernels(model, name)` swaps the op set of every module that
+has one, from outside the model code. Shapes: x_BSND is [batch, sequence, heads, head_dim]; RoPE tables cos/sin
+are [S, R] (positions shared by every row) or [B, S, R] (per-row positions, as when decoding), R = D/2.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class TorchOps:
@@ -15,14 +18,16 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def attention(q_BSND, k_BSKD, v_BSKD, *, causal: bool = True, dropout_p: float = 0.0):
-        groups = q_BSND.shape[2] // k_BSKD.shape[2]
-        if groups > 1:  # grouped-query attention: q head h reads kv head h // groups
-            k_BSKD = k_BSKD.repeat_interleave(groups, dim=2)
-            v_BSKD = v_BSKD.repeat_interleave(groups, dim=2)
+    def attention(q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None):
+        """Softmax attention of S queries over T keys; `mask_B1ST` (True = visible) replaces the causal mask.
+
+        Grouped-query attention (q head h reads kv head h // (N / K)) goes to SDPA as it is (`enable_gqa`), so
+        the key/value heads are never copied N / K times.
+        """
         out_BNSD = F.scaled_dot_product_attention(
-            q_BSND.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),
-            is_causal=causal, dropout_p=dropout_p,
+            q_BSND.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2),
+            attn_mask=mask_B1ST, is_causal=causal and mask_B1ST is None, dropout_p=dropout_p,
+            enable_gqa=q_BSND.shape[2] != k_BTKD.shape[2],
         )  # fmt: skip
         return out_BNSD.transpose(1, 2)
 
@@ -36,10 +41,10 @@ class TorchOps:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
     @staticmethod
-    def rope(x_BSND, cos_SR, sin_SR):
+    def rope(x_BSND, cos, sin):
         half = x_BSND.shape[-1] // 2
         x1, x2 = x_BSND[..., :half], x_BSND[..., half:]
-        cos, sin = cos_SR[None, :, None, :].to(x_BSND.dtype), sin_SR[None, :, None, :].to(x_BSND.dtype)
+        cos, sin = cos.unsqueeze(-2).to(x_BSND.dtype), sin.unsqueeze(-2).to(x_BSND.dtype)  # [(B,) S, 1, R]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     @staticmethod
@@ -77,10 +82,12 @@ class FusedOps:
     def _ops(self):
         return _kernel_ops()
 
-    def attention(self, q_BSND, k_BSKD, v_BSKD, *, causal: bool = True, dropout_p: float = 0.0):
+    def attention(self, q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None):
         if dropout_p:
-            raise ValueError("kernels='fused' attention has no dropout; set attention_dropout to 0")
-        return self._ops.attention(q_BSND, k_BSKD, v_BSKD, causal=causal)
+            raise ValueError("kernels='fused' attention has no dropout; set runtime.attention_dropout to 0")
+        if mask_B1ST is not None:  # an arbitrary mask (decoding over a padded cache): the fused kernel has none
+            return TorchOps.attention(q_BSND, k_BTKD, v_BTKD, causal=causal, mask_B1ST=mask_B1ST)
+        return self._ops.attention(q_BSND, k_BTKD, v_BTKD, causal=causal)
 
     def rms_norm(self, x, weight, eps: float):
         return self._ops.rms_norm(x, weight, eps)
@@ -88,8 +95,10 @@ class FusedOps:
     def layer_norm(self, x, weight, bias, eps: float):
         return self._ops.layer_norm(x, weight, bias, eps)
 
-    def rope(self, x_BSND, cos_SR, sin_SR):
-        return self._ops.rope(x_BSND, cos_SR, sin_SR)
+    def rope(self, x_BSND, cos, sin):
+        if cos.dim() == 3:  # per-row positions: the kernel takes one table, so rotate row by row
+            return torch.cat([self._ops.rope(x_BSND[b : b + 1], cos[b], sin[b]) for b in range(cos.shape[0])])
+        return self._ops.rope(x_BSND, cos, sin)
 
     def swiglu(self, gate, up):
         return self._ops.swiglu(gate, up)
@@ -108,16 +117,28 @@ def _kernel_ops():
         from megalith.kernels import ops
     except ImportError as exc:
         raise RuntimeError(
-            "ModelConfig.kernels='fused' needs megalith.kernels.ops, which cannot be imported "
+            "runtime.kernels='fused' needs megalith.kernels.ops, which cannot be imported "
             f"({exc}); install a megalith-kernels build with the fused ops or use kernels='torch'"
         ) from exc
     return ops
 
 
+KERNELS = ("torch", "fused")
+
+
 def get_ops(kernels: str):
-    """The op set named by ModelConfig.kernels."""
+    """The op set named `kernels` ("torch" or "fused")."""
     if kernels == "torch":
         return TorchOps()
     if kernels == "fused":
         return FusedOps()
-    raise ValueError(f"unknown kernels {kernels!r}; expected 'torch' or 'fused'")
+    raise ValueError(f"unknown kernels {kernels!r}; expected one of {KERNELS}")
+
+
+def apply_kernels(model: nn.Module, kernels: str) -> nn.Module:
+    """Gives every module of `model` that computes with an op set (norms, attention, MLP) the set `kernels`."""
+    ops = get_ops(kernels)
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
+    return model

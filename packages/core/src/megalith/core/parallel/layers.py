@@ -1,8 +1,10 @@
 """Tensor-parallel building blocks: column- and row-parallel linears and the vocabulary-parallel embedding.
 
-Each layer holds only its local shard and records where it sits in the canonical (full, unpadded) tensor as
-`param.megalith_shard` (a ShardSpec). `from_module` builds a layer from a full single-device module, copying
-the matching slices, so a parallelized model keeps the weights of the model it came from.
+Each layer holds only its local shard and records where it sits in the canonical (full, unpadded) tensor in the
+module's placement table (`megalith.core.placement`). `from_module` builds a layer from a full single-device
+module, copying the matching slices, so a parallelized model keeps the weights of the model it came from.
+Vocabulary layers pad the vocabulary to a multiple of 128 * tp (Megatron's make-vocab-size-divisible-by); their
+outputs give padding columns a logit of -inf, so nothing downstream ever predicts them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megalith.core.checkpoint.spec import ShardSpec
 from megalith.core.parallel.mappings import (
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
@@ -23,13 +24,19 @@ from megalith.core.parallel.mappings import (
     reduce_from_tp_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from megalith.core.placement import Placement, ShardSpec, placement, set_placement
 
 VOCAB_MULTIPLE = 128
 """The vocabulary is padded to a multiple of VOCAB_MULTIPLE * tp (Megatron's make-vocab-size-divisible-by)."""
 
 
 def padded_vocab_size(vocab_size: int, tp: int = 1) -> int:
-    """The in-model vocabulary: `vocab_size` rounded up to a multiple of 128 * tp."""
+    """The vocabulary of tensor-parallel vocabulary layers: `vocab_size` rounded up to a multiple of 128 * tp.
+
+    A single-device model (tp == 1) keeps the exact vocabulary.
+    """
+    if tp == 1:
+        return vocab_size
     multiple = VOCAB_MULTIPLE * tp
     return math.ceil(vocab_size / multiple) * multiple
 
@@ -80,12 +87,17 @@ def local_from_canonical(full: torch.Tensor, spec: ShardSpec | None, local_shape
     return out
 
 
-def _param(shape, spec, device, dtype, source: torch.Tensor | None = None) -> nn.Parameter:
-    data = torch.empty(shape, device=device, dtype=dtype) if source is None else source
-    p = nn.Parameter(data)
-    if spec is not None:
-        p.megalith_shard = spec
-    return p
+def _new_param(module: nn.Module, name: str, shape, spec, device, dtype, **flags) -> None:
+    setattr(module, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+    set_placement(module, name, Placement(shard=spec, **flags))
+
+
+def mask_padding_columns(logits: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """Sets the logits of columns at or past `vocab_size` (global index `vocab_start + j`) to -inf."""
+    if vocab_start + logits.shape[-1] <= vocab_size:
+        return logits
+    columns = torch.arange(logits.shape[-1], device=logits.device) + vocab_start
+    return logits.masked_fill(columns >= vocab_size, float("-inf"))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -133,13 +145,14 @@ class ColumnParallelLinear(nn.Module):
         else:
             w_spec = split_parts_spec(parts, in_features, tp, rank, dim=0)
             local_out = out_features // tp
-        self.weight = _param((local_out, in_features), w_spec, device, dtype)
-        self.weight.megalith_tp_sharded = tp > 1
+        # With padding, logits of padding columns are masked to -inf: this rank's first global column.
+        self.vocab_size = out_features if padded_out_features is not None else None
+        self.vocab_start = rank * local_out
+        _new_param(self, "weight", (local_out, in_features), w_spec, device, dtype, tp_sharded=tp > 1)
         self.bias = None
         if bias:
             b_spec = ShardSpec(global_shape=(w_spec.global_shape[0],), dim=0, pieces=w_spec.pieces)
-            self.bias = _param((local_out,), b_spec, device, dtype)
-            self.bias.megalith_tp_sharded = tp > 1
+            _new_param(self, "bias", (local_out,), b_spec, device, dtype, tp_sharded=tp > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -147,14 +160,16 @@ class ColumnParallelLinear(nn.Module):
         else:
             x = copy_to_tp_region(x, self.group)
         y = F.linear(x, self.weight, self.bias)
+        if self.vocab_size is not None:
+            y = mask_padding_columns(y, self.vocab_start, self.vocab_size)
         return gather_from_tp_region(y, self.group) if self.gather_output else y
 
     @classmethod
     def from_module(cls, linear: nn.Linear, **kwargs) -> ColumnParallelLinear:
         """A column-parallel copy of the full `linear` (its canonical rows); kwargs as for the constructor."""
         w = linear.weight
-        out_features = getattr(w, "megalith_shard", None)
-        out_features = out_features.global_shape[0] if out_features is not None else w.shape[0]
+        spec = placement(linear, "weight").shard
+        out_features = spec.global_shape[0] if spec is not None else w.shape[0]
         layer = cls(w.shape[1], out_features, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)
         _copy_into(layer, linear)
         return layer
@@ -185,13 +200,11 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         self.in_features, self.out_features = in_features, out_features
         spec = split_parts_spec([in_features], out_features, tp, rank, dim=1)
-        self.weight = _param((out_features, in_features // tp), spec, device, dtype)
-        self.weight.megalith_tp_sharded = tp > 1
+        _new_param(self, "weight", (out_features, in_features // tp), spec, device, dtype, tp_sharded=tp > 1)
         self.bias = None
         if bias:
-            self.bias = _param((out_features,), None, device, dtype)
             # Under SP each rank's bias gradient covers its own sequence chunk only: sum over tp.
-            self.bias.megalith_sequence_parallel = sequence_parallel
+            _new_param(self, "bias", (out_features,), None, device, dtype, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
@@ -235,8 +248,7 @@ class VocabParallelEmbedding(nn.Module):
         self.num_local = self.padded_vocab_size // tp
         self.vocab_start = rank * self.num_local
         spec = vocab_shard_spec(vocab_size, embedding_dim, self.padded_vocab_size, tp, rank)
-        self.weight = _param((self.num_local, embedding_dim), spec, device, dtype)
-        self.weight.megalith_tp_sharded = tp > 1
+        _new_param(self, "weight", (self.num_local, embedding_dim), spec, device, dtype, tp_sharded=tp > 1)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:
@@ -255,7 +267,7 @@ class VocabParallelEmbedding(nn.Module):
             x = gather_from_sequence_parallel_region(x, self.group)
         else:
             x = copy_to_tp_region(x, self.group)
-        return F.linear(x, self.weight)
+        return mask_padding_columns(F.linear(x, self.weight), self.vocab_start, self.vocab_size)
 
     @classmethod
     def from_module(cls, embedding: nn.Module, vocab_size: int, **kwargs) -> VocabParallelEmbedding:
@@ -266,10 +278,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def _copy_into(layer: nn.Module, source: nn.Module) -> None:
-    """Fills `layer`'s (meta) parameters with the slices of `source`'s full parameters, keeping attributes."""
+    """Fills `layer`'s (meta) parameters with the slices of `source`'s full parameters (same local names)."""
     for name, param in list(layer.named_parameters(recurse=False)):
-        full = canonical_from_local(getattr(source, name).data, getattr(getattr(source, name), "megalith_shard", None))
-        data = local_from_canonical(full, getattr(param, "megalith_shard", None), param.shape)
-        new = nn.Parameter(data, requires_grad=getattr(source, name).requires_grad)
-        new.__dict__.update({k: v for k, v in param.__dict__.items() if k.startswith("megalith_")})
-        setattr(layer, name, new)
+        src = getattr(source, name)
+        full = canonical_from_local(src.data, placement(source, name).shard)
+        data = local_from_canonical(full, placement(layer, name).shard, param.shape)
+        setattr(layer, name, nn.Parameter(data, requires_grad=src.requires_grad))

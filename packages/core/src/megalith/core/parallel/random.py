@@ -36,8 +36,10 @@ class RNGTracker:
         self.device = torch.device(device)
         self.reset(seed, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
 
-    def reset(self, seed: int, *, tp_rank: int = 0, pp_rank: int = 0, dp_rank: int = 0) -> None:
-        """Restarts both streams for the given base seed and rank coordinates."""
+    def reset(self, seed: int, *, tp_rank: int = 0, pp_rank: int = 0, dp_rank: int = 0, device=None) -> None:
+        """Restarts both streams for the given base seed and rank coordinates (and device, when given)."""
+        if device is not None:
+            self.device = torch.device(device)
         self.seed = seed
         self._states: dict[str, torch.Tensor] = {}
         self.add(REPLICATED, derive_seed(seed, "replicated", pp_rank, dp_rank))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.parallel_dims import ParallelDims
 
 __all__ = ["PipeComm"]
 
@@ -23,11 +23,11 @@ __all__ = ["PipeComm"]
 class PipeComm:
     """Activation/gradient exchange with the previous and next rank of the pipeline ring."""
 
-    def __init__(self, groups: ParallelGroups) -> None:
-        self.pp, self.pp_rank = groups.pp, groups.pp_rank
+    def __init__(self, dims: ParallelDims) -> None:
+        self.pp, self.pp_rank = dims.pp, dims.pp_rank
         if self.pp > 1:
-            self.prev = dist.get_global_rank(groups.pp_group, (self.pp_rank - 1) % self.pp)
-            self.next = dist.get_global_rank(groups.pp_group, (self.pp_rank + 1) % self.pp)
+            self.prev = dist.get_global_rank(dims.pp_group, (self.pp_rank - 1) % self.pp)
+            self.next = dist.get_global_rank(dims.pp_group, (self.pp_rank + 1) % self.pp)
         self._pending: list[tuple[torch.Tensor, int, int, Callable[[], None] | None]] = []
         self._inflight: list[tuple[object, torch.Tensor, Callable[[], None] | None]] = []
 

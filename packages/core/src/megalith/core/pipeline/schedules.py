@@ -7,22 +7,24 @@ frees an output's storage once it is sent (its autograd graph stays), scales eac
 backward, and finally finishes the data-parallel reduction and sums the tied-embedding gradients.
 
 Micro-batches are dicts with `input_ids` [B, S] (read on the first stage) and `labels` [B, S] (read on the
-last; -100 marks ignored tokens). A micro-batch's loss is the mean per-token loss over its non-ignored tokens.
+last; -100 marks ignored tokens). A micro-batch's loss is the mean, over its non-ignored tokens, of the per-token
+loss `loss_fn(logits, labels)` (`megalith.core.loss`), which lives outside the model.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from megalith.core._torch_compat import is_view
 from megalith.core.distributed.ddp import DistributedDataParallel
-from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.parallel_dims import ParallelDims
 from megalith.core.parallelize import reduce_sequence_parallel_grads
 from megalith.core.pipeline.p2p import PipeComm
 from megalith.core.pipeline.stages import allreduce_shared_embedding_grads, unwrap
@@ -34,8 +36,9 @@ __all__ = [
     "forward_backward",
     "microbatch_loss",
     "schedule_order",
-    "stage_forward",
 ]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-token loss
 
 
 @dataclass(frozen=True)
@@ -90,17 +93,9 @@ def schedule_order(pp: int, pp_rank: int, num_microbatches: int, virtual_stages:
     return _interleaved(pp, pp_rank, m, vp)
 
 
-def stage_forward(model: nn.Module, x: torch.Tensor | None, batch: dict, first: bool, last: bool) -> torch.Tensor:
-    """One stage's forward: embed (first stage), its layers in global order, head (last stage) -> logits."""
-    h = model.embed_tokens(batch["input_ids"]) if first else x
-    for key in sorted(model.layers.keys(), key=int):
-        h = model.layers[key](h)
-    return model.head(h) if last else h
-
-
-def microbatch_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def microbatch_loss(loss_fn: LossFn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean per-token loss over the tokens whose label is not -100 (fp32 scalar)."""
-    per_token = model.loss(logits, labels).float()
+    per_token = loss_fn(logits, labels).float()
     count = (labels != -100).sum().clamp(min=1)
     return per_token.sum() / count
 
@@ -114,31 +109,32 @@ def _release(t: torch.Tensor) -> None:
         t.data = torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
-def finalize_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
+def finalize_grads(chunks: Sequence[nn.Module], dims: ParallelDims) -> None:
     """Makes the gradients final before the optimizer step (the schedule calls it; call it yourself otherwise).
 
     Completes the dp reduction of every DDP chunk, sums over tp the gradients of parameters marked
-    `megalith_sequence_parallel` (replicated weights that each tp rank saw only part of the sequence for), then
+    placed `sequence_parallel` (replicated weights that each tp rank saw only part of the sequence for), then
     sums the tied embedding over the first and last stage.
     """
     for chunk in chunks:
         if isinstance(chunk, DistributedDataParallel):
             chunk.finish_grad_sync()
-    allreduce_sequence_parallel_grads(chunks, groups)
-    allreduce_shared_embedding_grads(chunks, groups)
+    allreduce_sequence_parallel_grads(chunks, dims)
+    allreduce_shared_embedding_grads(chunks, dims)
 
 
-def allreduce_sequence_parallel_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
-    """Sums the `megalith_sequence_parallel` parameters' gradients over tp in one flat all-reduce."""
-    if groups.tp > 1:
-        reduce_sequence_parallel_grads([unwrap(chunk) for chunk in chunks], groups.tp_group)
+def allreduce_sequence_parallel_grads(chunks: Sequence[nn.Module], dims: ParallelDims) -> None:
+    """Sums the sequence-parallel parameters' gradients over tp in one flat all-reduce."""
+    if dims.tp > 1:
+        reduce_sequence_parallel_grads([unwrap(chunk) for chunk in chunks], dims.tp_group)
 
 
 def forward_backward(
     chunks: Sequence[nn.Module],
     microbatches: Sequence[dict],
-    groups: ParallelGroups,
+    dims: ParallelDims,
     *,
+    loss_fn: LossFn,
     hidden_shape: Sequence[int],
     dtype: torch.dtype,
     loss_scale: float = 1.0,
@@ -150,7 +146,8 @@ def forward_backward(
     Args:
         chunks: this rank's model chunks in virtual-stage order (DDP-wrapped or plain modules).
         microbatches: the step's micro-batches (every pipeline rank passes the same list).
-        groups: the topology (pp, pp_rank, pp_group, dp, dp_group).
+        dims: the topology (pp, pp_rank, pp_group, dp, dp_group).
+        loss_fn: per-token loss of the last stage's logits (`megalith.core.loss.build_loss_fn`).
         hidden_shape: shape of the activation passed between stages, e.g. (B, S, H) ((B, S/tp, H) with
             sequence parallelism).
         dtype: dtype of that activation (the parameter dtype).
@@ -161,8 +158,8 @@ def forward_backward(
     Returns:
         The loss averaged over micro-batches and dp ranks, on every rank of the pipeline.
     """
-    run = _Executor(chunks, microbatches, groups, hidden_shape, dtype, loss_scale, forward_only, release_outputs)
-    order = schedule_order(groups.pp, groups.pp_rank, len(microbatches), len(chunks))
+    run = _Executor(chunks, microbatches, dims, loss_fn, hidden_shape, dtype, loss_scale, forward_only, release_outputs)
+    order = schedule_order(dims.pp, dims.pp_rank, len(microbatches), len(chunks))
     if forward_only:
         order = [a for a in order if a.kind == "F"]
     last_backward = {a.chunk: i for i, a in enumerate(order) if a.kind == "B"}
@@ -173,26 +170,27 @@ def forward_backward(
             run.backward(action.chunk, action.mb, sync_grads=index == last_backward[action.chunk])
     run.comm.finish()
     if not forward_only:
-        finalize_grads(chunks, groups)
-    return _reduce_loss(run.losses, groups, run.device)
+        with record_function("megalith.grad_sync"):
+            finalize_grads(chunks, dims)
+    return _reduce_loss(run.losses, dims, run.device)
 
 
 class _Executor:
     """Runs single passes for `forward_backward`, keeping each micro-batch's stage input and output until its
     backward. Virtual stage `chunk * pp + pp_rank` receives from the stage before it and sends to the next."""
 
-    def __init__(self, chunks, microbatches, groups, hidden_shape, dtype, loss_scale, forward_only, release):
-        self.chunks, self.microbatches, self.groups = chunks, microbatches, groups
+    def __init__(self, chunks, microbatches, dims, loss_fn, hidden_shape, dtype, loss_scale, forward_only, release):
+        self.chunks, self.microbatches, self.dims, self.loss_fn = chunks, microbatches, dims, loss_fn
         self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
         self.loss_scale, self.forward_only, self.release = loss_scale, forward_only, release
-        self.num_stages = groups.pp * len(chunks)
+        self.num_stages = dims.pp * len(chunks)
         self.device = next(unwrap(chunks[0]).parameters()).device
-        self.comm = PipeComm(groups)
+        self.comm = PipeComm(dims)
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.losses: list[torch.Tensor] = []
 
     def _stage(self, chunk: int) -> tuple[int, bool, bool]:
-        stage = chunk * self.groups.pp + self.groups.pp_rank
+        stage = chunk * self.dims.pp + self.dims.pp_rank
         return stage, stage == 0, stage == self.num_stages - 1
 
     def _tag(self, stage: int, mb: int, backward: bool) -> int:
@@ -212,11 +210,10 @@ class _Executor:
         else:
             x = self._receive(stage, mb, backward=False).requires_grad_(not self.forward_only)
         batch = self.microbatches[mb]
-        with torch.set_grad_enabled(not self.forward_only):
-            model = unwrap(self.chunks[chunk])
-            y = stage_forward(model, x, batch, first, last)
+        with torch.set_grad_enabled(not self.forward_only), record_function("megalith.forward"):
+            y = unwrap(self.chunks[chunk])(batch["input_ids"] if first else x)
             if last:
-                loss = microbatch_loss(model, y, batch["labels"]) / len(self.microbatches)
+                loss = microbatch_loss(self.loss_fn, y, batch["labels"]) / len(self.microbatches)
                 self.losses.append(loss.detach())
                 y = loss * self.loss_scale if self.loss_scale != 1.0 else loss
         if not last:
@@ -235,20 +232,21 @@ class _Executor:
         if isinstance(self.chunks[chunk], DistributedDataParallel):
             self.chunks[chunk].set_grad_sync(sync_grads)  # reduce only during the chunk's last backward
         x, y = self.saved.pop((chunk, mb))
-        torch.autograd.backward(y, grad)
+        with record_function("megalith.backward"):
+            torch.autograd.backward(y, grad)
         del y
         if not first:
             self.comm.send(x.grad, False, self._tag(stage - 1, mb, True))
 
 
-def _reduce_loss(losses: list[torch.Tensor], groups: ParallelGroups, device: torch.device) -> float:
+def _reduce_loss(losses: list[torch.Tensor], dims: ParallelDims, device: torch.device) -> float:
     # Only the last stage has losses; summing over pp hands its value to every stage, the dp sum averages.
     total = (
         torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64, device=device)
     )
-    if groups.pp > 1:
-        dist.all_reduce(total, group=groups.pp_group)
-    if groups.dp > 1:
-        dist.all_reduce(total, group=groups.dp_group)
-        total /= groups.dp
+    if dims.pp > 1:
+        dist.all_reduce(total, group=dims.pp_group)
+    if dims.dp > 1:
+        dist.all_reduce(total, group=dims.dp_group)
+        total /= dims.dp
     return float(total.item())

@@ -1,25 +1,28 @@
-"""Pipeline stage construction: which layers each (virtual) stage holds, and the tied embedding across stages.
+"""Pipeline stages: which layers each (virtual) stage holds, cutting a model down to one, the tied embedding.
 
 With pp ranks and v model chunks per rank there are pp * v virtual stages; virtual stage s = chunk * pp +
 pp_rank holds a contiguous run of layers, so chunk c of rank r feeds chunk c of rank r + 1, and the last rank's
-chunk c feeds rank 0's chunk c + 1. The embedding lives on virtual stage 0, the head and loss on the last one.
-With tied embeddings the last stage holds its own copy of the embedding matrix; both copies are marked
-`megalith_shared_embedding`, start equal, and get the sum of both gradients (`allreduce_shared_embedding_grads`).
+chunk c feeds rank 0's chunk c + 1. The embedding lives on virtual stage 0, the final norm and output projection
+on the last one. With tied embeddings the last stage keeps its own copy of the embedding matrix (for the output
+projection); both copies are placed `shared_embedding`, start equal, and get the sum of both gradients
+(`allreduce_shared_embedding_grads`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalith.core.distributed.groups import ParallelGroups
+from megalith.core.parallel_dims import ParallelDims
+from megalith.core.placement import named_placements, set_placement
 
 __all__ = [
     "allreduce_shared_embedding_grads",
-    "build_stages",
+    "keep_stage",
+    "mark_shared_embedding",
     "shared_embedding_param",
     "split_layers",
     "sync_shared_embedding_weights",
@@ -60,46 +63,32 @@ def split_layers(num_layers: int, num_stages: int, layers_per_stage: Sequence[in
     return out
 
 
-def build_stages(
-    model_factory: Callable[..., nn.Module],
-    num_layers: int,
-    groups: ParallelGroups,
-    *,
-    virtual_stages: int = 1,
-    layers_per_stage: Sequence[int] | None = None,
-    tie_embeddings: bool = False,
-) -> list[nn.Module]:
-    """Builds this rank's model chunks (one per virtual stage it holds).
+def keep_stage(model: nn.Module, layer_ids: Sequence[int], *, first: bool, last: bool) -> nn.Module:
+    """Cuts a Transformer down, in place, to one pipeline stage: layers `layer_ids`, the embedding on the first
+    stage, the final norm and output projection on the last (which keeps the embedding too when it is tied)."""
+    keep = {str(i) for i in layer_ids}
+    for key in list(model.layers.keys()):
+        if key not in keep:
+            del model.layers[key]
+    if not first:
+        model.pos_embed = None
+        if not (last and model.config.tie_embeddings):
+            model.embed = None
+    if not last:
+        model.final_norm = None
+        model.output = None
+    return model
 
-    Args:
-        model_factory: called as `model_factory(layer_ids=..., first_stage=..., last_stage=...)`, e.g.
-            `functools.partial(Transformer, config, dims)`; returns a module with `embed_tokens`, `layers`
-            (ModuleDict keyed by global index), `head` and `loss` as in the model contract.
-        num_layers: layers of the whole model.
-        groups: the topology (pp, pp_rank, pp_group are used).
-        virtual_stages: model chunks per rank (> 1 for the interleaved schedule).
-        layers_per_stage: explicit layers per virtual stage (pp * virtual_stages entries, stage order).
-        tie_embeddings: whether the output layer reuses the embedding matrix.
 
-    Returns:
-        The chunks in virtual-stage order; the tied copies are synchronised from the first stage.
-    """
-    if virtual_stages < 1 or (virtual_stages > 1 and groups.pp == 1):
-        raise ValueError(f"virtual_stages ({virtual_stages}) must be >= 1, and > 1 only with pp > 1 (pp={groups.pp})")
-    num_stages = groups.pp * virtual_stages
-    per_stage = split_layers(num_layers, num_stages, layers_per_stage)
-    chunks = []
-    for chunk in range(virtual_stages):
-        stage = chunk * groups.pp + groups.pp_rank
-        chunks.append(
-            model_factory(layer_ids=per_stage[stage], first_stage=stage == 0, last_stage=stage == num_stages - 1)
-        )
-    if tie_embeddings and groups.pp > 1:
-        param = shared_embedding_param(chunks, groups)
-        if param is not None:
-            param.megalith_shared_embedding = True
-        sync_shared_embedding_weights(chunks, groups)
-    return chunks
+def mark_shared_embedding(chunks: Sequence[nn.Module], dims: ParallelDims) -> None:
+    """Places this rank's copy of a tied embedding (first or last stage) as `shared_embedding` and makes the
+    last stage's copy equal to the first's (collective on those two stages)."""
+    if not unwrap(chunks[0]).config.tie_embeddings:
+        return
+    owner = _shared_embedding_owner(chunks, dims)
+    if owner is not None:
+        set_placement(owner[0], owner[1], shared_embedding=True)
+    sync_shared_embedding_weights(chunks, dims)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -109,62 +98,67 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def shared_embedding_param(chunks: Sequence[nn.Module], groups: ParallelGroups) -> nn.Parameter | None:
-    """This rank's copy of the tied embedding: `embed.weight` of the first stage, or the last stage's copy
-    (`output.weight` if the model has one, else `embed.weight`). None on ranks holding neither."""
-    if groups.pp == 1:
+def _shared_embedding_owner(chunks: Sequence[nn.Module], dims: ParallelDims) -> tuple[nn.Module, str] | None:
+    """(module, parameter name) of this rank's copy of the tied embedding, None on ranks holding neither."""
+    if dims.pp == 1:
         return None
-    if groups.pp_rank == 0:
-        names = ("embed.weight",)
+    if dims.pp_rank == 0:
         model = unwrap(chunks[0])
-    elif groups.pp_rank == groups.pp - 1:
-        names = ("output.weight", "embed.weight")
+    elif dims.pp_rank == dims.pp - 1:
         model = unwrap(chunks[-1])
     else:
         return None
-    params = dict(model.named_parameters())
-    for name in names:
-        if name in params:
-            return params[name]
-    raise ValueError(f"tied embeddings: pipeline stage {groups.pp_rank} has none of the parameters {names}")
+    if model.embed is None:
+        raise ValueError(f"tied embeddings: pipeline stage {dims.pp_rank} holds no embedding matrix")
+    return model.embed, "weight"
 
 
-def _peer(groups: ParallelGroups) -> int:
-    other = groups.pp - 1 if groups.pp_rank == 0 else 0
-    return dist.get_global_rank(groups.pp_group, other)
+def shared_embedding_param(chunks: Sequence[nn.Module], dims: ParallelDims) -> nn.Parameter | None:
+    """This rank's copy of the tied embedding: `embed.weight` of the first or of the last stage. None on ranks
+    holding neither."""
+    owner = _shared_embedding_owner(chunks, dims)
+    return None if owner is None else getattr(*owner)
 
 
-def _exchange(tensor: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+def _peer(dims: ParallelDims) -> int:
+    other = dims.pp - 1 if dims.pp_rank == 0 else 0
+    return dist.get_global_rank(dims.pp_group, other)
+
+
+def _exchange(tensor: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     """Sends `tensor` to the other end (first <-> last stage) and returns what the other end sent."""
     received = torch.empty_like(tensor)
     ops = [
-        dist.P2POp(dist.isend, tensor.contiguous(), _peer(groups), tag=_TAG_SHARED),
-        dist.P2POp(dist.irecv, received, _peer(groups), tag=_TAG_SHARED),
+        dist.P2POp(dist.isend, tensor.contiguous(), _peer(dims), tag=_TAG_SHARED),
+        dist.P2POp(dist.irecv, received, _peer(dims), tag=_TAG_SHARED),
     ]
     for work in dist.batch_isend_irecv(ops):
         work.wait()
     return received
 
 
-def sync_shared_embedding_weights(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
+def sync_shared_embedding_weights(chunks: Sequence[nn.Module], dims: ParallelDims) -> None:
     """Copies the first stage's embedding into the last stage's tied copy (collective on those two)."""
-    param = shared_embedding_param(chunks, groups)
+    param = shared_embedding_param(chunks, dims)
     if param is None:
         return
     with torch.no_grad():
-        received = _exchange(param.detach(), groups)
-        if groups.pp_rank != 0:
+        received = _exchange(param.detach(), dims)
+        if dims.pp_rank != 0:
             param.copy_(received)
 
 
-def allreduce_shared_embedding_grads(chunks: Sequence[nn.Module], groups: ParallelGroups) -> None:
+def allreduce_shared_embedding_grads(chunks: Sequence[nn.Module], dims: ParallelDims) -> None:
     """Sums the tied embedding's gradient (`main_grad`, else `grad`) over the first and the last stage."""
-    param = shared_embedding_param(chunks, groups)
-    if param is None or not getattr(param, "megalith_shared_embedding", False):
+    if dims.pp == 1:
         return
+    shared = [p for c in chunks for _, p, where in named_placements(unwrap(c)) if where.shared_embedding]
+    if not shared:  # untied, or a middle stage
+        return
+    param = shared[0]
     grad = getattr(param, "main_grad", None)
     if grad is None:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         grad = param.grad
-    grad.add_(_exchange(grad, groups))
+    grad.add_(_exchange(grad, dims))

@@ -1,0 +1,3 @@
+// Emulated CUDA header (see ../emulator.h).
+#pragma once
+#include "../emulator.h"
