@@ -3,15 +3,16 @@
     python benchmarks/kernels.py                      # CPU, float32 and bfloat16, at the default training shape
     python benchmarks/kernels.py --cuda               # the GPU too (bfloat16 and float32, a larger shape)
     python benchmarks/kernels.py --write-auto-table   # and record the winners in megalith/kernels/auto_table.json
+    python benchmarks/kernels.py --threads 1 --clock cpu   # one thread, CPU time: steadier on a busy machine
 
 Each op runs forward + backward on the layouts the model gives it: q/k/v are views of one fused qkv
-projection, gate/up the two halves of the fc1 output, the logits a slice of the padded vocabulary. The
+projection, gate/up the two halves of the fc1 output. The
 "torch" column is what `megalith.core`'s kernels="torch" computes (scaled_dot_product_attention with repeated
 kv heads, rotate-half RoPE with torch.cat, F.silu(gate) * up, ...). Ops and implementations are interleaved
 in one loop and each time is the best of --repeats (the minimum is the least disturbed by other processes);
 before each timed call a matrix product the size of a projection runs, so torch's OpenMP threads are in the
 state a training step leaves them in. The default CPU shape is a small Llama (batch 4, seq 256, hidden 512,
-8 heads / 4 kv heads of 64, ffn 1376, vocab 8000 padded to 8064).
+8 heads / 4 kv heads of 64, ffn 1376, vocab 8000).
 
 With --write-auto-table, every (device type, dtype, op) measured gets "fused" when the fused forward +
 backward was at least as fast as torch's, else "torch"; entries of device types not measured in this run are
@@ -50,10 +51,6 @@ class Shape:
     head_dim: int
     ffn: int
     vocab: int
-
-    @property
-    def padded_vocab(self) -> int:
-        return 128 * math.ceil(self.vocab / 128)
 
     def __str__(self) -> str:
         return ",".join(str(v) for v in dataclasses.astuple(self))
@@ -109,7 +106,7 @@ def _cases(sh: Shape, device: str, dtype: torch.dtype) -> list[tuple[str, list[t
     x, w, bias = r(b, s, sh.hidden), r(sh.hidden), r(sh.hidden)
     qkv, h, fc1 = r(b, s, (n + 2 * k) * d), r(b, s, 2 * sh.ffn), r(b, s, sh.ffn)
     q_rot, k_rot = r(b, s, n, d), r(b, s, k, d)  # the attention's q and k come out of RoPE contiguous
-    logits = r(b, s, sh.padded_vocab, scale=3.0)
+    logits = r(b, s, sh.vocab, scale=3.0)
     target = torch.randint(0, sh.vocab, (b, s), device=device)
     scores = r(b, n, s, s, scale=3.0)
 
@@ -131,8 +128,8 @@ def _cases(sh: Shape, device: str, dtype: torch.dtype) -> list[tuple[str, list[t
         ("rope", [qkv], rope(ops.rope), rope(_torch_rope)),
         ("swiglu", [h], lambda: ops.swiglu(*h.chunk(2, -1)), lambda: F.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]),
         ("bias_gelu", [fc1], lambda: ops.bias_gelu(fc1, None), lambda: F.gelu(fc1, approximate="tanh")),
-        ("cross_entropy", [logits], lambda: ops.cross_entropy(logits[..., : sh.vocab], target),
-         lambda: _torch_cross_entropy(logits[..., : sh.vocab], target)),
+        ("cross_entropy", [logits], lambda: ops.cross_entropy(logits, target),
+         lambda: _torch_cross_entropy(logits, target)),
         ("scaled_softmax", [scores], lambda: ops.scaled_softmax(scores, 0.125, True),
          lambda: _torch_softmax(scores, 0.125, True)),
         ("attention", [q_rot, k_rot, qkv], lambda: ops.attention(q_rot, k_rot, split(qkv)[2], True),
@@ -144,17 +141,19 @@ def _cases(sh: Shape, device: str, dtype: torch.dtype) -> list[tuple[str, list[t
 
 
 class _Clock:
-    """Wall-clock marks; on CUDA, events on the current stream read after one synchronize."""
+    """Wall-clock marks (or, with cpu_time, the CPU time of the calling thread); on CUDA, events on the current
+    stream read after one synchronize."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, cpu_time: bool = False):
         self.cuda = device == "cuda"
+        self.now = time.thread_time if cpu_time else time.perf_counter
 
     def mark(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return self.now()
 
     def seconds(self, start, end) -> float:
         if self.cuda:
@@ -177,10 +176,12 @@ def _run_once(fn: Callable, leaves: list[torch.Tensor], clock: _Clock, warm: Cal
     return fwd, total
 
 
-def measure(sh: Shape, device: str, dtype: torch.dtype, repeats: int, only: set[str] | None) -> list[dict]:
+def measure(
+    sh: Shape, device: str, dtype: torch.dtype, repeats: int, only: set[str] | None, cpu_time: bool = False
+) -> list[dict]:
     """Best-of-`repeats` forward and forward + backward times of each op, fused and torch, interleaved."""
     cases = [c for c in _cases(sh, device, dtype) if only is None or c[0] in only]
-    clock = _Clock(device)
+    clock = _Clock(device, cpu_time)
     a = torch.randn(sh.batch * sh.seq, sh.hidden, device=device, dtype=dtype)
     wq = torch.randn(sh.hidden, sh.hidden, device=device, dtype=dtype)
 
@@ -203,8 +204,9 @@ def measure(sh: Shape, device: str, dtype: torch.dtype, repeats: int, only: set[
     return rows
 
 
-def print_table(device: str, dtype: torch.dtype, sh: Shape, rows: list[dict], repeats: int) -> None:
-    print(f"\n{device} {str(dtype).removeprefix('torch.')}, shape B,S,H,N,K,D,F,V = {sh}, best of {repeats}")
+def print_table(device: str, dtype: torch.dtype, sh: Shape, rows: list[dict], repeats: int, clock: str) -> None:
+    what = "CPU time of one thread" if clock == "cpu" else f"{torch.get_num_threads()} threads, wall time"
+    print(f"\n{device} {str(dtype).removeprefix('torch.')}, B,S,H,N,K,D,F,V = {sh}, best of {repeats}, {what}")
     print(f"{'op':<15}{'fused fwd':>10}{'torch fwd':>10}{'fused f+b':>11}{'torch f+b':>11}{'fused/torch':>13}  auto")
     for r in rows:
         print(f"{r['op']:<15}{r['fused_fwd_ms']:>10.2f}{r['torch_fwd_ms']:>10.2f}{r['fused_ms']:>11.2f}"
@@ -232,6 +234,26 @@ def write_auto_table(path: Path, results: dict, conditions: dict) -> None:
     print(f"\nwrote {path}")
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _conditions(device: str, sh: Shape, repeats: int) -> dict:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:  # the instruction set of the CPU kernels, where this build reports it
+        isa = getattr(ops, "cpu_isa", lambda: "?")()
+        name = f"{_cpu_name()}, {os.cpu_count()} cpus, kernels {isa}"
+    return {"device": name, "shape": str(sh), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "repeats": repeats}  # fmt: skip
+
+
 def _shape(text: str) -> Shape:
     try:
         values = [int(v) for v in text.split(",")]
@@ -248,24 +270,32 @@ def main() -> None:
     parser.add_argument("--shape", type=_shape, default=None, help="B,S,H,N,K,D,F,V (default: per device)")
     parser.add_argument("--ops", default=None, help="comma-separated subset of ops")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first (CPU)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="cpu: CPU time of the calling thread (needs --threads 1); steadier than wall time on a shared machine",
+    )  # fmt: skip
     parser.add_argument("--write-auto-table", action="store_true", help=f"record the winners in {AUTO_TABLE}")
     parser.add_argument("--auto-table", type=Path, default=AUTO_TABLE, help="where --write-auto-table writes")
     args = parser.parse_args()
     only = None if args.ops is None else set(args.ops.split(","))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        ops.set_num_threads(args.threads)  # builds whose kernels do not follow torch's thread count
+    if args.clock == "cpu" and (torch.get_num_threads() != 1 or args.cuda):
+        raise SystemExit("--clock cpu counts the calling thread only: use it with --threads 1 and without --cuda")
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     devices = ([] if args.no_cpu else ["cpu"]) + (["cuda"] if args.cuda else [])
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--cuda: torch sees no CUDA device")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {platform.processor() or '?'}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {_cpu_name()}")
     results, conditions = {}, {}
     for device in devices:
         sh = args.shape or (CPU_SHAPE if device == "cpu" else CUDA_SHAPE)
-        name = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} cpus, {platform.machine()}"
-        conditions[device] = {"device": name, "shape": str(sh), "torch": torch.__version__,
-                              "threads": torch.get_num_threads(), "repeats": args.repeats}  # fmt: skip
+        conditions[device] = _conditions(device, sh, args.repeats) | {"clock": args.clock}
         for dtype in dtypes:
-            rows = measure(sh, device, dtype, args.repeats, only)
-            print_table(device, dtype, sh, rows, args.repeats)
+            rows = measure(sh, device, dtype, args.repeats, only, args.clock == "cpu")
+            print_table(device, dtype, sh, rows, args.repeats, args.clock)
             results.setdefault(device, {})[str(dtype).removeprefix("torch.")] = rows
     if args.write_auto_table:
         write_auto_table(args.auto_table, results, conditions)
