@@ -7,8 +7,8 @@
 
 Each op runs forward + backward on the layouts the model gives it: q/k/v are views of one fused qkv
 projection, gate/up the two halves of the fc1 output. The
-"torch" column is what `megalith.core`'s kernels="torch" computes (scaled_dot_product_attention with repeated
-kv heads, rotate-half RoPE with torch.cat, F.silu(gate) * up, ...). Ops and implementations are interleaved
+"torch" column is what `megalith.core`'s kernels="torch" computes (scaled_dot_product_attention with
+enable_gqa, rotate-half RoPE with torch.cat, F.silu(gate) * up, ...). Ops and implementations are interleaved
 in one loop and each time is the best of --repeats (the minimum is the least disturbed by other processes);
 before each timed call a matrix product the size of a projection runs, so torch's OpenMP threads are in the
 state a training step leaves them in. The default CPU shape is a small Llama (batch 4, seq 256, hidden 512,
@@ -76,9 +76,9 @@ def _torch_rope(x, cos, sin):
 
 
 def _torch_attention(q, k, v, causal=True):
-    groups = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=q.shape[2] != k.shape[2]
+    )
     return out.transpose(1, 2)
 
 
