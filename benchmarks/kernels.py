@@ -15,8 +15,8 @@ state a training step leaves them in. The default CPU shape is a small Llama (ba
 8 heads / 4 kv heads of 64, ffn 1376, vocab 8000).
 
 With --write-auto-table, every (device type, dtype, op) measured gets "fused" when the fused forward +
-backward was at least as fast as torch's, else "torch"; entries of device types not measured in this run are
-kept. `megalith.kernels.auto_choice` reads the file.
+backward was at least as fast as torch's, else "torch"; entries this run did not measure are kept.
+`megalith.kernels.auto_choice` reads the file.
 """
 
 from __future__ import annotations
@@ -215,18 +215,18 @@ def print_table(device: str, dtype: torch.dtype, sh: Shape, rows: list[dict], re
 
 
 def write_auto_table(path: Path, results: dict, conditions: dict) -> None:
-    """Merges `results` ({device: {dtype: rows}}) into the JSON table at `path` (written to a temporary name,
-    then renamed into place)."""
+    """Merges `results` ({device: {dtype: rows}}) into the JSON table at `path`, op by op: entries this run did
+    not measure are kept, and each device's conditions are those of its latest run. Written to a temporary
+    name, then renamed into place."""
     table = {"format": 1, "entries": {}, "conditions": {}}
     if path.exists():
         old = json.loads(path.read_text())
         table["entries"], table["conditions"] = old.get("entries", {}), old.get("conditions", {})
     for device, by_dtype in results.items():
-        table["entries"][device] = {
-            dtype: {r["op"]: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "op"}
-                    for r in rows}
-            for dtype, rows in by_dtype.items()
-        }  # fmt: skip
+        for dtype, rows in by_dtype.items():
+            by_op = table["entries"].setdefault(device, {}).setdefault(dtype, {})
+            for row in rows:
+                by_op[row["op"]] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "op"}
         table["conditions"][device] = conditions[device]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")

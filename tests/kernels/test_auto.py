@@ -77,8 +77,12 @@ def test_benchmark_writes_a_table_auto_choice_reads_and_keeps_other_devices(tmp_
     cuda_rows = [{"op": "attention", "fused_ms": 1.0, "torch_ms": 0.5, "fused_fwd_ms": 0.4, "torch_fwd_ms": 0.2,
                   "choice": "torch"}]  # fmt: skip
     bench.write_auto_table(path, {"cuda": {"bfloat16": cuda_rows}}, {"cuda": {"device": "a GPU"}})
-    rows = bench.measure(bench.Shape(1, 8, 16, 2, 1, 8, 12, 50), "cpu", torch.float32, 1, {"swiglu", "rms_norm"})
+    shape = bench.Shape(1, 8, 16, 2, 1, 8, 12, 50)
+    rows = bench.measure(shape, "cpu", torch.float32, 1, {"swiglu", "rms_norm"})
     bench.write_auto_table(path, {"cpu": {"float32": rows}}, {"cpu": {"device": "this cpu"}})
+    rows += bench.measure(shape, "cpu", torch.float32, 1, {"rope"})[:1]  # a later run of one op keeps the others
+    bench.write_auto_table(path, {"cpu": {"float32": rows[-1:]}}, {"cpu": {"device": "this cpu"}})
+    assert set(json.loads(path.read_text())["entries"]["cpu"]["float32"]) == {"swiglu", "rms_norm", "rope"}
     for row in rows:
         assert auto_choice(row["op"], "cpu", torch.float32, table=path) == row["choice"]
     assert auto_choice("attention", "cuda", torch.bfloat16, table=path) == "torch"
