@@ -1,149 +1,304 @@
-"""Speed of Megalith's fused kernels against plain PyTorch: a table, not a test.
+"""Speed of Megalith's fused kernels against the plain PyTorch ops they replace in the model: a table.
 
-    python benchmarks/kernels.py            # CPU kernels vs torch eager (small sizes, float32 and bfloat16)
-    python benchmarks/kernels.py --cuda     # also CUDA at training sizes (tokens 16k, hidden 4096; attention
-                                            # B=4, S=4096, Hq=32, Hkv=8, D=128, causal) vs torch eager,
-                                            # torch.compile of the reference, and SDPA for attention
+    python benchmarks/kernels.py                      # CPU, float32 and bfloat16, at the default training shape
+    python benchmarks/kernels.py --cuda               # the GPU too (bfloat16 and float32, a larger shape)
+    python benchmarks/kernels.py --write-auto-table   # and record the winners in megalith/kernels/auto_table.json
+    python benchmarks/kernels.py --threads 1 --clock cpu   # one thread, CPU time: steadier on a busy machine
 
-Times are medians (CUDA events on the GPU, perf_counter on the CPU) of forward + backward. GB/s counts the
-bytes each op must read and write once; on the GPU it is also shown as a fraction of the device-to-device
-copy bandwidth measured in the same run. Attention reports TFLOP/s (causal: half of the 4*B*S^2*Hq*D forward
-FLOPs, times 3.5 for forward + backward).
+Each op runs forward + backward on the layouts the model gives it: q/k/v are views of one fused qkv
+projection, gate/up the two halves of the fc1 output. The
+"torch" column is what `megalith.core`'s kernels="torch" computes (scaled_dot_product_attention with
+enable_gqa, rotate-half RoPE with torch.cat, F.silu(gate) * up, ...). Ops and implementations are interleaved
+in one loop and each time is the best of --repeats (the minimum is the least disturbed by other processes);
+before each timed call a matrix product the size of a projection runs, so torch's OpenMP threads are in the
+state a training step leaves them in. The default CPU shape is a small Llama (batch 4, seq 256, hidden 512,
+8 heads / 4 kv heads of 64, ffn 1376, vocab 8000).
+
+With --write-auto-table, every (device type, dtype, op) measured gets "fused" when the fused forward +
+backward was at least as fast as torch's, else "torch"; entries this run did not measure are kept.
+`megalith.kernels.auto_choice` reads the file.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import dataclasses
+import json
+import math
+import os
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from megalith.kernels import ops
-from megalith.kernels import reference as ref
+
+AUTO_TABLE = Path(__file__).resolve().parents[1] / "python" / "megalith" / "kernels" / "auto_table.json"
 
 
-def _time(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median seconds of fn() after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One training shape: batch, seq, hidden, heads, kv heads, head dim, ffn width, vocabulary."""
+
+    batch: int
+    seq: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    def __str__(self) -> str:
+        return ",".join(str(v) for v in dataclasses.astuple(self))
+
+
+CPU_SHAPE = Shape(4, 256, 512, 8, 4, 64, 1376, 8000)
+CUDA_SHAPE = Shape(2, 4096, 4096, 32, 8, 128, 14336, 32000)
+
+
+# ---- the "torch" side: the computations of megalith.core's kernels="torch" ops ----------------------------
+
+
+def _torch_rms_norm(x, weight, eps=1e-5):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _torch_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _torch_attention(q, k, v, causal=True):
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=q.shape[2] != k.shape[2]
+    )
+    return out.transpose(1, 2)
+
+
+def _torch_cross_entropy(logits, target):
+    flat = logits.flatten(0, -2).float()
+    return F.cross_entropy(flat, target.flatten(), reduction="none").view(target.shape)
+
+
+def _torch_softmax(x, scale, causal):
+    mask = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).triu(1) if causal else None
+    scores = (x * scale) if mask is None else (x * scale).masked_fill(mask, float("-inf"))
+    return torch.softmax(scores.float(), -1).to(x.dtype)
+
+
+# ---- cases: (name, leaves, fused forward, torch forward) ----------------------------------------------------
+
+
+def _cases(sh: Shape, device: str, dtype: torch.dtype) -> list[tuple[str, list[torch.Tensor], Callable, Callable]]:
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+    b, s, n, k, d = sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim
+    angles = torch.arange(s, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, d, 2) / d)
+    cos, sin = angles.cos().float().to(device), angles.sin().float().to(device)
+    x, w, bias = r(b, s, sh.hidden), r(sh.hidden), r(sh.hidden)
+    qkv, h, fc1 = r(b, s, (n + 2 * k) * d), r(b, s, 2 * sh.ffn), r(b, s, sh.ffn)
+    q_rot, k_rot = r(b, s, n, d), r(b, s, k, d)  # the attention's q and k come out of RoPE contiguous
+    logits = r(b, s, sh.vocab, scale=3.0)
+    target = torch.randint(0, sh.vocab, (b, s), device=device)
+    scores = r(b, n, s, s, scale=3.0)
+
+    def split(t):
+        q_, k_, v_ = t.split([n * d, k * d, k * d], dim=-1)
+        return q_.view(b, s, n, d), k_.view(b, s, k, d), v_.view(b, s, k, d)
+
+    def rope(fn):
+        def run():
+            q_, k_, _ = split(qkv)
+            return torch.cat([fn(q_, cos, sin).flatten(2), fn(k_, cos, sin).flatten(2)], dim=-1)
+
+        return run
+
+    return [
+        ("rms_norm", [x, w], lambda: ops.rms_norm(x, w, 1e-5), lambda: _torch_rms_norm(x, w)),
+        ("layer_norm", [x, w, bias], lambda: ops.layer_norm(x, w, bias, 1e-5),
+         lambda: F.layer_norm(x, (sh.hidden,), w, bias, 1e-5)),
+        ("rope", [qkv], rope(ops.rope), rope(_torch_rope)),
+        ("swiglu", [h], lambda: ops.swiglu(*h.chunk(2, -1)), lambda: F.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]),
+        ("bias_gelu", [fc1], lambda: ops.bias_gelu(fc1, None), lambda: F.gelu(fc1, approximate="tanh")),
+        ("cross_entropy", [logits], lambda: ops.cross_entropy(logits, target),
+         lambda: _torch_cross_entropy(logits, target)),
+        ("scaled_softmax", [scores], lambda: ops.scaled_softmax(scores, 0.125, True),
+         lambda: _torch_softmax(scores, 0.125, True)),
+        ("attention", [q_rot, k_rot, qkv], lambda: ops.attention(q_rot, k_rot, split(qkv)[2], True),
+         lambda: _torch_attention(q_rot, k_rot, split(qkv)[2])),
+    ]  # fmt: skip
+
+
+# ---- timing ------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Wall-clock marks (or, with cpu_time, the CPU time of the calling thread); on CUDA, events on the current
+    stream read after one synchronize."""
+
+    def __init__(self, device: str, cpu_time: bool = False):
+        self.cuda = device == "cuda"
+        self.now = time.thread_time if cpu_time else time.perf_counter
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return self.now()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
             torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+            return start.elapsed_time(end) / 1e3
+        return end - start
 
 
-def _fwd_bwd(fn: Callable, tensors: list[torch.Tensor], extra: tuple) -> Callable[[], None]:
-    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
-
-    def run():
-        out = fn(*leaves, *extra)
-        out.backward(torch.ones_like(out))
-        for t in leaves:
-            t.grad = None
-
-    return run
-
-
-def _cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, attn: tuple[int, int, int, int, int]):
-    def r(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype)
-
-    vocab = 32768 if device == "cuda" else 8192
-    rows_ce = tokens if device == "cuda" else tokens // 4
-    b, s, hq, hkv, d = attn
-    positions = torch.arange(s, device=device, dtype=torch.float32)[:, None]
-    angles = positions * 10000.0 ** (-torch.arange(0, d, 2, device=device) / d)
-    target = torch.randint(0, vocab, (rows_ce,), device=device)
-    rope_x = r(b, s, hq, d)
-    e = torch.finfo(dtype).bits // 8
-    nbytes = {
-        "rms_norm": 4 * tokens * hidden * e,  # x, y forward; dy, x, dx backward (weights are negligible)
-        "layer_norm": 4 * tokens * hidden * e,
-        "swiglu": 7 * tokens * hidden * e,
-        "bias_gelu": 5 * tokens * hidden * e,
-        "rope": 4 * rope_x.numel() * e,
-        "cross_entropy": 3 * rows_ce * vocab * e,
-    }
-    cases = [
-        ("rms_norm", ops.rms_norm, ref.rms_norm, [r(tokens, hidden), r(hidden)], ()),
-        ("layer_norm", ops.layer_norm, ref.layer_norm, [r(tokens, hidden), r(hidden), r(hidden)], ()),
-        ("swiglu", ops.swiglu, ref.swiglu, [r(tokens, hidden), r(tokens, hidden)], ()),
-        ("bias_gelu", ops.bias_gelu, ref.bias_gelu, [r(tokens, hidden), r(hidden)], ()),
-        ("rope", lambda x, c, sn: ops.rope(x, c, sn), ref.rope, [rope_x, angles.cos(), angles.sin()], ()),
-        ("cross_entropy", ops.cross_entropy, ref.cross_entropy, [r(rows_ce, vocab), target], ()),
-        ("attention", ops.attention, ref.attention, [r(b, s, hq, d), r(b, s, hkv, d), r(b, s, hkv, d)], (True,)),
-    ]
-    return cases, nbytes
+def _run_once(fn: Callable, leaves: list[torch.Tensor], clock: _Clock, warm: Callable) -> tuple[float, float]:
+    """(forward seconds, forward + backward seconds) of one call, after `warm()`."""
+    warm()
+    t0 = clock.mark()
+    out = fn()
+    t1 = clock.mark()
+    out.backward(torch.ones_like(out))
+    t2 = clock.mark()
+    fwd, total = clock.seconds(t0, t1), clock.seconds(t0, t2)
+    for t in leaves:
+        t.grad = None
+    return fwd, total
 
 
-def _sdpa(q, k, v, causal):
-    return F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
-    ).transpose(1, 2)
+def measure(
+    sh: Shape, device: str, dtype: torch.dtype, repeats: int, only: set[str] | None, cpu_time: bool = False
+) -> list[dict]:
+    """Best-of-`repeats` forward and forward + backward times of each op, fused and torch, interleaved."""
+    cases = [c for c in _cases(sh, device, dtype) if only is None or c[0] in only]
+    clock = _Clock(device, cpu_time)
+    a = torch.randn(sh.batch * sh.seq, sh.hidden, device=device, dtype=dtype)
+    wq = torch.randn(sh.hidden, sh.hidden, device=device, dtype=dtype)
+
+    def warm():  # a projection-sized GEMM: torch's intra-op threads are then as busy as in a training step
+        a @ wq
+
+    best = {(name, impl): (math.inf, math.inf) for name, *_ in cases for impl in ("fused", "torch")}
+    for i in range(repeats + 2):  # the first two rounds warm up allocators and caches
+        for name, leaves, fused, plain in cases:
+            for impl, fn in (("fused", fused), ("torch", plain)):
+                fwd, total = _run_once(fn, leaves, clock, warm)
+                if i >= 2:
+                    old = best[name, impl]
+                    best[name, impl] = (min(old[0], fwd), min(old[1], total))
+    rows = []
+    for name, *_ in cases:
+        (ff, ft), (tf, tt) = best[name, "fused"], best[name, "torch"]
+        rows.append({"op": name, "fused_fwd_ms": 1e3 * ff, "fused_ms": 1e3 * ft, "torch_fwd_ms": 1e3 * tf,
+                     "torch_ms": 1e3 * tt, "choice": "fused" if ft <= tt else "torch"})  # fmt: skip
+    return rows
 
 
-def _copy_bandwidth(device: str, repeats: int) -> float:
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / _time(lambda: dst.copy_(src), device, repeats)
+def print_table(device: str, dtype: torch.dtype, sh: Shape, rows: list[dict], repeats: int, clock: str) -> None:
+    what = "CPU time of one thread" if clock == "cpu" else f"{torch.get_num_threads()} threads, wall time"
+    print(f"\n{device} {str(dtype).removeprefix('torch.')}, B,S,H,N,K,D,F,V = {sh}, best of {repeats}, {what}")
+    print(f"{'op':<15}{'fused fwd':>10}{'torch fwd':>10}{'fused f+b':>11}{'torch f+b':>11}{'fused/torch':>13}  auto")
+    for r in rows:
+        print(f"{r['op']:<15}{r['fused_fwd_ms']:>10.2f}{r['torch_fwd_ms']:>10.2f}{r['fused_ms']:>11.2f}"
+              f"{r['torch_ms']:>11.2f}{r['fused_ms'] / r['torch_ms']:>12.2f}x  {r['choice']}")  # fmt: skip
+    print("(milliseconds; f+b = forward + backward)")
 
 
-def run(device: str, dtype: torch.dtype, tokens: int, hidden: int, attn, repeats: int, compile_ref: bool) -> None:
-    cases, nbytes = _cases(device, dtype, tokens, hidden, attn)
-    copy_bw = _copy_bandwidth(device, repeats)
-    b, s, hq, _, d = attn
-    attn_flops = 4 * b * s * s * hq * d * 0.5 * 3.5
-    print(f"\n{device} {str(dtype).replace('torch.', '')}: tokens {tokens}, hidden {hidden}, attention {attn}, "
-          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (forward + backward, median of {repeats})")  # fmt: skip
-    header = f"{'op':<14}{'megalith ms':>12}{'eager ms':>10}{'speedup':>9}"
-    header += f"{'compiled ms':>13}" if compile_ref else ""
-    header += f"{'megalith GB/s':>15}{'% of copy':>10}{'TFLOP/s':>9}"
-    print(header)
-    for name, op, reference, tensors, extra in cases:
-        ours = _time(_fwd_bwd(op, tensors, extra), device, repeats)
-        eager = _time(_fwd_bwd(reference, tensors, extra), device, repeats)
-        line = f"{name:<14}{ours * 1e3:>12.3f}{eager * 1e3:>10.3f}{eager / ours:>8.2f}x"
-        if compile_ref:
-            compiled = _time(_fwd_bwd(torch.compile(reference), tensors, extra), device, repeats)
-            line += f"{compiled * 1e3:>13.3f}"
-        if name == "attention":
-            line += f"{'':>15}{'':>10}{attn_flops / ours / 1e12:>9.3f}"
-        else:
-            gbs = nbytes[name] / ours
-            line += f"{gbs / 1e9:>15.1f}{100 * gbs / copy_bw:>9.0f}%"
-        print(line)
-        if name == "attention" and device == "cuda":
-            sdpa = _time(_fwd_bwd(_sdpa, tensors, extra), device, repeats)
-            print(f"{'  sdpa':<14}{sdpa * 1e3:>12.3f}{'':>10}{sdpa / ours:>8.2f}x (megalith vs SDPA)"
-                  f"{'':>13}{'':>15}{'':>10}{attn_flops / sdpa / 1e12:>9.3f}")  # fmt: skip
+def write_auto_table(path: Path, results: dict, conditions: dict) -> None:
+    """Merges `results` ({device: {dtype: rows}}) into the JSON table at `path`, op by op: entries this run did
+    not measure are kept, and each device's conditions are those of its latest run. Written to a temporary
+    name, then renamed into place."""
+    table = {"format": 1, "entries": {}, "conditions": {}}
+    if path.exists():
+        old = json.loads(path.read_text())
+        table["entries"], table["conditions"] = old.get("entries", {}), old.get("conditions", {})
+    for device, by_dtype in results.items():
+        for dtype, rows in by_dtype.items():
+            by_op = table["entries"].setdefault(device, {}).setdefault(dtype, {})
+            for row in rows:
+                by_op[row["op"]] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "op"}
+        table["conditions"][device] = conditions[device]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _conditions(device: str, sh: Shape, repeats: int) -> dict:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:  # the instruction set of the CPU kernels, where this build reports it
+        isa = getattr(ops, "cpu_isa", lambda: "?")()
+        name = f"{_cpu_name()}, {os.cpu_count()} cpus, kernels {isa}"
+    return {"device": name, "shape": str(sh), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "repeats": repeats}  # fmt: skip
+
+
+def _shape(text: str) -> Shape:
+    try:
+        values = [int(v) for v in text.split(",")]
+        return Shape(*values)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"--shape wants 8 integers B,S,H,N,K,D,F,V, got {text!r}") from None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cuda", action="store_true", help="also benchmark the CUDA kernels at training sizes")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cuda", action="store_true", help="also measure the CUDA kernels")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU (with --cuda)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per op (the best one is kept)")
+    parser.add_argument("--shape", type=_shape, default=None, help="B,S,H,N,K,D,F,V (default: per device)")
+    parser.add_argument("--ops", default=None, help="comma-separated subset of ops")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first (CPU)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="cpu: CPU time of the calling thread (needs --threads 1); steadier than wall time on a shared machine",
+    )  # fmt: skip
+    parser.add_argument("--write-auto-table", action="store_true", help=f"record the winners in {AUTO_TABLE}")
+    parser.add_argument("--auto-table", type=Path, default=AUTO_TABLE, help="where --write-auto-table writes")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    for dtype in (torch.float32, torch.bfloat16):
-        run("cpu", dtype, 2048, 1024, (1, 512, 8, 2, 64), args.repeats, compile_ref=False)
-    if args.cuda:
-        if not torch.cuda.is_available():
-            raise SystemExit("--cuda: torch sees no CUDA device")
-        for dtype in (torch.bfloat16,):
-            run("cuda", dtype, 16384, 4096, (4, 4096, 32, 8, 128), max(args.repeats, 10), compile_ref=True)
+    only = None if args.ops is None else set(args.ops.split(","))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        ops.set_num_threads(args.threads)  # builds whose kernels do not follow torch's thread count
+    if args.clock == "cpu" and (torch.get_num_threads() != 1 or args.cuda):
+        raise SystemExit("--clock cpu counts the calling thread only: use it with --threads 1 and without --cuda")
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    devices = ([] if args.no_cpu else ["cpu"]) + (["cuda"] if args.cuda else [])
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("--cuda: torch sees no CUDA device")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {_cpu_name()}")
+    results, conditions = {}, {}
+    for device in devices:
+        sh = args.shape or (CPU_SHAPE if device == "cpu" else CUDA_SHAPE)
+        conditions[device] = _conditions(device, sh, args.repeats) | {"clock": args.clock}
+        for dtype in dtypes:
+            rows = measure(sh, device, dtype, args.repeats, only, args.clock == "cpu")
+            print_table(device, dtype, sh, rows, args.repeats, args.clock)
+            results.setdefault(device, {})[str(dtype).removeprefix("torch.")] = rows
+    if args.write_auto_table:
+        write_auto_table(args.auto_table, results, conditions)
 
 
 if __name__ == "__main__":

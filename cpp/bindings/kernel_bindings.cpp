@@ -24,6 +24,13 @@ const char* code_name(int code) {
   return code >= 0 && code <= 5 ? names[code] : "an unsupported dtype";
 }
 
+// How an argument may be laid out in memory. On CUDA every argument must be dense.
+enum class Layout {
+  kDense,       // row-major, no gaps
+  kRows,        // rows (all leading dimensions, collapsible into one) evenly spaced, the last dimension dense
+  kInnerDense,  // any positive strides, the last dimension dense
+};
+
 struct Tensor {
   std::string name;
   uintptr_t ptr = 0;
@@ -31,6 +38,7 @@ struct Tensor {
   std::vector<int64_t> shape, strides;
   int device = -1;  // -1 = CPU, otherwise the CUDA device index
   bool present = false;
+  int64_t row_stride = 0;  // elements between consecutive rows (kDense, kRows)
 
   int64_t numel() const {
     int64_t n = 1;
@@ -47,8 +55,51 @@ struct Tensor {
   void* data() const { return reinterpret_cast<void*>(ptr); }
 };
 
+void check_dense(const Tensor& t) {
+  int64_t expected = 1;
+  for (int i = static_cast<int>(t.shape.size()) - 1; i >= 0; --i) {
+    if (t.shape[i] != 1 && t.strides[i] != expected) {
+      fail(t.name, " must be contiguous (row-major), got shape ", t.shape_str(), " with stride ", t.strides[i],
+           " in dimension ", i, " where ", expected, " was expected");
+    }
+    expected *= t.shape[i];
+  }
+}
+
+// Sets t.row_stride for Layout::kRows: the leading dimensions must merge into one evenly spaced run of rows.
+void check_rows(Tensor& t) {
+  const int last = static_cast<int>(t.shape.size()) - 1;
+  if (last >= 0 && t.shape[last] != 1 && t.strides[last] != 1) {
+    fail(t.name, " must have a dense last dimension, got stride ", t.strides[last], " for shape ", t.shape_str());
+  }
+  t.row_stride = last >= 0 ? t.shape[last] : 1;
+  int64_t expected = -1;  // the stride the next outer (non-size-1) dimension must have
+  for (int i = last - 1; i >= 0; --i) {
+    if (t.shape[i] == 1) continue;
+    if (expected < 0) {
+      if (t.strides[i] < 1) fail(t.name, " must have a positive row stride, got ", t.strides[i]);
+      t.row_stride = t.strides[i];
+    } else if (t.strides[i] != expected) {
+      fail(t.name, " must have rows evenly spaced in memory (its leading dimensions merge into one), got shape ",
+           t.shape_str(), " with stride ", t.strides[i], " in dimension ", i, " where ", expected, " was expected");
+    }
+    expected = t.strides[i] * t.shape[i];
+  }
+}
+
+void check_inner_dense(Tensor& t) {
+  for (size_t i = 0; i < t.shape.size(); ++i) {
+    if (t.shape[i] == 1) {
+      t.strides[i] = 1;  // never read with an index other than 0
+    } else if (i + 1 == t.shape.size() ? t.strides[i] != 1 : t.strides[i] < 1) {
+      fail(t.name, " must have positive strides and a dense last dimension, got shape ", t.shape_str(),
+           " with stride ", t.strides[i], " in dimension ", i);
+    }
+  }
+}
+
 // Parses (ptr, dtype_code, shape, strides, device) or None; `name` is the user-facing argument name.
-Tensor parse(const py::object& obj, const char* name, bool optional = false) {
+Tensor parse(const py::object& obj, const char* name, bool optional = false, Layout layout = Layout::kDense) {
   Tensor t;
   t.name = name;
   if (obj.is_none()) {
@@ -63,14 +114,15 @@ Tensor parse(const py::object& obj, const char* name, bool optional = false) {
   t.strides = tup[3].cast<std::vector<int64_t>>();
   t.device = tup[4].cast<int>();
   t.present = true;
-  // Layout: dense row-major (strides of size-1 dimensions do not matter).
-  int64_t expected = 1;
-  for (int i = static_cast<int>(t.shape.size()) - 1; i >= 0; --i) {
-    if (t.shape[i] != 1 && t.strides[i] != expected) {
-      fail(name, " must be contiguous (row-major), got shape ", t.shape_str(), " with stride ", t.strides[i],
-           " in dimension ", i, " where ", expected, " was expected");
-    }
-    expected *= t.shape[i];
+  if (t.shape.size() != t.strides.size()) fail(name, ": shape and strides differ in length");
+  // Strides of size-1 dimensions do not matter; strided layouts are a CPU feature.
+  if (layout == Layout::kDense || t.device >= 0) {
+    check_dense(t);
+    t.row_stride = t.shape.empty() ? 1 : t.shape.back();
+  } else if (layout == Layout::kRows) {
+    check_rows(t);
+  } else {
+    check_inner_dense(t);
   }
   if (t.numel() > 0 && t.ptr == 0) fail(name, " has a null data pointer");
   return t;
@@ -144,7 +196,7 @@ void run(const Tensor& ref, uintptr_t stream, CpuFn cpu, CudaFn cuda_fn) {
 
 void norm_forward(py::object x_, py::object w_, py::object b_, py::object out_, py::object mean_, py::object rstd_,
                   double eps, bool rms, bool zero_centered, uintptr_t stream) {
-  Tensor x = parse(x_, "x"), w = parse(w_, "weight"), b = parse(b_, "bias", true);
+  Tensor x = parse(x_, "x", false, Layout::kRows), w = parse(w_, "weight"), b = parse(b_, "bias", true);
   Tensor out = parse(out_, "out"), mean = parse(mean_, "mean", true), rstd = parse(rstd_, "rstd");
   check_float(x);
   if (x.shape.empty()) fail("x must have at least 1 dimension");
@@ -163,14 +215,15 @@ void norm_forward(py::object x_, py::object w_, py::object b_, py::object out_, 
   k::NormParams p;
   p.x = x.data(), p.weight = w.data(), p.bias = b.present ? b.data() : nullptr, p.out = out.data();
   p.mean = rms ? nullptr : static_cast<float*>(mean.data()), p.rstd = static_cast<float*>(rstd.data());
-  p.rows = x.rows(), p.cols = x.size(-1), p.eps = static_cast<float>(eps), p.rms = rms;
+  p.rows = x.rows(), p.cols = x.size(-1), p.x_stride = x.row_stride, p.eps = static_cast<float>(eps), p.rms = rms;
   p.zero_centered = zero_centered, p.dtype = dtype_of(x);
   run(x, stream, [&] { k::cpu::norm_forward(p); }, CUDA_CALL(norm_forward));
 }
 
 void norm_backward(py::object dy_, py::object x_, py::object w_, py::object mean_, py::object rstd_, py::object dx_,
                    py::object dw_, py::object db_, bool rms, bool zero_centered, uintptr_t stream) {
-  Tensor dy = parse(dy_, "grad_out"), x = parse(x_, "x"), w = parse(w_, "weight"), mean = parse(mean_, "mean", true);
+  Tensor dy = parse(dy_, "grad_out", false, Layout::kRows), x = parse(x_, "x", false, Layout::kRows);
+  Tensor w = parse(w_, "weight"), mean = parse(mean_, "mean", true);
   Tensor rstd = parse(rstd_, "rstd"), dx = parse(dx_, "grad_x"), dw = parse(dw_, "grad_weight");
   Tensor db = parse(db_, "grad_bias", true);
   check_float(x);
@@ -192,6 +245,7 @@ void norm_backward(py::object dy_, py::object x_, py::object w_, py::object mean
   p.dx = dx.data(), p.dweight = static_cast<float*>(dw.data());
   p.dbias = db.present ? static_cast<float*>(db.data()) : nullptr;
   p.rows = x.rows(), p.cols = x.size(-1), p.rms = rms, p.zero_centered = zero_centered, p.dtype = dtype_of(x);
+  p.x_stride = x.row_stride, p.dy_stride = dy.row_stride;
   run(x, stream, [&] { k::cpu::norm_backward(p); }, CUDA_CALL(norm_backward));
 }
 
@@ -232,7 +286,8 @@ void softmax_backward(py::object y_, py::object dy_, py::object dx_, double scal
 
 void rope(py::object x_, py::object cos_, py::object sin_, py::object out_, bool interleaved, bool inverse,
           uintptr_t stream) {
-  Tensor x = parse(x_, "x"), c = parse(cos_, "cos"), s = parse(sin_, "sin"), out = parse(out_, "out");
+  Tensor x = parse(x_, "x", false, Layout::kInnerDense), c = parse(cos_, "cos"), s = parse(sin_, "sin");
+  Tensor out = parse(out_, "out");
   check_float(x), check_dim(x, 4), check_same(out, x), check_shape(out, x.shape);
   check_code(c, kF32), check_code(s, kF32), check_device(c, x), check_device(s, x), check_dim(c, 2);
   if (c.size(0) != x.size(1)) fail("cos must have one row per position (", x.size(1), "), got shape ", c.shape_str());
@@ -245,15 +300,18 @@ void rope(py::object x_, py::object cos_, py::object sin_, py::object out_, bool
   p.x = x.data(), p.cos = static_cast<const float*>(c.data()), p.sin = static_cast<const float*>(s.data());
   p.out = out.data(), p.batch = x.size(0), p.seq = x.size(1), p.heads = x.size(2), p.dim = x.size(3);
   p.rot_dim = rot, p.interleaved = interleaved, p.inverse = inverse, p.dtype = dtype_of(x);
+  for (int i = 0; i < 3; ++i) p.x_strides[i] = x.strides[i];
   run(x, stream, [&] { k::cpu::rope(p); }, CUDA_CALL(rope));
 }
 
 void swiglu(py::object gate_, py::object up_, py::object dout_, py::object out_, py::object dgate_, py::object dup_,
             uintptr_t stream) {
-  Tensor g = parse(gate_, "gate"), u = parse(up_, "up");
+  Tensor g = parse(gate_, "gate", false, Layout::kRows), u = parse(up_, "up", false, Layout::kRows);
   check_float(g), check_same(u, g), check_shape(u, g.shape);
   k::SwigluParams p;
   p.gate = g.data(), p.up = u.data(), p.n = g.numel(), p.dtype = dtype_of(g);
+  p.rows = g.rows(), p.cols = g.shape.empty() ? 1 : g.size(-1);
+  p.gate_stride = g.row_stride, p.up_stride = u.row_stride;
   if (dout_.is_none()) {
     Tensor out = parse(out_, "out");
     check_same(out, g), check_shape(out, g.shape);
@@ -261,15 +319,17 @@ void swiglu(py::object gate_, py::object up_, py::object dout_, py::object out_,
     run(g, stream, [&] { k::cpu::swiglu_forward(p); }, CUDA_CALL(swiglu_forward));
     return;
   }
-  Tensor d = parse(dout_, "grad_out"), dg = parse(dgate_, "grad_gate"), du = parse(dup_, "grad_up");
+  Tensor d = parse(dout_, "grad_out", false, Layout::kRows), dg = parse(dgate_, "grad_gate");
+  Tensor du = parse(dup_, "grad_up");
   for (const Tensor* t : {&d, &dg, &du}) check_same(*t, g), check_shape(*t, g.shape);
-  p.dout = d.data(), p.dgate = dg.data(), p.dup = du.data();
+  p.dout = d.data(), p.dgate = dg.data(), p.dup = du.data(), p.dout_stride = d.row_stride;
   run(g, stream, [&] { k::cpu::swiglu_backward(p); }, CUDA_CALL(swiglu_backward));
 }
 
 void bias_gelu(py::object x_, py::object bias_, py::object dout_, py::object out_, bool tanh_approx,
                uintptr_t stream) {
-  Tensor x = parse(x_, "x"), b = parse(bias_, "bias", true), d = parse(dout_, "grad_out", true);
+  Tensor x = parse(x_, "x", false, Layout::kRows), b = parse(bias_, "bias", true);
+  Tensor d = parse(dout_, "grad_out", true, Layout::kRows);
   Tensor out = parse(out_, d.present ? "grad_x" : "out");
   check_float(x);
   if (x.shape.empty()) fail("x must have at least 1 dimension");
@@ -279,6 +339,7 @@ void bias_gelu(py::object x_, py::object bias_, py::object dout_, py::object out
   k::GeluParams p;
   p.x = x.data(), p.bias = b.present ? b.data() : nullptr, p.dout = d.present ? d.data() : nullptr;
   p.out = out.data(), p.rows = x.rows(), p.cols = x.size(-1), p.tanh_approx = tanh_approx, p.dtype = dtype_of(x);
+  p.x_stride = x.row_stride, p.dout_stride = d.present ? d.row_stride : 0;
   if (d.present) {
     run(x, stream, [&] { k::cpu::bias_gelu_backward(p); }, CUDA_CALL(bias_gelu_backward));
   } else {
@@ -302,6 +363,7 @@ k::CrossEntropyParams ce_params(const Tensor& logits, const Tensor& target, int6
   k::CrossEntropyParams p;
   p.logits = logits.data(), p.target = static_cast<const int64_t*>(target.data());
   p.rows = logits.size(0), p.cols = logits.size(1), p.vocab_start = vocab_start, p.vocab_total = vocab_total;
+  p.logits_stride = logits.row_stride;
   p.ignore_index = ignore_index, p.label_smoothing = static_cast<float>(label_smoothing), p.dtype = dtype_of(logits);
   return p;
 }
@@ -314,7 +376,7 @@ float* f32_rows(const py::object& obj, const char* name, const Tensor& logits) {
 
 void cross_entropy_forward(py::object logits_, py::object target_, py::object loss_, py::object lse_,
                            int64_t ignore_index, double label_smoothing, uintptr_t stream) {
-  Tensor logits = parse(logits_, "logits"), target = parse(target_, "target");
+  Tensor logits = parse(logits_, "logits", false, Layout::kRows), target = parse(target_, "target");
   k::CrossEntropyParams p = ce_params(logits, target, 0, logits.size(-1), ignore_index, label_smoothing);
   p.loss = f32_rows(loss_, "loss", logits), p.lse = f32_rows(lse_, "lse", logits);
   run(logits, stream, [&] { k::cpu::cross_entropy_forward(p); }, CUDA_CALL(cross_entropy_forward));
@@ -322,7 +384,7 @@ void cross_entropy_forward(py::object logits_, py::object target_, py::object lo
 
 void cross_entropy_partials(py::object logits_, py::object target_, py::object max_, py::object sumexp_,
                             py::object target_logit_, py::object sum_logits_, int64_t vocab_start, uintptr_t stream) {
-  Tensor logits = parse(logits_, "logits"), target = parse(target_, "target");
+  Tensor logits = parse(logits_, "logits", false, Layout::kRows), target = parse(target_, "target");
   k::CrossEntropyParams p = ce_params(logits, target, vocab_start, vocab_start + logits.size(-1), -100, 0.0);
   p.local_max = f32_rows(max_, "local_max", logits), p.local_sumexp = f32_rows(sumexp_, "local_sumexp", logits);
   p.target_logit = f32_rows(target_logit_, "target_logit", logits);
@@ -334,7 +396,8 @@ void cross_entropy_partials(py::object logits_, py::object target_, py::object m
 void cross_entropy_backward(py::object logits_, py::object target_, py::object lse_, py::object dloss_,
                             py::object dlogits_, int64_t vocab_start, int64_t vocab_total, int64_t ignore_index,
                             double label_smoothing, uintptr_t stream) {
-  Tensor logits = parse(logits_, "logits"), target = parse(target_, "target"), dl = parse(dlogits_, "grad_logits");
+  Tensor logits = parse(logits_, "logits", false, Layout::kRows), target = parse(target_, "target");
+  Tensor dl = parse(dlogits_, "grad_logits");
   k::CrossEntropyParams p = ce_params(logits, target, vocab_start, vocab_total, ignore_index, label_smoothing);
   check_same(dl, logits), check_shape(dl, logits.shape);
   p.lse_in = f32_rows(lse_, "lse", logits), p.dloss = f32_rows(dloss_, "grad_loss", logits), p.dlogits = dl.data();
@@ -452,6 +515,12 @@ void attention_backward(py::object q_, py::object k_, py::object v_, py::object 
 void bind_kernels(py::module_& m) {
   m.def("set_num_threads", &k::cpu::set_num_threads, py::arg("num_threads"));
   m.def("num_threads", &k::cpu::num_threads);
+  m.def("use_openmp", &k::cpu::use_openmp, py::arg("enable"));
+  m.def("thread_backend", &k::cpu::thread_backend);
+  m.def("set_cpu_isa", [](const std::string& name) { k::cpu::set_isa(name.c_str()); }, py::arg("name"));
+  m.def("cpu_isa", &k::cpu::isa_name);
+  m.def("cpu_isa_available", [](const std::string& name) { return k::cpu::isa_available(name.c_str()); },
+        py::arg("name"));
   m.def("norm_forward", &norm_forward);
   m.def("norm_backward", &norm_backward);
   m.def("softmax_forward", &softmax_forward);

@@ -50,6 +50,7 @@ def test_module_main_prints_build_and_availability():
     else:
         assert "CUDA compiled in: no" in out
     assert ("CUDA available now: yes" in out) == kernels.cuda_available()
+    assert f"CPU kernels: {kernels._C.kernels.cpu_isa()} instruction set" in out
 
 
 def test_compiled_module_needs_no_torch():

@@ -167,8 +167,17 @@ def test_compiled_module_checks_layout_and_shapes():
         return (t.data_ptr(), 0, list(t.shape), list(t.stride()), -1)
 
     out, rstd = torch.empty(6, 8), torch.empty(6)
-    with pytest.raises(ValueError, match="x must be contiguous"):
+    with pytest.raises(ValueError, match="x must have a dense last dimension, got stride 6"):
         _C.kernels.norm_forward(desc(xt), desc(torch.ones(8)), None, desc(out), None, desc(rstd), 1e-5, True, False, 0)
+    # Rows spaced by a stride are a CPU feature; on CUDA every argument must still be contiguous.
+    rows = torch.randn(8, 12)[:, :6]
+    cuda_desc = (rows.data_ptr(), 0, list(rows.shape), list(rows.stride()), 0)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        _C.kernels.norm_forward(cuda_desc, desc(torch.ones(6)), None, desc(x), None, desc(torch.empty(8)), 1e-5,
+                                True, False, 0)  # fmt: skip
+    with pytest.raises(ValueError, match="must have rows evenly spaced"):
+        uneven = torch.randn(2, 5, 12)[:, :4, :6]  # rows 12 apart inside a block, blocks 60 apart
+        _C.kernels.swiglu(desc(uneven), desc(uneven), None, desc(torch.empty(2, 4, 6)), None, None, 0)
     with pytest.raises(ValueError, match=r"rstd must have 8 elements, got 6"):
         _C.kernels.norm_forward(desc(x), desc(torch.ones(6)), None, desc(x), None, desc(rstd), 1e-5, True, False, 0)
     with pytest.raises(ValueError, match="eps must be positive"):
@@ -192,7 +201,7 @@ def test_set_num_threads_keeps_results_identical():
         out = ops.layer_norm(x_, w_, b)
         out.backward(torch.ones_like(out))
         results.append((out, x_.grad, w_.grad))
-    ops.set_num_threads(torch.get_num_threads())
+    ops.set_num_threads(None)
     for other in results[1:]:
         for a, c in zip(results[0], other, strict=True):
             assert torch.equal(a, c), "results depend on the number of CPU threads"

@@ -1,9 +1,12 @@
 // Torch-free interface of the fused kernels: a dtype enum, one plain parameter struct per op, and the CPU and
-// CUDA entry points that take them. Tensors are contiguous row-major buffers described by raw pointers and
-// sizes; the binding layer (cpp/bindings/kernel_bindings.cpp) checks shapes, strides and dtypes first.
+// CUDA entry points that take them. Tensors are row-major buffers described by raw pointers and sizes; the
+// binding layer (cpp/bindings/kernel_bindings.cpp) checks shapes, strides and dtypes first.
 //
 // Conventions: "rows" is the product of all leading dimensions, "cols" the last one. Statistics saved for the
 // backward pass (mean, rstd, log-sum-exp) and gradients of parameters (dweight, dbias) are always float32.
+// Inputs marked "strided" may have rows spaced by a stride (in elements, the last dimension stays dense): views
+// such as the halves of a fused projection need no copy. A stride of 0 means dense. The CPU kernels honour
+// these strides; the CUDA kernels take dense inputs only (the binding layer refuses others on CUDA).
 #pragma once
 
 #include <cstdint>
@@ -16,21 +19,22 @@ const char* dtype_name(DType dtype);
 
 // ---- normalisation over the last dimension (RMSNorm when `rms`, LayerNorm otherwise)
 struct NormParams {
-  const void* x = nullptr;       // [rows, cols]
+  const void* x = nullptr;       // [rows, cols], strided (x_stride)
   const void* weight = nullptr;  // [cols]; the scale is weight + 1 when zero_centered
   const void* bias = nullptr;    // [cols] or null (LayerNorm only)
   void* out = nullptr;           // [rows, cols]
   float* mean = nullptr;         // [rows] (LayerNorm only)
   float* rstd = nullptr;         // [rows]
   int64_t rows = 0, cols = 0;
+  int64_t x_stride = 0;
   float eps = 1e-5f;
   bool rms = true, zero_centered = false;
   DType dtype = DType::kFloat32;
 };
 
 struct NormBackwardParams {
-  const void* dy = nullptr;      // [rows, cols]
-  const void* x = nullptr;       // [rows, cols]
+  const void* dy = nullptr;      // [rows, cols], strided (dy_stride)
+  const void* x = nullptr;       // [rows, cols], strided (x_stride)
   const void* weight = nullptr;  // [cols]
   const float* mean = nullptr;   // [rows] (LayerNorm only)
   const float* rstd = nullptr;   // [rows]
@@ -38,6 +42,7 @@ struct NormBackwardParams {
   float* dweight = nullptr;      // [cols]
   float* dbias = nullptr;        // [cols] or null
   int64_t rows = 0, cols = 0;
+  int64_t dy_stride = 0, x_stride = 0;
   bool rms = true, zero_centered = false;
   DType dtype = DType::kFloat32;
 };
@@ -57,11 +62,12 @@ struct SoftmaxParams {
 
 // ---- rotary position embedding on x [batch, seq, heads, dim]; cos/sin float32 [seq, rot_dim / 2]
 struct RopeParams {
-  const void* x = nullptr;
+  const void* x = nullptr;  // strided: x_strides = (batch, seq, head) strides, all 0 = dense
   const float* cos = nullptr;
   const float* sin = nullptr;
   void* out = nullptr;
   int64_t batch = 0, seq = 0, heads = 0, dim = 0, rot_dim = 0;
+  int64_t x_strides[3] = {0, 0, 0};
   bool interleaved = false;  // pairs (2i, 2i+1) instead of (i, i + rot_dim/2)
   bool inverse = false;      // rotate by -angle (the backward pass)
   DType dtype = DType::kFloat32;
@@ -69,31 +75,35 @@ struct RopeParams {
 
 // ---- elementwise activations
 struct SwigluParams {
-  const void* gate = nullptr;  // [n]
-  const void* up = nullptr;    // [n]
-  const void* dout = nullptr;  // backward only
-  void* out = nullptr;         // forward output
-  void* dgate = nullptr;       // backward outputs
+  const void* gate = nullptr;  // [rows, cols], strided
+  const void* up = nullptr;    // [rows, cols], strided
+  const void* dout = nullptr;  // backward only, strided
+  void* out = nullptr;         // forward output, dense
+  void* dgate = nullptr;       // backward outputs, dense
   void* dup = nullptr;
-  int64_t n = 0;
+  int64_t n = 0;               // rows * cols
+  int64_t rows = 0, cols = 0;
+  int64_t gate_stride = 0, up_stride = 0, dout_stride = 0;
   DType dtype = DType::kFloat32;
 };
 
 struct GeluParams {
-  const void* x = nullptr;     // [rows, cols]
+  const void* x = nullptr;     // [rows, cols], strided (x_stride)
   const void* bias = nullptr;  // [cols] or null
-  const void* dout = nullptr;  // backward only
+  const void* dout = nullptr;  // backward only, strided (dout_stride)
   void* out = nullptr;         // forward: gelu(x + bias); backward: dx (= dbias rows)
   int64_t rows = 0, cols = 0;
+  int64_t x_stride = 0, dout_stride = 0;
   bool tanh_approx = true;
   DType dtype = DType::kFloat32;
 };
 
 // ---- cross-entropy over a (possibly vocab-sharded) last dimension
 struct CrossEntropyParams {
-  const void* logits = nullptr;  // [rows, cols] (cols = local vocabulary)
+  const void* logits = nullptr;  // [rows, cols] (cols = local vocabulary), strided (logits_stride)
   const int64_t* target = nullptr;  // [rows], global vocabulary ids
   int64_t rows = 0, cols = 0;
+  int64_t logits_stride = 0;
   int64_t vocab_start = 0;   // global id of local column 0
   int64_t vocab_total = 0;   // global vocabulary size (label smoothing spreads over it)
   int64_t ignore_index = -100;
@@ -109,7 +119,7 @@ struct CrossEntropyParams {
   // backward: dlogits = dloss * (softmax(x; lse) - (1 - eps) onehot - eps / vocab_total)
   const float* dloss = nullptr;
   const float* lse_in = nullptr;
-  void* dlogits = nullptr;
+  void* dlogits = nullptr;  // dense
   DType dtype = DType::kFloat32;
 };
 
@@ -206,9 +216,19 @@ struct AttentionBackwardParams : AttentionShape {
 };
 
 namespace cpu {
-// Number of worker threads the CPU kernels use (default: hardware concurrency).
+// Number of threads the CPU kernels use: num_threads >= 1 fixes it; 0 (the default) follows the OpenMP
+// runtime's thread count when use_openmp is on (torch's intra-op threads), else the hardware concurrency.
 void set_num_threads(int num_threads);
 int num_threads();
+// Runs the kernels' parallel loops on the OpenMP runtime already loaded into the process (torch's, found with
+// dlsym; nothing is loaded) instead of on threads of their own. Returns whether that runtime is in use.
+bool use_openmp(bool enable);
+const char* thread_backend();  // "openmp" or "std::thread"
+
+// Instruction set of the vectorised CPU kernels: "base", "avx2" or "avx512" (or "auto": the best available).
+bool isa_available(const char* name);
+void set_isa(const char* name);
+const char* isa_name();
 
 void norm_forward(const NormParams& p);
 void norm_backward(const NormBackwardParams& p);

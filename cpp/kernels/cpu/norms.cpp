@@ -1,11 +1,35 @@
-// CPU RMSNorm and LayerNorm over the last dimension, forward and backward, float32 accumulation.
+// CPU RMSNorm and LayerNorm over the last dimension, forward and backward, float32 math; compiled per
+// instruction set (cpu_common.h), rows may be strided.
 #include <algorithm>
 #include <vector>
 
+#include "cpu_kernels.h"
+// cpu_common.h comes last: from here on the code is compiled for MEGALITH_CPU_ISA.
 #include "cpu_common.h"
 
-namespace megalith::kernels::cpu {
+namespace megalith::kernels::cpu::MEGALITH_CPU_ISA {
 namespace {
+
+// Mean and 1/sqrt(variance + eps) of one row (the mean is 0 for RMSNorm). The sums run over vector lanes in
+// float32: for the row lengths of a model (hundreds to thousands) that is as accurate as torch's own
+// float32 reductions.
+template <typename T>
+void row_stats(const T* xr, int64_t cols, bool rms, float eps, float& mean, float& rstd) {
+  mean = 0.0f;
+  if (!rms) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) sum += to_float(xr[c]);
+    mean = sum / static_cast<float>(cols);
+  }
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t c = 0; c < cols; ++c) {
+    const float d = to_float(xr[c]) - mean;
+    sq += d * d;
+  }
+  rstd = 1.0f / std::sqrt(sq / static_cast<float>(cols) + eps);
+}
 
 template <typename T>
 void norm_forward_impl(const NormParams& p) {
@@ -13,33 +37,58 @@ void norm_forward_impl(const NormParams& p) {
   const auto* w = static_cast<const T*>(p.weight);
   const auto* b = static_cast<const T*>(p.bias);
   auto* out = static_cast<T*>(p.out);
-  const int64_t cols = p.cols;
+  const int64_t cols = p.cols, xs = p.x_stride != 0 ? p.x_stride : cols;
   const float shift = p.zero_centered ? 1.0f : 0.0f;
   parallel_for(p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * cols;
+      const T* xr = x + r * xs;
       T* yr = out + r * cols;
-      float mean = 0.0f;
-      if (!p.rms) {
-        double sum = 0.0;
-        for (int64_t c = 0; c < cols; ++c) sum += to_float(xr[c]);
-        mean = static_cast<float>(sum / cols);
-      }
-      double sq = 0.0;
-      for (int64_t c = 0; c < cols; ++c) {
-        const float d = to_float(xr[c]) - mean;
-        sq += static_cast<double>(d) * d;
-      }
-      const float rstd = 1.0f / std::sqrt(static_cast<float>(sq / cols) + p.eps);
-      for (int64_t c = 0; c < cols; ++c) {
-        float y = (to_float(xr[c]) - mean) * rstd * (to_float(w[c]) + shift);
-        if (b != nullptr) y += to_float(b[c]);
-        yr[c] = from_float<T>(y);
+      float mean, rstd;
+      row_stats(xr, cols, p.rms, p.eps, mean, rstd);
+      if (b != nullptr) {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          yr[c] = from_float<T>((to_float(xr[c]) - mean) * rstd * (to_float(w[c]) + shift) + to_float(b[c]));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          yr[c] = from_float<T>((to_float(xr[c]) - mean) * rstd * (to_float(w[c]) + shift));
+        }
       }
       p.rstd[r] = rstd;
       if (p.mean != nullptr) p.mean[r] = mean;
     }
   });
+}
+
+// dx of one row and its contribution to the dweight / dbias partials pw, pb:
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * scale (RMSNorm has no mean(g) term).
+template <typename T>
+void norm_backward_row(const T* xr, const T* dyr, const T* w, float shift, float mean, float rstd, int64_t cols,
+                       bool rms, float* pw, float* pb, T* dxr) {
+  float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+  for (int64_t c = 0; c < cols; ++c) {
+    const float xh = (to_float(xr[c]) - mean) * rstd;
+    const float d = to_float(dyr[c]);
+    const float g = d * (to_float(w[c]) + shift);
+    sum_g += g;
+    sum_gx += g * xh;
+    pw[c] += d * xh;
+  }
+  if (pb != nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) pb[c] += to_float(dyr[c]);
+  }
+  const float mean_g = rms ? 0.0f : sum_g / static_cast<float>(cols);
+  const float mean_gx = sum_gx / static_cast<float>(cols);
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) {
+    const float xh = (to_float(xr[c]) - mean) * rstd;
+    const float g = to_float(dyr[c]) * (to_float(w[c]) + shift);
+    dxr[c] = from_float<T>(rstd * (g - mean_g - xh * mean_gx));
+  }
 }
 
 template <typename T>
@@ -49,55 +98,37 @@ void norm_backward_impl(const NormBackwardParams& p) {
   const auto* w = static_cast<const T*>(p.weight);
   auto* dx = static_cast<T*>(p.dx);
   const int64_t rows = p.rows, cols = p.cols;
+  const int64_t xs = p.x_stride != 0 ? p.x_stride : cols, dys = p.dy_stride != 0 ? p.dy_stride : cols;
   const float shift = p.zero_centered ? 1.0f : 0.0f;
   // Each chunk of kRowsPerChunk rows accumulates its own dweight/dbias partials; they are summed in a fixed
   // order afterwards, so the result does not depend on the thread count or timing.
   constexpr int64_t kRowsPerChunk = 32;
-  const int64_t per_chunk = kRowsPerChunk;
-  const int64_t num_chunks = (rows + per_chunk - 1) / per_chunk;
+  const int64_t num_chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<float> partial_w(static_cast<size_t>(num_chunks * cols), 0.0f);
   std::vector<float> partial_b(p.dbias != nullptr ? partial_w.size() : 0, 0.0f);
-  parallel_for(num_chunks, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols * per_chunk)), [&](int64_t c0, int64_t c1) {
-    std::vector<float> xhat(static_cast<size_t>(cols));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols * kRowsPerChunk));
+  parallel_for(num_chunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       float* pw = partial_w.data() + chunk * cols;
       float* pb = partial_b.empty() ? nullptr : partial_b.data() + chunk * cols;
-      const int64_t r_end = std::min(rows, (chunk + 1) * per_chunk);
-      for (int64_t r = chunk * per_chunk; r < r_end; ++r) {
-        const T* xr = x + r * cols;
-        const T* dyr = dy + r * cols;
-        const float mean = p.rms ? 0.0f : p.mean[r];
-        const float rstd = p.rstd[r];
-        // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * scale; LayerNorm keeps the mean(g) term.
-        double sum_g = 0.0, sum_gx = 0.0;
-        for (int64_t c = 0; c < cols; ++c) {
-          const float xh = (to_float(xr[c]) - mean) * rstd;
-          const float d = to_float(dyr[c]);
-          const float g = d * (to_float(w[c]) + shift);
-          xhat[c] = xh;
-          sum_g += g;
-          sum_gx += static_cast<double>(g) * xh;
-          pw[c] += d * xh;
-          if (pb != nullptr) pb[c] += d;
-        }
-        const float mean_g = p.rms ? 0.0f : static_cast<float>(sum_g / cols);
-        const float mean_gx = static_cast<float>(sum_gx / cols);
-        T* dxr = dx + r * cols;
-        for (int64_t c = 0; c < cols; ++c) {
-          const float g = to_float(dyr[c]) * (to_float(w[c]) + shift);
-          dxr[c] = from_float<T>(rstd * (g - mean_g - xhat[c] * mean_gx));
-        }
+      const int64_t r_end = std::min(rows, (chunk + 1) * kRowsPerChunk);
+      for (int64_t r = chunk * kRowsPerChunk; r < r_end; ++r) {
+        norm_backward_row(x + r * xs, dy + r * dys, w, shift, p.rms ? 0.0f : p.mean[r], p.rstd[r], cols, p.rms, pw,
+                          pb, dx + r * cols);
       }
     }
   });
-  for (int64_t c = 0; c < cols; ++c) {
-    float sw = 0.0f, sb = 0.0f;
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      sw += partial_w[chunk * cols + c];
-      if (p.dbias != nullptr) sb += partial_b[chunk * cols + c];
+  std::fill(p.dweight, p.dweight + cols, 0.0f);
+  if (p.dbias != nullptr) std::fill(p.dbias, p.dbias + cols, 0.0f);
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const float* pw = partial_w.data() + chunk * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) p.dweight[c] += pw[c];
+    if (p.dbias != nullptr) {
+      const float* pb = partial_b.data() + chunk * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) p.dbias[c] += pb[c];
     }
-    p.dweight[c] = sw;
-    if (p.dbias != nullptr) p.dbias[c] = sb;
   }
 }
 
@@ -112,4 +143,5 @@ void norm_backward(const NormBackwardParams& p) {
                [&](auto tag) { norm_backward_impl<decltype(tag)>(p); });
 }
 
-}  // namespace megalith::kernels::cpu
+}  // namespace megalith::kernels::cpu::MEGALITH_CPU_ISA
+MEGALITH_CPU_ISA_END

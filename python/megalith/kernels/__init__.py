@@ -10,8 +10,9 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from megalith.kernels import _C
+from megalith.kernels._auto import auto_choice
 
-__all__ = ["__version__", "build_info", "cuda_available", "cuda_unavailable_reason"]
+__all__ = ["__version__", "auto_choice", "build_info", "cuda_available", "cuda_unavailable_reason"]
 
 try:
     __version__ = _metadata.version("megalith-kernels")

@@ -1,4 +1,5 @@
-"""`python -m megalith.kernels`: how the compiled module was built, whether CUDA can run now, which NCCL loads."""
+"""`python -m megalith.kernels`: how the compiled module was built, what the CPU kernels run with, whether CUDA
+can run now, which NCCL loads."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ def main() -> None:
         print(f"CUDA compiled in: yes ({info['cuda_compiler']}, runtime {info['cuda_runtime']}, archs {archs})")
     else:
         print("CUDA compiled in: no (CPU kernels only)")
+    compiled = [isa for isa in ("base", "avx2", "avx512") if kernels._C.kernels.cpu_isa_available(isa)]
+    print(f"CPU kernels: {kernels._C.kernels.cpu_isa()} instruction set (usable here: {', '.join(compiled)})")
     if kernels.cuda_available():
         print("CUDA available now: yes")
     else:

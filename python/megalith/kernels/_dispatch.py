@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -16,16 +17,59 @@ _CUDA_HEAD_DIMS = (64, 128)
 
 
 def _desc(t: torch.Tensor | None, name: str):
-    """The descriptor the compiled module reads; raises ValueError naming `name` for unusable tensors."""
+    """The descriptor the compiled module reads; raises ValueError naming `name` for unusable tensors.
+
+    It is built on every kernel call, so the common case (a strided cpu or cuda tensor of a known dtype)
+    takes the cheapest attribute reads; the binding casts torch.Size and the stride tuple directly.
+    """
     if t is None:
         return None
-    if t.dtype not in _DTYPE_CODES:
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
         raise ValueError(f"{name} has dtype {t.dtype}, which the fused kernels do not take")
-    if t.device.type not in ("cpu", "cuda"):
+    if t.is_cuda:
+        device = t.get_device()
+    elif t.is_cpu:
+        device = -1
+    else:
         raise ValueError(f"{name} is on {t.device}; the fused kernels run on cpu or cuda tensors")
     if t.layout != torch.strided:
         raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    return (t.data_ptr(), _DTYPE_CODES[t.dtype], list(t.shape), list(t.stride()), t.device.index if t.is_cuda else -1)
+    return (t.data_ptr(), code, t.shape, t.stride(), device)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when the kernels can read it in place, else a contiguous copy.
+
+    The CPU kernels read rows spaced by one stride with a dense last dimension (the halves of a fused
+    projection, a slice of a padded vocabulary), which needs the leading dimensions to merge into one; the
+    CUDA kernels read contiguous tensors only.
+    """
+    if t.is_contiguous():
+        return t
+    if t.is_cpu and t.dim() > 0:
+        dims = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1], strict=True) if size != 1]
+        inner_ok = t.shape[-1] == 1 or t.stride(-1) == 1
+        merges = all(outer[1] == inner[1] * inner[0] for outer, inner in itertools.pairwise(dims))
+        if inner_ok and merges and (not dims or dims[-1][1] >= 1):
+            return t
+    return t.contiguous()
+
+
+def _inner_dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when the CPU kernels can read it in place (positive strides, dense last dim), else a copy."""
+    if t.is_contiguous():
+        return t
+    if t.is_cpu and t.dim() > 0:
+        inner_ok = t.shape[-1] == 1 or t.stride(-1) == 1
+        if inner_ok and all(stride >= 1 or size == 1 for size, stride in zip(t.shape, t.stride(), strict=True)):
+            return t
+    return t.contiguous()
+
+
+def _torch_uses_openmp() -> bool:
+    """Whether torch's intra-op threads are an OpenMP team (its usual CPU builds)."""
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _stream(t: torch.Tensor) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from megalith.kernels import reference as ref
-from megalith.kernels._dispatch import _K, _check_float, _desc, _empty_rows, _stream, _use_reference
+from megalith.kernels._dispatch import _K, _check_float, _desc, _empty_rows, _rows, _stream, _use_reference
 
 # ---- cross-entropy -------------------------------------------------------------------------------------------
 
@@ -18,7 +18,7 @@ from megalith.kernels._dispatch import _K, _check_float, _desc, _empty_rows, _st
 def _ce_fwd(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, target = logits.contiguous(), target.contiguous()
+    logits, target = _rows(logits), target.contiguous()
     loss, lse = _empty_rows(logits), _empty_rows(logits)
     _K.cross_entropy_forward(
         _desc(logits, "logits"), _desc(target, "target"), _desc(loss, "loss"), _desc(lse, "lse"), ignore_index,
@@ -43,7 +43,7 @@ def _ce_bwd(
     ignore_index: int,
     label_smoothing: float,
 ) -> torch.Tensor:
-    logits, target = logits.contiguous(), target.contiguous()
+    logits, target = _rows(logits), target.contiguous()
     lse, grad_loss = lse.float().contiguous(), grad_loss.float().contiguous()
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _K.cross_entropy_backward(
@@ -77,7 +77,7 @@ _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 def _ce_partials(
     logits: torch.Tensor, target: torch.Tensor, vocab_start: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits, target = logits.contiguous(), target.contiguous()
+    logits, target = _rows(logits), target.contiguous()
     outs = [_empty_rows(logits) for _ in range(4)]
     names = ("local_max", "local_sumexp", "target_logit", "sum_logits")
     _K.cross_entropy_partials(

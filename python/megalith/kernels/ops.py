@@ -14,13 +14,25 @@ import torch
 
 from megalith.kernels import reference as ref
 from megalith.kernels._attention import attention, attention_with_lse
-from megalith.kernels._dispatch import _K, _check_float, _desc, _empty_rows, _stream, _use_reference
+from megalith.kernels._dispatch import (
+    _K,
+    _check_float,
+    _desc,
+    _empty_rows,
+    _inner_dense,
+    _rows,
+    _stream,
+    _torch_uses_openmp,
+    _use_reference,
+)
 from megalith.kernels._loss_attention import cross_entropy, cross_entropy_grad, cross_entropy_partials
 
 __all__ = [
     "attention",
     "attention_with_lse",
     "bias_gelu",
+    "cpu_isa",
+    "cpu_threading",
     "cross_entropy",
     "cross_entropy_grad",
     "cross_entropy_partials",
@@ -28,14 +40,46 @@ __all__ = [
     "rms_norm",
     "rope",
     "scaled_softmax",
+    "set_cpu_isa",
     "set_num_threads",
     "swiglu",
 ]
 
 
-def set_num_threads(num_threads: int) -> None:
-    """Sets how many threads the CPU kernels use (default: the number of hardware threads)."""
-    _K.set_num_threads(int(num_threads))
+def set_num_threads(num_threads: int | None) -> None:
+    """Fixes how many threads the CPU kernels use; None (the default) follows torch's intra-op thread count.
+
+    The kernels run their parallel loops on torch's own OpenMP threads when torch uses OpenMP (its usual CPU
+    builds), so they never compete with torch's threads for cores; otherwise on threads of their own.
+    """
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)):
+        raise ValueError(f"num_threads must be an int >= 1 or None, got {num_threads!r}")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1 (or None to follow torch's intra-op threads), got {num_threads}")
+    _K.set_num_threads(0 if num_threads is None else num_threads)
+
+
+def cpu_threading() -> tuple[str, int]:
+    """How the CPU kernels run in parallel now: ("openmp" (torch's team) or "std::thread", thread count)."""
+    return _K.thread_backend(), _K.num_threads()
+
+
+def cpu_isa() -> str:
+    """The instruction set the vectorised CPU kernels run with: "base", "avx2" or "avx512"."""
+    return _K.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Forces the CPU kernels' instruction set ("base", "avx2", "avx512"), or "auto" for the best this CPU has.
+
+    The kernels are compiled once per instruction set and the best one is picked at run time; forcing another
+    is for comparing them. Raises ValueError for a name that is unknown or that this CPU (or build) lacks.
+    """
+    _K.set_cpu_isa(str(name))
+
+
+# Borrow torch's OpenMP team when torch runs on one (see cpp/kernels/cpu/threading.cpp).
+_K.use_openmp(_torch_uses_openmp())
 
 
 # ---- RMSNorm / LayerNorm -------------------------------------------------------------------------------------
@@ -45,7 +89,7 @@ def set_num_threads(num_threads: int) -> None:
 def _norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool, zero_centered: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = x.contiguous()
+    x = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean, rstd = _empty_rows(x), _empty_rows(x)
     w, b = weight.contiguous(), None if bias is None else bias.contiguous()
@@ -72,7 +116,7 @@ def _norm_bwd(
     rms: bool,
     zero_centered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, grad, weight = x.contiguous(), grad.contiguous(), weight.contiguous()
+    x, grad, weight = _rows(x), _rows(grad), weight.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
     db = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
@@ -214,7 +258,7 @@ def scaled_softmax(x: torch.Tensor, scale: float = 1.0, causal: bool = False, ma
 
 @torch.library.custom_op("megalith::rope", mutates_args=())
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, inverse: bool) -> torch.Tensor:
-    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    x, cos, sin = _inner_dense(x), cos.contiguous(), sin.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _K.rope(_desc(x, "x"), _desc(cos, "cos"), _desc(sin, "sin"), _desc(out, "out"), interleaved, inverse, _stream(x))
     return out
@@ -265,7 +309,7 @@ def rope(x_BSND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved
 
 @torch.library.custom_op("megalith::swiglu_fwd", mutates_args=())
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate.contiguous(), up.contiguous()
+    gate, up = _rows(gate), _rows(up)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     _K.swiglu(_desc(gate, "gate"), _desc(up, "up"), None, _desc(out, "out"), None, None, _stream(gate))
     return out
@@ -278,8 +322,9 @@ def _(gate, up):
 
 @torch.library.custom_op("megalith::swiglu_bwd", mutates_args=())
 def _swiglu_bwd(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    gate, up, grad = gate.contiguous(), up.contiguous(), grad.contiguous()
-    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    gate, up, grad = _rows(gate), _rows(up), _rows(grad)
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     _K.swiglu(
         _desc(gate, "gate"), _desc(up, "up"), _desc(grad, "grad_out"), None, _desc(dgate, "grad_gate"),
         _desc(dup, "grad_up"), _stream(gate),
@@ -319,7 +364,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor):
 
 @torch.library.custom_op("megalith::bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
-    x, bias = x.contiguous(), None if bias is None else bias.contiguous()
+    x, bias = _rows(x), None if bias is None else bias.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _K.bias_gelu(_desc(x, "x"), _desc(bias, "bias"), None, _desc(out, "out"), tanh, _stream(x))
     return out
@@ -332,7 +377,7 @@ def _(x, bias, tanh):
 
 @torch.library.custom_op("megalith::bias_gelu_bwd", mutates_args=())
 def _bias_gelu_bwd(x: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor, tanh: bool) -> torch.Tensor:
-    x, bias, grad = x.contiguous(), None if bias is None else bias.contiguous(), grad.contiguous()
+    x, bias, grad = _rows(x), None if bias is None else bias.contiguous(), _rows(grad)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _K.bias_gelu(_desc(x, "x"), _desc(bias, "bias"), _desc(grad, "grad_out"), _desc(dx, "grad_x"), tanh, _stream(x))
     return dx
