@@ -100,3 +100,36 @@ def special_tensor(shape, generator: torch.Generator, *, nonfinite: bool = True)
     if nonfinite:
         flat[picks[n // 10 + 3 : n // 10 + 6]] = torch.tensor([math.inf, -math.inf, math.nan], dtype=torch.float64)
     return x.float()
+
+
+def deq(t64: np.ndarray, fmt: str, axis=None) -> np.ndarray:
+    """The recipe's fp8 cast of `t64` (one scale, or one per slice along `axis`), dequantised, in float64."""
+    s = scale(amax(t64, axis=axis), fmt)
+    return cast(t64, s, fmt)[0] / s
+
+
+def linear_operands(x, w, g, recipe: str, grad_fmt: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The dequantised fp8 operand pairs (float64) of the three matmuls: y = a @ b for each of y, dx, dw."""
+    x64, w64, g64 = to_f64(x), to_f64(w), to_f64(g)
+    if recipe == "rowwise":  # each matmul scales along its contraction dimension
+        return {
+            "y": (deq(x64, "e4m3", -1), deq(w64, "e4m3", -1).T),
+            "dx": (deq(g64, grad_fmt, -1), deq(w64, "e4m3", 0)),
+            "dw": (deq(g64, grad_fmt, 0).T, deq(x64, "e4m3", 0)),
+        }
+    xd, wd, gd = deq(x64, "e4m3"), deq(w64, "e4m3"), deq(g64, grad_fmt)
+    return {"y": (xd, wd.T), "dx": (gd, wd), "dw": (gd.T, xd)}
+
+
+def check_linear(outputs: dict[str, torch.Tensor], x, w, g, recipe: str, grad_fmt: str, dtype: torch.dtype) -> None:
+    """Each of y, dx, dw (2-D) against the exact product of its dequantised operands, by the style guide's rule:
+    an error at most twice that of plain PyTorch computing the same product in the same dtype (or a few fp32
+    roundings of the largest value, when that is larger)."""
+    for what, (a, b) in linear_operands(x, w, g, recipe, grad_fmt).items():
+        actual = outputs[what]
+        exact = a @ b
+        plain = (torch.from_numpy(a).to(dtype) @ torch.from_numpy(b).to(dtype)).double().numpy()
+        plain_error = float(np.abs(plain - exact).max())
+        error = float(np.abs(to_f64(actual) - exact).max())
+        floor = 4 * np.finfo(np.float32).eps * float(np.abs(exact).max())
+        assert error <= max(2 * plain_error, floor), f"{what}: error {error:.3g}, plain torch {plain_error:.3g}"

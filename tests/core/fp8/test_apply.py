@@ -128,3 +128,22 @@ def test_transformer_engine_on_the_cpu_is_refused(monkeypatch):
     model = copy.deepcopy(_build(gpt_config()))
     with pytest.raises(ValueError, match=r"fp8\.backend=te runs on CUDA GPUs only, not cpu"):
         apply_fp8(model, Fp8Config(recipe="delayed", backend="te"))
+
+
+def test_resume_state_restores_only_a_matching_delayed_state():
+    config = Fp8Config(recipe="delayed", amax_history_len=4)
+    model = _build(gpt_config(), config)
+    manager = Fp8Training([model], None, config)
+    names = set(manager.sharded_state())
+    saved = {"recipe": "delayed", "amax_history_len": 4, "initialized": True}
+    assert manager.resume_state(dict.fromkeys(names), saved, "ck").keys() == names
+    manager.load_state_dict(saved)
+    assert model.fp8_scaling.initialized
+    # Fewer fp8 layers in the checkpoint (first_layers_in_bf16 differed): nothing restored, histories not filled.
+    partial = dict.fromkeys(sorted(names)[2:])
+    assert manager.resume_state(partial, saved, "ck") == {}
+    manager.load_state_dict(saved)
+    assert not model.fp8_scaling.initialized
+    assert manager.resume_state(dict.fromkeys(names), {**saved, "recipe": "tensorwise"}, "ck") == {}
+    with pytest.raises(ValueError, match=r"ck keeps amax histories of 8 steps but fp8\.amax_history_len is 4"):
+        manager.resume_state(dict.fromkeys(names), {**saved, "amax_history_len": 8}, "ck")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,39 +23,6 @@ def _casts(recipe: str, fmt: str = "hybrid", matmul: str = "emulated") -> Linear
     config = Fp8Config(recipe=recipe, format=fmt, matmul=matmul)
     state = ChunkScaling(config, ["layers.0.mlp.fc1"])
     return LinearCasts("layers.0.mlp.fc1", state, 0, group=None, k_sharded=False, n_sharded=False)
-
-
-def _deq(t64: np.ndarray, fmt: str, axis=None) -> np.ndarray:
-    """The recipe's fp8 cast of `t64` (one scale, or one per slice along `axis`), dequantised, in float64."""
-    s = ref.scale(ref.amax(t64, axis=axis), fmt)
-    return ref.cast(t64, s, fmt)[0] / s
-
-
-def reference_linear(x, w, g, recipe: str, grad_fmt: str):
-    """(y, dx, dw) in float64: the exact products of the recipe's dequantised fp8 operands."""
-    x64, w64, g64 = ref.to_f64(x), ref.to_f64(w), ref.to_f64(g)
-    if recipe == "rowwise":  # each matmul scales along its contraction dimension
-        y = _deq(x64, "e4m3", -1) @ _deq(w64, "e4m3", -1).T
-        dx = _deq(g64, grad_fmt, -1) @ _deq(w64, "e4m3", 0)
-        dw = _deq(g64, grad_fmt, 0).T @ _deq(x64, "e4m3", 0)
-    else:
-        xd, wd, gd = _deq(x64, "e4m3"), _deq(w64, "e4m3"), _deq(g64, grad_fmt)
-        y, dx, dw = xd @ wd.T, gd @ wd, gd.T @ xd
-    return y, dx, dw
-
-
-def _plain_error(a64: np.ndarray, b64: np.ndarray, dtype: torch.dtype) -> float:
-    """The error of the same product computed by plain PyTorch in `dtype` from the (dequantised) operands."""
-    exact = a64 @ b64
-    plain = (torch.from_numpy(a64).to(dtype) @ torch.from_numpy(b64).to(dtype)).double().numpy()
-    return float(np.abs(plain - exact).max())
-
-
-def _check(actual: torch.Tensor, expected: np.ndarray, plain_error: float, what: str) -> None:
-    """The style guide's rule: at most twice plain PyTorch's error in the same precision (or fp32's floor)."""
-    error = float(np.abs(ref.to_f64(actual) - expected).max())
-    floor = 4 * np.finfo(np.float32).eps * float(np.abs(expected).max())
-    assert error <= max(2 * plain_error, floor), f"{what}: error {error:.3g}, plain torch {plain_error:.3g}"
 
 
 def _run(casts, x, w, b, g):
@@ -83,15 +49,12 @@ def test_fp8_linear_matches_the_float64_reference(recipe, fmt, matmul, shape, dt
     y, dx, dw = _run(casts, x, w, b, g)
     assert y.dtype == dx.dtype == dw.dtype == dtype
     grad_fmt = "e5m2" if fmt == "hybrid" else "e4m3"
-    y_ref, dx_ref, dw_ref = reference_linear(x.reshape(m, k), w, g.reshape(m, n), recipe, grad_fmt)
-    x64, w64, g64 = ref.to_f64(x.reshape(m, k)), ref.to_f64(w), ref.to_f64(g.reshape(m, n))
-    rows = -1 if recipe == "rowwise" else None
-    cols = 0 if recipe == "rowwise" else None
-    _check(y.reshape(m, n) - b, y_ref, _plain_error(_deq(x64, "e4m3", rows), _deq(w64, "e4m3", rows).T, dtype), "y")
-    _check(dx.reshape(m, k), dx_ref, _plain_error(_deq(g64, grad_fmt, rows), _deq(w64, "e4m3", cols), dtype), "dx")
-    _check(dw, dw_ref, _plain_error(_deq(g64, grad_fmt, cols).T, _deq(x64, "e4m3", cols), dtype), "dw")
+    x2, g2 = x.reshape(m, k), g.reshape(m, n)
+    outputs = {"y": y.reshape(m, n).double() - b.double(), "dx": dx.reshape(m, k), "dw": dw}
+    ref.check_linear(outputs, x2, w, g2, recipe, grad_fmt, dtype)
     # fp8 really is coarser than the parameter dtype: the result is not the high-precision product.
-    assert float(np.abs(y_ref - ref.to_f64(x.reshape(m, k)) @ ref.to_f64(w).T).max()) > 1e-3
+    a, b_ = ref.linear_operands(x2, w, g2, recipe, grad_fmt)["y"]
+    assert float(abs(a @ b_ - ref.to_f64(x2) @ ref.to_f64(w).T).max()) > 1e-3
 
 
 @needs_cpu_scaled_mm

@@ -15,7 +15,7 @@ Checkpoints hold the state under canonical names, `fp8/<layer>/amax_history` ([3
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +99,7 @@ class Fp8Training:
         self.states: list[ChunkScaling] = [c.fp8_scaling for c in chunks if hasattr(c, "fp8_scaling")]
         group = getattr(dims, "group", None)
         self.group = group("tp", "dp") if group is not None else None
+        self._restoring = False
 
     @property
     def delayed(self) -> bool:
@@ -161,9 +162,37 @@ class Fp8Training:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        initialized = bool(state.get("initialized", False)) and state.get("recipe") == self.config.recipe
+        """Restores the JSON part; the histories count as filled only when `resume_state` handed out their
+        tensors for loading (else scaling starts afresh, as in a new run)."""
+        initialized = self._restoring and bool(state.get("initialized", False))
         for s in self.states:
             s.initialized = initialized
+
+    def resume_state(self, saved_tensors: Mapping[str, Any], saved: Mapping[str, Any] | None, where) -> dict:
+        """The tensors of `sharded_state()` to fill from a checkpoint, or none when it has no delayed-scaling state
+        for these layers (another recipe, a bf16 run, other fp8 layers).
+
+        Args:
+            saved_tensors: the checkpoint's tensor names (to their metadata).
+            saved: the checkpoint's JSON fp8 state (`state_dict()` of the run that saved it), or None.
+            where: the checkpoint, for the error.
+
+        Raises:
+            ValueError: the checkpoint's histories have another length than `amax_history_len`.
+        """
+        self._restoring = False
+        state = self.sharded_state()
+        saved = saved or {}
+        if not state or saved.get("recipe") != "delayed" or any(name not in saved_tensors for name in state):
+            return {}
+        length = self.config.amax_history_len
+        if saved.get("amax_history_len") != length:
+            raise ValueError(
+                f"{where} keeps amax histories of {saved.get('amax_history_len')} steps but fp8.amax_history_len is "
+                f"{length}; resume with fp8.amax_history_len={saved.get('amax_history_len')}"
+            )
+        self._restoring = True
+        return state
 
     def sharded_state(self) -> dict[str, LocalShard]:
         """`fp8/<layer>/amax_history` and `fp8/<layer>/scale` of every fp8 linear (delayed scaling only)."""
