@@ -86,10 +86,10 @@ def cast_to_fp8(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> tuple[t
     `scale` is 0-d or broadcasts along `x`'s rows ([rows, 1]). Non-finite elements of `x` stay non-finite.
     """
     scaled = x.float() * scale
-    clamped = scaled.clamp(-fmt.max, fmt.max)
-    nonfinite = scaled if fmt.has_inf else torch.full_like(scaled, math.nan)
-    q = torch.where(torch.isfinite(x), clamped, nonfinite).to(fmt.dtype)
-    return q, scaled
+    clamped = scaled.clamp(-fmt.max, fmt.max)  # NaN stays NaN; only +-inf needs putting back
+    inf = torch.isinf(x)
+    clamped = torch.where(inf, scaled, clamped) if fmt.has_inf else clamped.masked_fill_(inf, math.nan)
+    return clamped.to(fmt.dtype), scaled
 
 
 def cast_stats(x: torch.Tensor, scaled: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
