@@ -1,5 +1,6 @@
 """Cost and speed of Megalith's native fp8 recipes against bf16: a table, not a test.
 
+    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 OMP_NUM_THREADS=1 \
     python benchmarks/fp8.py            # CPU: what each recipe adds to one linear layer (casts + scale
                                         # bookkeeping) against that layer's bf16 forward + backward
     python benchmarks/fp8.py --cuda     # also the GPU: torch._scaled_mm TFLOP/s against the bf16 GEMM at
@@ -11,7 +12,8 @@ plus the delayed-scaling step; "bf16 ms" is `F.linear` forward + backward in bf1
 baseline; "ratio" is casts / bf16. The last two columns time the whole fp8 layer (forward + backward), once on
 the emulation (fp32 matmuls of the fp8 operands) and once on torch._scaled_mm where the CPU has it: neither is
 meant to be fast on a CPU, they show what the emulation costs. Times are medians (perf_counter on the CPU, CUDA
-events on the GPU).
+events on the GPU). The glibc settings above keep large temporaries in the heap: by default every 4 MiB
+temporary is mapped and unmapped again, and the page faults make the CPU rows vary by 2-3x from run to run.
 """
 
 from __future__ import annotations
@@ -67,40 +69,52 @@ def _linear_step(x, w, g, matmul: Callable) -> Callable[[], None]:
     return run
 
 
+def _cast_all(x, w, g, recipe: str) -> Callable[[], None]:
+    """Every cast one training step of the layer makes (statistics off), then the scale update."""
+    casts, manager = _casts(recipe)
+
+    def run():
+        casts.cast(x, INPUT, (False, False), record=True)
+        casts.cast(w, WEIGHT, (False, False), record=True)
+        casts.cast(g, GRAD, (False, False), record=True)
+        if recipe == "rowwise":  # the backward's casts along the other axis
+            casts.cast(w.t(), WEIGHT, (False, False), record=False)
+            casts.cast(g.t(), GRAD, (False, False), record=False)
+            casts.cast(x.t(), INPUT, (False, False), record=False)
+        manager.step()
+
+    return run
+
+
 def cpu_table(m: int, k: int, n: int, repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen).bfloat16()
     w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
     g = (torch.randn(m, n, generator=gen) * 1e-3).bfloat16()
-    bf16 = _time(_linear_step(x, w, g, F.linear), "cpu", repeats)
-    print(f"\nCPU, one linear layer: x [{m}, {k}], w [{n}, {k}], bf16 (threads: {torch.get_num_threads()})")
-    print(f"{'recipe':<12}{'casts ms':>10}{'bf16 ms':>10}{'ratio':>8}{'fp8 emulated ms':>17}{'fp8 _scaled_mm ms':>19}")
-    print(f"{'bf16':<12}{'-':>10}{bf16 * 1e3:>10.2f}{'-':>8}{'-':>17}{'-':>19}")
     has_scaled_mm = scaled_mm_unsupported(torch.device("cpu"), torch.float8_e4m3fn, torch.float8_e4m3fn, False,
                                           torch.bfloat16) is None  # fmt: skip
+    runs: dict[str, Callable[[], None]] = {"bf16": _linear_step(x, w, g, F.linear)}
     for recipe in RECIPES:
-        casts, manager = _casts(recipe)
-
-        def cast_all(casts=casts, manager=manager, recipe=recipe):
-            casts.cast(x, INPUT, (False, False), record=True)
-            casts.cast(w, WEIGHT, (False, False), record=True)
-            casts.cast(g, GRAD, (False, False), record=True)
-            if recipe == "rowwise":  # the backward's casts along the other axis
-                casts.cast(w.t(), WEIGHT, (False, False), record=False)
-                casts.cast(g.t(), GRAD, (False, False), record=False)
-                casts.cast(x.t(), INPUT, (False, False), record=False)
-            manager.step()
-
-        cast_time = _time(cast_all, "cpu", repeats)
-        emulated = _time(_linear_step(x, w, g, lambda a, b, c=casts: fp8_linear(a, b, None, c, training=True)),
-                         "cpu", repeats)  # fmt: skip
-        scaled = "n/a"
-        if has_scaled_mm:
-            real, _ = _casts(recipe, "scaled_mm")
-            step = _linear_step(x, w, g, lambda a, b, c=real: fp8_linear(a, b, None, c, training=True))
-            scaled = f"{_time(step, 'cpu', repeats) * 1e3:.2f}"
-        print(f"{recipe:<12}{cast_time * 1e3:>10.2f}{bf16 * 1e3:>10.2f}{cast_time / bf16:>7.2f}x"
-              f"{emulated * 1e3:>17.2f}{scaled:>19}")  # fmt: skip
+        runs[f"{recipe} casts"] = _cast_all(x, w, g, recipe)
+        for matmul in ("emulated", "scaled_mm") if has_scaled_mm else ("emulated",):
+            casts, _ = _casts(recipe, matmul)
+            runs[f"{recipe} {matmul}"] = _linear_step(
+                x, w, g, lambda a, b, c=casts: fp8_linear(a, b, None, c, training=True)
+            )
+    for run in runs.values():  # warm the allocator for every row first: the first timed row would pay for it
+        for _ in range(3):
+            run()
+    ms = {name: _time(run, "cpu", repeats) * 1e3 for name, run in runs.items()}
+    bf16 = ms["bf16"]
+    print(f"\nCPU, one linear layer: x [{m}, {k}], w [{n}, {k}], bf16 (threads: {torch.get_num_threads()})")
+    print(f"{'recipe':<12}{'casts ms':>10}{'bf16 ms':>10}{'ratio':>8}{'fp8 emulated ms':>17}{'fp8 _scaled_mm ms':>19}")
+    print(f"{'bf16':<12}{'-':>10}{bf16:>10.2f}{'-':>8}{'-':>17}{'-':>19}")
+    for recipe in RECIPES:
+        cast = ms[f"{recipe} casts"]
+        scaled = f"{ms[f'{recipe} scaled_mm']:.2f}" if has_scaled_mm else "n/a"
+        print(
+            f"{recipe:<12}{cast:>10.2f}{bf16:>10.2f}{cast / bf16:>7.2f}x{ms[f'{recipe} emulated']:>17.2f}{scaled:>19}"
+        )
 
 
 LLAMA3_8B_LINEARS = {"qkv": (4096, 6144), "attn out": (4096, 4096), "gate-up": (4096, 28672), "down": (14336, 4096)}

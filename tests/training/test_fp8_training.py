@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megalith.core.checkpoint import read_tensor_metadata
+from megalith.core.checkpoint import read_full_tensors, read_tensor_metadata
 from megalith.core.fp8 import FP8_PREFIX
 from megalith.training.config_tree import load_config
 from megalith.training.run_config import RunConfig
@@ -114,10 +114,18 @@ def test_delayed_scaling_resumes_exactly_after_a_crash(tmp_path, world_size, ove
         assert crashed == full[:4]
         assert resumed == full[3:], "steps 4..6 again, bit for bit"
         assert same_state, "the amax histories and scales end where the uninterrupted run's do"
-    names = read_tensor_metadata(tmp_path / "crash/ck/iter_0000006")
+    ckpt = tmp_path / "crash/ck/iter_0000006"
+    names = read_tensor_metadata(ckpt)
     fp8 = sorted(n for n in names if n.startswith(FP8_PREFIX))
     assert "fp8/layers.0.attn.qkv/amax_history" in fp8 and "fp8/layers.3.mlp.fc2/scale" in fp8
     assert names["fp8/layers.0.attn.qkv/amax_history"].shape == (3, 3)
+    # The state is global (the same on every rank): one process loads it unchanged, whatever layout saved it.
+    saved = read_full_tensors(ckpt, fp8)
+    alone = Trainer(make_config(f"{tmp_path}/alone", *DELAYED, f"checkpoint.load={ckpt}"), stream=io.StringIO())
+    loaded = {k: v.tensor for k, v in alone.fp8.sharded_state().items()}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert alone.fp8.states[0].initialized
+    alone.close()
 
 
 def test_a_bf16_checkpoint_resumes_in_fp8_and_the_history_length_must_match(tmp_path):

@@ -147,3 +147,15 @@ def test_resume_state_restores_only_a_matching_delayed_state():
     assert manager.resume_state(dict.fromkeys(names), {**saved, "recipe": "tensorwise"}, "ck") == {}
     with pytest.raises(ValueError, match=r"ck keeps amax histories of 8 steps but fp8\.amax_history_len is 4"):
         manager.resume_state(dict.fromkeys(names), {**saved, "amax_history_len": 8}, "ck")
+
+
+def test_transformer_engine_with_full_recomputation_is_refused(monkeypatch):
+    monkeypatch.setattr(te_backend, "import_te", lambda: (None, None))
+    model = _build(gpt_config(), runtime=RuntimeConfig(recompute="full"))
+    with pytest.raises(ValueError, match=r"fp8\.backend=te with runtime\.recompute=full is not supported"):
+        apply_fp8(model, Fp8Config(recipe="delayed", backend="te"), device="cuda")
+
+
+def test_fp8_with_float16_parameters_is_refused():
+    with pytest.raises(ValueError, match=r"fp8 \(recipe tensorwise\) with float16 parameters is not supported"):
+        _build(gpt_config(), Fp8Config(recipe="tensorwise"), dtype=torch.float16)

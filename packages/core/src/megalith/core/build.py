@@ -83,6 +83,8 @@ def build_model_chunks(
         empty: allocate without drawing initial values (a checkpoint is about to fill them).
     """
     runtime = runtime or RuntimeConfig()
+    if fp8 is not None and fp8.enabled and dtype == torch.float16:
+        raise ValueError(f"fp8 (recipe {fp8.recipe}) with float16 parameters is not supported: use bfloat16 or float32")
     if dims is None:
         (model,) = build_model_chunks(config, _ALONE, runtime=runtime, fp8=fp8, seed=seed, device=device,
                                       dtype=dtype, empty=empty)  # fmt: skip

@@ -12,10 +12,11 @@ Engine. What it does, for each block linear that `fp8_targets` names:
   Float8CurrentScaling, `delayed`: DelayedScaling, `mxfp8`: MXFP8BlockScaling), amaxes reduced over
   `group("tp", "dp")`.
 
-Not swapped: the norms (TE's LayerNormLinear would move the norm's weight into the linear and change its
-canonical name) and the attention core (TE's attention draws dropout from TE's own RNG tracker, not the
-model's). TE keeps its scaling state (amax histories) inside its modules; Megalith does not checkpoint it,
-because TE serialises it with pickle, so a resumed TE run starts its histories afresh.
+Refused: full recomputation (TE's fp8 state needs TE's own checkpoint function there). Not swapped: the norms
+(TE's LayerNormLinear would move the norm's weight into the linear and change its canonical name) and the
+attention core (TE's attention draws dropout from TE's own RNG tracker, not the model's). TE keeps its
+scaling state (amax histories) inside its modules; Megalith does not checkpoint it, because TE serialises it
+with pickle, so a resumed TE run starts its histories afresh.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from megalith.core.fp8.config import Fp8Config
 from megalith.core.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megalith.core.parallel.mappings import group_size
 from megalith.core.placement import placement, set_placement
+from megalith.core.recompute import is_recomputed
 
 __all__ = ["apply_te", "import_te", "te_recipe"]
 
@@ -90,6 +92,12 @@ def apply_te(model: nn.Module, config: Fp8Config, dims, device=None) -> nn.Modul
     from megalith.core.fp8.apply import fp8_targets
 
     te, recipe_module = import_te()
+    if any(is_recomputed(layer) for layer in model.layers.values()):
+        raise ValueError(
+            "fp8.backend=te with runtime.recompute=full is not supported: Transformer Engine's fp8 state needs its "
+            "own checkpoint function when a layer is recomputed; use runtime.recompute=selective or none, or "
+            "fp8.backend=native"
+        )
     where = torch.device(device) if device is not None else next(model.parameters()).device
     where = torch.device("cpu") if where.type == "meta" else where  # built on meta with no device: the CPU
     if where.type != "cuda":
