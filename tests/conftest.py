@@ -1,4 +1,5 @@
-"""Shared pytest configuration: the `cuda` marker skips tests when no GPU can run Megalith's CUDA kernels."""
+"""Shared pytest configuration: the `cuda` marker skips tests when no GPU can run Megalith's CUDA kernels, the
+`te` marker when NVIDIA Transformer Engine does not import."""
 
 from __future__ import annotations
 
@@ -23,7 +24,19 @@ def _cuda_skip_reason() -> str | None:
     return None
 
 
+def _te_skip_reason() -> str | None:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # not installed, or its CUDA libraries fail to load
+        return f"transformer_engine does not import ({type(exc).__name__})"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    te_items = [item for item in items if item.get_closest_marker("te") is not None]
+    te_reason = _te_skip_reason() if te_items else None
+    for item in te_items if te_reason else ():
+        item.add_marker(pytest.mark.skip(reason=f"needs NVIDIA Transformer Engine: {te_reason}"))
     cuda_items = [item for item in items if "cuda" in item.keywords]
     if not cuda_items:
         return

@@ -34,12 +34,12 @@ def llama_config(**overrides) -> ModelConfig:
 
 
 def build(config: ModelConfig, dims=None, *, sequence_parallel: bool = False, runtime=None, seed: int = 1234,
-          dtype=None):  # fmt: skip
+          dtype=None, fp8=None):  # fmt: skip
     """The whole model (pp = 1) for this rank: tp-sharded per `dims`, or alone when `dims` is None."""
     from megalith.core import ParallelConfig, build_model_chunks
 
     parallel = None if dims is None else ParallelConfig(tp=dims.tp, sequence_parallel=sequence_parallel)
-    (model,) = build_model_chunks(config, dims, parallel=parallel, runtime=runtime, seed=seed, dtype=dtype)
+    (model,) = build_model_chunks(config, dims, parallel=parallel, runtime=runtime, fp8=fp8, seed=seed, dtype=dtype)
     return model
 
 

@@ -28,7 +28,8 @@ def test_help_documents_every_section(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for name in ("model.preset", "model.num_layers", "parallel.tp", "ddp.use_distributed_optimizer",
-                 "data.blend", "data.seq_len", "optimizer.lr", "checkpoint.load", "--load DIR"):  # fmt: skip
+                 "data.blend", "data.seq_len", "optimizer.lr", "checkpoint.load", "--load DIR", "fp8.recipe",
+                 "fp8.amax_history_len"):  # fmt: skip
         assert name in out, name
 
 
@@ -49,7 +50,13 @@ def test_print_config_resolves_preset_and_overrides(capsys):
         (["parallel.tp=3"], "num_attention_heads (4) is not divisible by tp (3)"),
         (["parallel.pp=3"], "model.num_layers (2) is not divisible by parallel.pp * virtual_stages (3)"),
         (["parallel.virtual_stages=2"], "virtual_stages (2) > 1 needs pp > 1"),
-        (["precision.dtype=fp8"], "precision.dtype: 'fp8' is not one of"),
+        (
+            ["precision.dtype=fp8"],
+            "precision.dtype=fp8 (in the overrides): fp8 is not a parameter dtype: set fp8.recipe",
+        ),
+        (["parallel.precision=fp8"], "parallel.precision=fp8 (in the overrides): fp8 is not a parameter dtype"),
+        (["fp8.recipe=delayed", "precision.dtype=fp16"], "cannot be combined with precision.dtype=fp16"),
+        (["fp8.recipe=mxfp8"], "fp8: Fp8Config.recipe 'mxfp8' needs backend 'te'"),
         (
             ["parallel.precision=bf16"],
             "config key 'parallel.precision' (in the overrides) was renamed: write 'precision.dtype'",

@@ -8,9 +8,10 @@ The order, each step one function (torchtitan's `pipeline_llama` + `parallelize_
    vocabulary-parallel embedding and output, sequence-parallel placements;
 4. runtime behaviour: the op set (`apply_kernels`), dropout (`apply_dropout`), activation recomputation
    (`apply_recompute`);
-5. materialisation (`init_weights`): every parameter cut from its canonical initial value, on the target device
+5. fp8 (`apply_fp8`): the block linears' matmuls in fp8 (native recipes, or Transformer Engine modules);
+6. materialisation (`init_weights`): every parameter cut from its canonical initial value, on the target device
    and dtype; the tied embedding shared between the first and the last stage;
-6. data parallelism: the caller wraps each chunk (`DistributedDataParallel`, or `apply_fsdp2`).
+7. data parallelism: the caller wraps each chunk (`DistributedDataParallel`, or `apply_fsdp2`).
 
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from megalith.core.config import ModelConfig, RuntimeConfig
+from megalith.core.fp8 import Fp8Config, apply_fp8
 from megalith.core.models.init import init_weights
 from megalith.core.models.ops import apply_kernels
 from megalith.core.models.transformer import AttentionCore, Dropout, Transformer
@@ -61,6 +63,7 @@ def build_model_chunks(
     *,
     parallel: ParallelConfig | None = None,
     runtime: RuntimeConfig | None = None,
+    fp8: Fp8Config | None = None,
     seed: int = 0,
     device=None,
     dtype: torch.dtype | None = None,
@@ -74,14 +77,17 @@ def build_model_chunks(
             None builds the whole model for this process alone (also inside a distributed job).
         parallel: sequence parallelism and the pipeline split (virtual stages, layers per stage).
         runtime: kernels, recomputation, dropout.
+        fp8: fp8 linears (None: none).
         seed: weights depend only on it and each parameter's canonical name; dropout streams start from it.
         device, dtype: where and in what precision to create the parameters.
         empty: allocate without drawing initial values (a checkpoint is about to fill them).
     """
     runtime = runtime or RuntimeConfig()
+    if fp8 is not None and fp8.enabled and dtype == torch.float16:
+        raise ValueError(f"fp8 (recipe {fp8.recipe}) with float16 parameters is not supported: use bfloat16 or float32")
     if dims is None:
-        (model,) = build_model_chunks(config, _ALONE, runtime=runtime, seed=seed, device=device, dtype=dtype,
-                                      empty=empty)  # fmt: skip
+        (model,) = build_model_chunks(config, _ALONE, runtime=runtime, fp8=fp8, seed=seed, device=device,
+                                      dtype=dtype, empty=empty)  # fmt: skip
         return [model]
     parallel = parallel or ParallelConfig(tp=dims.tp, pp=dims.pp)
     with torch.device("meta"):
@@ -96,6 +102,7 @@ def build_model_chunks(
         apply_kernels(part, runtime.kernels)
         apply_dropout(part, runtime.hidden_dropout, runtime.attention_dropout)
         apply_recompute(part, runtime.recompute, runtime.recompute_every)
+        apply_fp8(part, fp8, dims, device=device)
         part.rng.reset(seed, tp_rank=dims.tp_rank, pp_rank=dims.pp_rank, dp_rank=dims.dp_rank,
                        device=device or "cpu")  # fmt: skip
         chunks.append(init_weights(part, seed, device=device, dtype=dtype, empty=empty))

@@ -37,7 +37,8 @@ class PrecisionConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
-            raise ValueError(f"PrecisionConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            hint = " (fp8 is not a parameter dtype: use Fp8Config, the run's fp8.recipe)" if self.dtype == "fp8" else ""
+            raise ValueError(f"PrecisionConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}{hint}")
         if not 0 < self.min_loss_scale <= self.initial_loss_scale:
             raise ValueError(
                 f"PrecisionConfig: need 0 < min_loss_scale ({self.min_loss_scale}) <= "

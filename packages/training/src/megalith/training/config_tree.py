@@ -5,7 +5,8 @@ own configs, composed by `RunConfig`): field types drive the conversion, field m
 text, and each dataclass's own `__post_init__` the validation, whose ValueError is re-raised with the dotted
 path. A section class may start from defaults that depend on the given values (`config_defaults(data)`: the
 model section starts from its preset), and the root may list renamed keys (`RENAMED_KEYS`: old dotted key ->
-message naming the new one).
+message naming the new one) and refused values (`REJECTED_VALUES`: (dotted key, value) -> what to write
+instead).
 """
 
 from __future__ import annotations
@@ -224,17 +225,30 @@ def _type_name(tp: Any) -> str:
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Loads `cls` from an optional YAML/TOML/JSON file plus dotted `section.field=value` overrides."""
     data = apply_overrides(load_config_file(path) if path is not None else {}, overrides)
-    _check_renamed(data, getattr(cls, "RENAMED_KEYS", {}), str(path) if path is not None else "the overrides")
+    where = str(path) if path is not None else "the overrides"
+    _check_rejected(data, getattr(cls, "REJECTED_VALUES", {}), where)
+    _check_renamed(data, getattr(cls, "RENAMED_KEYS", {}), where)
     return config_from_dict(cls, data)
+
+
+def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+    return node
 
 
 def _check_renamed(data: Mapping[str, Any], renamed: Mapping[str, str], where: str) -> None:
     for old, message in renamed.items():
-        node: Any = data
-        for part in old.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
-        if node is not _MISSING:
+        if _lookup(data, old) is not _MISSING:
             raise ConfigError(f"config key {old!r} (in {where}) {message}")
+
+
+def _check_rejected(data: Mapping[str, Any], rejected: Mapping[tuple[str, str], str], where: str) -> None:
+    """`REJECTED_VALUES`: (dotted key, value) -> why that value is refused and what to write instead."""
+    for (key, value), message in rejected.items():
+        if _lookup(data, key) == value:
+            raise ConfigError(f"{key}={value} (in {where}): {message}")
 
 
 def config_to_dict(cfg: Any) -> Any:

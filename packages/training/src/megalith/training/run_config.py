@@ -2,9 +2,9 @@
 
 `RunConfig` is what `megalith-train --config FILE section.field=value ...` resolves. Its sections are the very
 config classes the components take: `model` is `megalith.core.ModelConfig` (a preset plus overrides:
-`model.preset=llama3-1b model.num_layers=4`), `runtime`, `loss`, `parallel`, `precision`, `ddp` and `optimizer`
-come from megalith.core, `schedule`, `training`, `checkpoint` and `logging` from the training loop, and `data`
-is defined here. The checks that span sections live in `RunConfig.__post_init__`.
+`model.preset=llama3-1b model.num_layers=4`), `runtime`, `loss`, `parallel`, `precision`, `fp8`, `ddp` and
+`optimizer` come from megalith.core, `schedule`, `training`, `checkpoint` and `logging` from the training loop,
+and `data` is defined here. The checks that span sections live in `RunConfig.__post_init__`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import ClassVar
 from megalith.core.config import PRESETS, ModelConfig, RuntimeConfig, check_tensor_parallel
 from megalith.core.distributed import DDPConfig, OptimizerConfig
 from megalith.core.fields import option
+from megalith.core.fp8 import Fp8Config
 from megalith.core.loss import LossConfig
 from megalith.core.parallel_dims import ParallelConfig
 from megalith.core.precision import PrecisionConfig
@@ -101,6 +102,7 @@ class RunConfig:
     loss: LossConfig = option(factory=LossConfig, help="Training loss.")
     parallel: ParallelConfig = option(factory=ParallelConfig, help="Parallel layout.")
     precision: PrecisionConfig = option(factory=PrecisionConfig, help="Numeric format and fp16 loss scaling.")
+    fp8: Fp8Config = option(factory=Fp8Config, help="fp8 matmuls in the transformer blocks' linear layers.")
     ddp: DDPConfig = option(factory=DDPConfig, help="Gradient buckets and the distributed optimizer (ZeRO-1).")
     optimizer: OptimizerConfig = option(factory=OptimizerConfig, help="Optimizer.")
     schedule: ScheduleConfig = option(factory=ScheduleConfig, help="Learning-rate and weight-decay schedule.")
@@ -124,6 +126,11 @@ class RunConfig:
         "parallel.overlap_grad_reduce": _moved("ddp.overlap_grad_reduce"),
         "parallel.distributed_optimizer": _moved("ddp.use_distributed_optimizer"),
         "parallel.fsdp": "was removed: megalith-train has no FSDP2 mode; use ddp.use_distributed_optimizer=true",
+    }
+    REJECTED_VALUES: ClassVar[dict[tuple[str, str], str]] = {
+        (key, "fp8"): "fp8 is not a parameter dtype: set fp8.recipe=tensorwise|delayed|rowwise (parameters stay "
+        "in precision.dtype, bf16 or fp32)"
+        for key in ("precision.dtype", "parallel.precision")
     }
 
     def __post_init__(self) -> None:
@@ -157,6 +164,11 @@ class RunConfig:
         _check(
             self.schedule.warmup_steps <= t.total_steps,
             f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds the run length ({t.total_steps} steps)",
+        )
+        _check(
+            not (self.fp8.enabled and self.precision.dtype == "fp16"),
+            f"fp8.recipe={self.fp8.recipe} cannot be combined with precision.dtype=fp16 (fp16 loss scaling and fp8 "
+            f"scaling do not compose); use precision.dtype=bf16",
         )
         _check(
             self.schedule.min_lr <= self.optimizer.lr,

@@ -26,10 +26,11 @@ from megalith.core import (
     flops_per_token,
     init_distributed,
 )
-from megalith.core.checkpoint import read_info
+from megalith.core.checkpoint import read_info, read_tensor_metadata
 from megalith.core.checkpoint.storage import probe_writable
 from megalith.core.config import PRESETS
 from megalith.core.distributed import AdamW, DistributedDataParallel
+from megalith.core.fp8 import Fp8Training
 from megalith.core.parallel.random import derive_seed
 from megalith.core.pipeline import forward_backward, unwrap
 from megalith.core.precision import make_loss_scaler
@@ -49,6 +50,10 @@ from megalith.training.train_state import (
 )
 
 __all__ = ["StepOutput", "Trainer", "no_weight_decay"]
+
+# Resume state a checkpoint may lack (written before the feature existed, or by a run without it): the loaded
+# run then starts that part afresh.
+_OPTIONAL_STATE = ("fp8",)
 
 
 def _shared_run_id() -> str:
@@ -101,6 +106,7 @@ class Trainer:
         self.total_steps = t.total_steps
         self.seq_len = cfg.data.seq_len
         self.chunks = self._build_model()
+        self.fp8 = Fp8Training([unwrap(chunk) for chunk in self.chunks], self.dims, cfg.fp8)
         self.loss_fn = build_loss_fn(unwrap(self.chunks[-1]), cfg.loss, kernels=cfg.runtime.kernels)
         self.loss_scaler = make_loss_scaler(self.precision)
         self.optimizer = AdamW(self.chunks, self.dims, cfg.optimizer, loss_scaler=self.loss_scaler,
@@ -162,6 +168,7 @@ class Trainer:
             self.dims,
             parallel=self.cfg.parallel,
             runtime=self.cfg.runtime,
+            fp8=self.cfg.fp8,
             seed=self.cfg.training.seed,
             device=self.device,
             dtype=self.precision.param_dtype,
@@ -200,11 +207,23 @@ class Trainer:
             f"model: {m.family}, {count_parameters(m) / 1e6:,.1f}M parameters, {m.num_layers} layers, "
             f"hidden {m.hidden_size}, vocab {m.vocab_size}\n"
             f"layout: tp {d.tp} x pp {d.pp} (x{self.cfg.parallel.virtual_stages} virtual) x dp {d.dp} = "
-            f"{self.env.world_size} ranks, {self.env.backend} on {self.device.type}, {self.precision.dtype}\n"
+            f"{self.env.world_size} ranks, {self.env.backend} on {self.device.type}, {self.precision.dtype}"
+            f"{self._fp8_banner()}\n"
             f"batch: {t.global_batch_size} x {self.seq_len} tokens per step ({self.num_microbatches} micro-batches "
             f"of {t.micro_batch_size} per rank), {self.total_steps} steps, data: {data}\n"
             f"run directory: {self.run_dir}"
         )
+
+    def _fp8_banner(self) -> str:
+        f = self.cfg.fp8
+        if not f.enabled:
+            return ""
+        kept = f" (first {f.first_layers_in_bf16} / last {f.last_layers_in_bf16} layers in {self.precision.dtype})"
+        return f", fp8 {f.recipe} {f.format} ({f.backend})" + (kept if f.first_layers_in_bf16 or
+                                                              f.last_layers_in_bf16 else "")  # fmt: skip
+
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.logging.log_interval == 0 or step == self.total_steps
 
     # ---- one step ---------------------------------------------------------------------------------------
 
@@ -238,7 +257,9 @@ class Trainer:
             )
         lr, scale = self.optimizer.lr, self.loss_scaler.scale
         self.optimizer.zero_grad()
+        self.fp8.set_collect_stats(self._is_log_step(step))  # saturation/underflow counts of logged steps only
         loss = self.forward_backward(batches)
+        self.fp8.step()  # delayed scaling: this step's amaxes into the histories (also for a skipped step)
         applied, grad_norm = False, float("nan")
         if self.nonfinite.check(step, loss):
             result = self.optimizer.step()
@@ -325,8 +346,7 @@ class Trainer:
         self.meter.add_tokens(tokens)
         self.history.append(dataclasses.asdict(out))
         self._window.append(out)
-        log = self.cfg.logging
-        if self.step % log.log_interval and self.step != self.total_steps:
+        if not self._is_log_step(self.step):
             return
         finite = [o.loss for o in self._window if math.isfinite(o.loss)]
         norms = [o.grad_norm for o in self._window if o.applied]
@@ -341,6 +361,8 @@ class Trainer:
         }
         if self.precision.dtype == "fp16":
             metrics["loss_scale"] = out.loss_scale
+        if self.cfg.fp8.enabled:
+            metrics.update(self.fp8.metrics())  # collective: every rank records every step
         self._window = []
         self.logger.log(self.step, metrics)
 
@@ -359,6 +381,7 @@ class Trainer:
         state = model_state(self.chunks)
         if ck.save_optimizer:
             state.update(optimizer_state(self.optimizer))
+            state.update(self.fp8.sharded_state())
         tok = self.cfg.data.tokenizer_model
         tok_dir = tok if tok is not None and os.path.isdir(tok) else None
         start = time.perf_counter()
@@ -408,13 +431,16 @@ class Trainer:
 
     def _stateful(self) -> dict[str, Any]:
         """Everything a resume restores besides tensors and RNG states, by name in the checkpoint's JSON."""
-        return {
+        stateful = {
             "trainer": self,
             "optimizer": AdamCounters(self.optimizer),
             "scheduler": self.scheduler,
             "loss_scaler": self.loss_scaler,
             "nonfinite": self.nonfinite,
         }
+        if self.cfg.fp8.enabled:
+            stateful["fp8"] = self.fp8
+        return stateful
 
     def _extra_state(self) -> dict[str, Any]:
         extra = {name: obj.state_dict() for name, obj in self._stateful().items()}
@@ -445,6 +471,7 @@ class Trainer:
         state = model_state(self.chunks)
         if resume:
             state.update(optimizer_state(self.optimizer))
+            state.update(self._fp8_resume_state(ckpt, info))
         loaded = self.checkpoints.load(state, ckpt, load_rng=ck.load_rng and resume, verify=ck.verify)
         if not resume:
             masters_from_params(self.optimizer)
@@ -452,12 +479,23 @@ class Trainer:
             self.logger.message(f"loaded model weights from {loaded.path} (fresh optimizer, step 0)")
             return
         self.optimizer.sync_params_from_master()
-        missing = [name for name in self._stateful() if name not in loaded.extra]
+        missing = [name for name in self._stateful() if name not in loaded.extra and name not in _OPTIONAL_STATE]
         if missing:
             raise ValueError(f"{loaded.path}: megalith.json lacks the resume state {missing}")
         for name, obj in self._stateful().items():
-            obj.load_state_dict(loaded.extra[name])
+            if name in loaded.extra:
+                obj.load_state_dict(loaded.extra[name])
         self.logger.message(f"resumed from {loaded.path} at step {self.step}")
+
+    def _fp8_resume_state(self, ckpt: Path, info: dict[str, Any]) -> dict[str, Any]:
+        """The delayed-scaling tensors to restore from `ckpt` (none: scaling starts afresh, as in a new run)."""
+        if not self.fp8.delayed:
+            return {}
+        saved = (info.get("extra") or {}).get("fp8")
+        state = self.fp8.resume_state(read_tensor_metadata(ckpt), saved, ckpt)
+        if not state:
+            self.logger.message(f"{ckpt} has no delayed-scaling state for these fp8 layers: scaling starts afresh")
+        return state
 
     def close(self) -> None:
         if self.checkpoints is not None:

@@ -159,10 +159,14 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, self.group)
         else:
             x = copy_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.weight, self.bias)
         if self.vocab_size is not None:
             y = mask_padding_columns(y, self.vocab_start, self.vocab_size)
         return gather_from_tp_region(y, self.group) if self.gather_output else y
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's local product `x @ weight^T (+ bias)`; `megalith.core.fp8.apply_fp8` makes it fp8."""
+        return F.linear(x, weight, bias)
 
     @classmethod
     def from_module(cls, linear: nn.Linear, **kwargs) -> ColumnParallelLinear:
@@ -207,12 +211,16 @@ class RowParallelLinear(nn.Module):
             _new_param(self, "bias", (out_features,), None, device, dtype, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:
             y = reduce_from_tp_region(y, self.group)
         return y if self.bias is None else y + self.bias
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's local product `x @ weight^T (+ bias)`; `megalith.core.fp8.apply_fp8` makes it fp8."""
+        return F.linear(x, weight, bias)
 
     @classmethod
     def from_module(cls, linear: nn.Linear, **kwargs) -> RowParallelLinear:

@@ -1,0 +1,94 @@
+"""`apply_fp8`: the transformer blocks' linear layers switched to fp8, from outside the model.
+
+One step of `build_model_chunks`'s order, after tensor parallelism and recomputation and before the weights
+are materialised. The linears of each block (attention qkv and output projection, MLP fc1 and fc2; plain
+`nn.Linear` alone, column/row-parallel under tp, fused qkv and gate-up included) run their matmuls in fp8.
+Everything in `HIGH_PRECISION_MODULES` keeps the parameter dtype, as do the layers `first_layers_in_bf16` and
+`last_layers_in_bf16` exclude.
+
+The native backend keeps each module and its parameters: only its class is swapped for a subclass whose local
+matmul is fp8 (as `apply_recompute` and FSDP2 swap classes), so names, placements and checkpoints are those
+of the bf16 model. The chunk gets the scaling state of its fp8 linears as `fp8_scaling`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from megalith.core.fp8.config import Fp8Config
+from megalith.core.fp8.linear import Fp8Matmul, Fp8PlainLinear, LinearCasts
+from megalith.core.fp8.state import ChunkScaling
+from megalith.core.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megalith.core.parallel.mappings import group_size
+
+__all__ = ["BLOCK_LINEARS", "apply_fp8", "fp8_targets", "is_fp8"]
+
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+"""The linears of a transformer block that fp8 applies to (relative names)."""
+
+_CLASSES: dict[type, type] = {}
+
+
+def fp8_targets(model: nn.Module, config: Fp8Config) -> Iterator[tuple[str, nn.Module]]:
+    """(canonical name, module) of every linear of `model` (a Transformer or a stage of one) that runs in fp8."""
+    num_layers = model.config.num_layers
+    for key, layer in model.layers.items():
+        if not config.in_fp8(layer.layer_id, num_layers):
+            continue
+        for path in BLOCK_LINEARS:
+            module = layer.get_submodule(path)
+            if not isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+                raise TypeError(f"fp8: layers.{key}.{path} is a {type(module).__name__}, not a linear layer")
+            yield f"layers.{key}.{path}", module
+
+
+def is_fp8(module: nn.Module) -> bool:
+    """Whether the native backend runs `module`'s matmul in fp8."""
+    return isinstance(module, Fp8Matmul)
+
+
+def apply_fp8(model: nn.Module, config: Fp8Config | None, dims=None, *, device=None) -> nn.Module:
+    """Runs the block linears of `model` in fp8 per `config` (in place; nothing when fp8 is off).
+
+    Args:
+        model: a Transformer or a pipeline stage of one, after tensor parallelism (on meta or materialised).
+        config: the fp8 section; None or recipe 'none' leaves the model as it is.
+        dims: the topology (the Transformer Engine backend takes its tp group from it; None alone).
+        device: where the model will live: the native backend keeps its scaling state there (and follows the
+            layers if they move); the Transformer Engine backend needs CUDA.
+
+    Returns:
+        The model.
+    """
+    if config is None or not config.enabled:
+        return model
+    if config.backend == "te":
+        from megalith.core.fp8.te import apply_te
+
+        return apply_te(model, config, dims, device)
+    targets = list(fp8_targets(model, config))
+    if any(is_fp8(module) for _, module in targets):
+        raise ValueError("apply_fp8: the model's linears already run in fp8 (apply it once)")
+    state = ChunkScaling(config, [name for name, _ in targets], device)
+    for index, (name, module) in enumerate(targets):
+        parallel = isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+        group = module.group if parallel and group_size(module.group) > 1 else None
+        casts = LinearCasts(
+            name, state, index, group=group,
+            k_sharded=group is not None and isinstance(module, RowParallelLinear),
+            n_sharded=group is not None and isinstance(module, ColumnParallelLinear),
+        )  # fmt: skip
+        _swap_class(module, parallel)
+        module.fp8_casts = casts
+    model.fp8_scaling = state
+    return model
+
+
+def _swap_class(module: nn.Module, parallel: bool) -> None:
+    cls = type(module)
+    if cls not in _CLASSES:
+        mixin = Fp8Matmul if parallel else Fp8PlainLinear
+        _CLASSES[cls] = type(f"Fp8{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+    module.__class__ = _CLASSES[cls]

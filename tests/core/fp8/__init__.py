@@ -1,0 +1,1 @@
+"""Tests of megalith.core.fp8."""
