@@ -5,10 +5,11 @@
                                             # B=4, S=4096, Hq=32, Hkv=8, D=128, causal) vs torch eager,
                                             # torch.compile of the reference, and SDPA for attention
 
-Times are medians (CUDA events on the GPU, perf_counter on the CPU) of forward + backward. GB/s counts the
-bytes each op must read and write once; on the GPU it is also shown as a fraction of the device-to-device
-copy bandwidth measured in the same run. Attention reports TFLOP/s (causal: half of the 4*B*S^2*Hq*D forward
-FLOPs, times 3.5 for forward + backward).
+Times are medians (CUDA events on the GPU, perf_counter on the CPU) of the forward alone (no autograd) and of
+forward + backward; the backward is their difference. GB/s counts the bytes each pass must read and write once,
+also shown as a fraction of the device-to-device copy bandwidth measured in the same run. Attention reports
+TFLOP/s (causal: half of the 4*B*S^2*Hq*D forward FLOPs, times 3.5 for forward + backward). `measure()` returns
+the rows (benchmarks/gpu_report.py reuses it); `print_table()` prints them.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def _fwd_bwd(fn: Callable, tensors: list[torch.Tensor], extra: tuple) -> Callabl
     return run
 
 
+def _fwd(fn: Callable, tensors: list[torch.Tensor], extra: tuple) -> Callable[[], None]:
+    """The forward alone, without autograd (what inference, or the forward half of a training step, costs)."""
+
+    def run():
+        with torch.no_grad():
+            fn(*tensors, *extra)
+
+    return run
+
+
 def _cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, attn: tuple[int, int, int, int, int]):
     def r(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
@@ -69,13 +80,15 @@ def _cases(device: str, dtype: torch.dtype, tokens: int, hidden: int, attn: tupl
     target = torch.randint(0, vocab, (rows_ce,), device=device)
     rope_x = r(b, s, hq, d)
     e = torch.finfo(dtype).bits // 8
+    th = tokens * hidden * e
+    # (forward, backward) bytes each op must read and write once; weights and per-row statistics are negligible.
     nbytes = {
-        "rms_norm": 4 * tokens * hidden * e,  # x, y forward; dy, x, dx backward (weights are negligible)
-        "layer_norm": 4 * tokens * hidden * e,
-        "swiglu": 7 * tokens * hidden * e,
-        "bias_gelu": 5 * tokens * hidden * e,
-        "rope": 4 * rope_x.numel() * e,
-        "cross_entropy": 3 * rows_ce * vocab * e,
+        "rms_norm": (2 * th, 3 * th),  # x -> y; dy, x -> dx
+        "layer_norm": (2 * th, 3 * th),
+        "swiglu": (3 * th, 5 * th),  # gate, up -> out; dout, gate, up -> dgate, dup
+        "bias_gelu": (2 * th, 3 * th),  # x -> y; dy, x -> dx
+        "rope": (2 * rope_x.numel() * e, 2 * rope_x.numel() * e),  # x -> y; dy -> dx
+        "cross_entropy": (rows_ce * vocab * e, 2 * rows_ce * vocab * e),  # logits -> loss; logits -> dlogits
     }
     cases = [
         ("rms_norm", ops.rms_norm, ref.rms_norm, [r(tokens, hidden), r(hidden)], ()),
@@ -95,40 +108,71 @@ def _sdpa(q, k, v, causal):
     ).transpose(1, 2)
 
 
-def _copy_bandwidth(device: str, repeats: int) -> float:
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """Bytes/s of a 256 MiB device-to-device copy, counting bytes read plus bytes written."""
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() / _time(lambda: dst.copy_(src), device, repeats)
 
 
-def run(device: str, dtype: torch.dtype, tokens: int, hidden: int, attn, repeats: int, compile_ref: bool) -> None:
+def _timings(fn: Callable, tensors: list[torch.Tensor], extra: tuple, device: str, repeats: int) -> dict[str, float]:
+    """Milliseconds of the forward (no autograd), of forward + backward, and their difference (the backward)."""
+    fwd = _time(_fwd(fn, tensors, extra), device, repeats) * 1e3
+    both = _time(_fwd_bwd(fn, tensors, extra), device, repeats) * 1e3
+    return {"fwd_ms": fwd, "fwd_bwd_ms": both, "bwd_ms": max(both - fwd, 0.0)}
+
+
+def measure(device: str, dtype: torch.dtype, tokens: int, hidden: int, attn, repeats: int, compile_ref: bool) -> dict:
+    """Every op's Megalith and torch-eager times (and torch.compile of the reference when asked; SDPA for attention
+    on CUDA), with GB/s as a fraction of the copy bandwidth (memory-bound ops) or TFLOP/s (attention).
+
+    Returns {"device", "dtype", "tokens", "hidden", "attention", "copy_gbs", "rows": [...]}: one row per op and
+    implementation, keyed "op", "impl", fwd_ms, bwd_ms, fwd_bwd_ms, "speedup" (eager fwd+bwd time over this
+    row's), and fwd/bwd GB/s and % of copy or fwd/fwd_bwd TFLOP/s.
+    """
     cases, nbytes = _cases(device, dtype, tokens, hidden, attn)
-    copy_bw = _copy_bandwidth(device, repeats)
+    copy_bw = copy_bandwidth(device, repeats)
     b, s, hq, _, d = attn
-    attn_flops = 4 * b * s * s * hq * d * 0.5 * 3.5
-    print(f"\n{device} {str(dtype).replace('torch.', '')}: tokens {tokens}, hidden {hidden}, attention {attn}, "
-          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (forward + backward, median of {repeats})")  # fmt: skip
-    header = f"{'op':<14}{'megalith ms':>12}{'eager ms':>10}{'speedup':>9}"
-    header += f"{'compiled ms':>13}" if compile_ref else ""
-    header += f"{'megalith GB/s':>15}{'% of copy':>10}{'TFLOP/s':>9}"
-    print(header)
+    attn_fwd_flops = 4 * b * s * s * hq * d * 0.5
+    rows = []
     for name, op, reference, tensors, extra in cases:
-        ours = _time(_fwd_bwd(op, tensors, extra), device, repeats)
-        eager = _time(_fwd_bwd(reference, tensors, extra), device, repeats)
-        line = f"{name:<14}{ours * 1e3:>12.3f}{eager * 1e3:>10.3f}{eager / ours:>8.2f}x"
+        impls = [("megalith", op), ("eager", reference)]
         if compile_ref:
-            compiled = _time(_fwd_bwd(torch.compile(reference), tensors, extra), device, repeats)
-            line += f"{compiled * 1e3:>13.3f}"
-        if name == "attention":
-            line += f"{'':>15}{'':>10}{attn_flops / ours / 1e12:>9.3f}"
-        else:
-            gbs = nbytes[name] / ours
-            line += f"{gbs / 1e9:>15.1f}{100 * gbs / copy_bw:>9.0f}%"
-        print(line)
+            impls.append(("compiled", torch.compile(reference)))
         if name == "attention" and device == "cuda":
-            sdpa = _time(_fwd_bwd(_sdpa, tensors, extra), device, repeats)
-            print(f"{'  sdpa':<14}{sdpa * 1e3:>12.3f}{'':>10}{sdpa / ours:>8.2f}x (megalith vs SDPA)"
-                  f"{'':>13}{'':>15}{'':>10}{attn_flops / sdpa / 1e12:>9.3f}")  # fmt: skip
+            impls.append(("sdpa", _sdpa))
+        times = {impl: _timings(fn, tensors, extra, device, repeats) for impl, fn in impls}
+        for impl, t in times.items():
+            row = {"op": name, "impl": impl, **t, "speedup": times["eager"]["fwd_bwd_ms"] / t["fwd_bwd_ms"]}
+            if name == "attention":
+                row["fwd_tflops"] = attn_fwd_flops / t["fwd_ms"] / 1e9
+                row["fwd_bwd_tflops"] = 3.5 * attn_fwd_flops / t["fwd_bwd_ms"] / 1e9
+            else:
+                fwd_bytes, bwd_bytes = nbytes[name]
+                row["fwd_gbs"] = fwd_bytes / t["fwd_ms"] / 1e6
+                row["bwd_gbs"] = bwd_bytes / t["bwd_ms"] / 1e6 if t["bwd_ms"] > 0 else float("nan")
+                row["fwd_pct_copy"] = 100 * row["fwd_gbs"] * 1e9 / copy_bw
+                row["bwd_pct_copy"] = 100 * row["bwd_gbs"] * 1e9 / copy_bw
+            rows.append(row)
+    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "hidden": hidden,
+            "attention": list(attn), "copy_gbs": copy_bw / 1e9, "rows": rows}  # fmt: skip
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['device']} {result['dtype']}: tokens {result['tokens']}, hidden {result['hidden']}, attention "
+          f"{tuple(result['attention'])}, copy bandwidth {result['copy_gbs']:.1f} GB/s (medians)")  # fmt: skip
+    print(f"{'op':<14}{'impl':<10}{'fwd ms':>9}{'bwd ms':>9}{'vs eager':>9}{'fwd GB/s':>10}{'%copy':>7}"
+          f"{'bwd GB/s':>10}{'%copy':>7}{'fwd TF/s':>10}{'f+b TF/s':>10}")  # fmt: skip
+    for r in result["rows"]:
+        line = f"{r['op']:<14}{r['impl']:<10}{r['fwd_ms']:>9.3f}{r['bwd_ms']:>9.3f}{r['speedup']:>8.2f}x"
+        if "fwd_tflops" in r:
+            line += f"{'':>34}{r['fwd_tflops']:>10.3g}{r['fwd_bwd_tflops']:>10.3g}"
+        else:
+            line += f"{r['fwd_gbs']:>10.1f}{r['fwd_pct_copy']:>6.0f}%{r['bwd_gbs']:>10.1f}{r['bwd_pct_copy']:>6.0f}%"
+        print(line)
+
+
+CUDA_SHAPES = {"tokens": 16384, "hidden": 4096, "attn": (4, 4096, 32, 8, 128)}  # llama3-8b: hidden 4096, GQA 32/8
 
 
 def main() -> None:
@@ -138,12 +182,13 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     for dtype in (torch.float32, torch.bfloat16):
-        run("cpu", dtype, 2048, 1024, (1, 512, 8, 2, 64), args.repeats, compile_ref=False)
+        print_table(measure("cpu", dtype, 2048, 1024, (1, 512, 8, 2, 64), args.repeats, compile_ref=False))
     if args.cuda:
         if not torch.cuda.is_available():
             raise SystemExit("--cuda: torch sees no CUDA device")
-        for dtype in (torch.bfloat16,):
-            run("cuda", dtype, 16384, 4096, (4, 4096, 32, 8, 128), max(args.repeats, 10), compile_ref=True)
+        shapes = CUDA_SHAPES
+        print_table(measure("cuda", torch.bfloat16, shapes["tokens"], shapes["hidden"], shapes["attn"],
+                            max(args.repeats, 10), compile_ref=True))  # fmt: skip
 
 
 if __name__ == "__main__":
