@@ -6,6 +6,7 @@ import torch
 
 from megalith.core import ModelConfig, ParallelConfig, ParallelDims, build_loss_fn, build_model_chunks
 from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, OptimizerConfig
+from megalith.core.distributed.ddp import grad_of
 from megalith.core.pipeline import forward_backward, unwrap
 from megalith.core.precision import PrecisionConfig, make_loss_scaler
 from tests.core.pipe.model import make_batches, reference_loss, reference_model
@@ -30,11 +31,12 @@ def loss_fn(chunks):
     return build_loss_fn(unwrap(chunks[-1]))
 
 
-def named(chunks, attr: str | None = None) -> dict[str, torch.Tensor]:
+def named(chunks, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or its gradient: the DDP buffer's fp32 main_grad, or autograd's when there is none)."""
     out = {}
     for c in chunks:
         for name, p in c.module.named_parameters():
-            t = p if attr is None else getattr(p, attr)
+            t = grad_of(p) if grads else p
             out[name] = t.detach().float().clone()
     return out
 
@@ -48,7 +50,7 @@ def grads_worker(rank, world, cfg: ModelConfig, pp: int, vp: int, m: int, layers
         chunks, batches, dims, loss_fn=loss_fn(chunks), hidden_shape=(MICRO_BATCH, cfg.max_seq_len, cfg.hidden_size),
         dtype=torch.float32,
     )  # fmt: skip
-    return loss, named(chunks, "main_grad")
+    return loss, named(chunks, grads=True)
 
 
 def train_worker(
@@ -98,18 +100,21 @@ def train_worker(
             )
         )
         if step == inject_inf_step and dims.dp_rank == dims.dp - 1 and dims.pp_rank == 0:
-            chunks[0].grad_buffer[opt.ranges[0].lo] = float("inf")  # one rank's (reduced) gradient overflows
+            grad = opt.pieces[0].master.grad if opt.sharded else grad_of(opt.pieces[0].param)
+            grad.view(-1)[0] = float("inf")  # one rank's (reduced) gradient overflows
         results.append(opt.step())
         history.append(named(chunks))
-    state = [(r.lo, r.hi, r.master.numel(), r.exp_avg.numel(), r.exp_avg_sq.numel()) for r in opt.ranges]
+    # The buffer range each rank's optimizer owns (ZeRO-1 shards), and the elements it keeps Adam state for.
+    shards = [(r.lo, r.hi) for r in opt.shards]
+    owned_numel = sum(r.hi - r.lo for r in opt.shards) if zero else sum(p.length for p in opt.pieces)
     dtypes = {
         "params": {str(p.dtype) for c in chunks for p in c.module.parameters()},
-        "main_grads": {str(p.main_grad.dtype) for c in chunks for p in c.module.parameters()},
-        "masters": {str(r.master.dtype) for r in opt.ranges},
+        "main_grads": {str(grad_of(p).dtype) for c in chunks for p in c.module.parameters()},
+        "masters": {str(p.master.dtype) for p in opt.pieces},
     }
     # Under ZeRO-1 the parameters in the owned shards are exactly the fp32 masters rounded to the param dtype.
     rounded = not zero or all(
-        torch.equal(r.ddp.param_buffer[r.lo : r.hi], r.master.to(pcfg.param_dtype)) for r in opt.ranges
+        torch.equal(r.ddp.param_buffer[r.lo : r.hi], r.master.to(pcfg.param_dtype)) for r in opt.shards
     )
     # Which elements of each parameter this rank's optimizer owns, and whether its master copy equals them.
     owned = [
@@ -127,12 +132,15 @@ def train_worker(
         "results": results,
         "scales": scales,
         "params": named(chunks),
-        "state": state,
+        "shards": shards,
+        "owned_numel": owned_numel,
+        "state_numel": sum(p.length for p in opt.pieces),
+        "masters_are_params": all(p.master is p.param for p in opt.pieces),
         "history": history,
         "dtypes": dtypes,
         "rounded": rounded,
         "state_bytes": opt.state_bytes(),
-        "buffer_numel": sum(c.grad_buffer.numel() for c in chunks),
+        "buffer_numel": sum(c.grad_buffer.numel() if c.grad_buffer is not None else 0 for c in chunks),
     }
 
 

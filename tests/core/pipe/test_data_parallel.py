@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from tests.core.pipe.common import OPT, reference_training, train_worker
+from megalith.core.distributed import AdamW, OptimizerConfig
+from megalith.core.pipeline import forward_backward
+from tests.core.pipe.common import OPT, build, loss_fn, reference_training, step_batches, train_worker
 from tests.core.pipe.model import tiny_config
 from tests.harness import run_distributed
 
@@ -36,12 +38,12 @@ def test_data_parallel_adamw_matches_one_process(dp, zero):
         assert out["losses"] == pytest.approx(ref_losses, rel=1e-5)
         assert all(r.applied for r in out["results"])
     _check_params(results, ref_params)
-    # Optimizer state (fp32 master + two moments) is 1/dp of the (padded) gradient buffer with ZeRO-1.
+    # The optimizer owns 1/dp of the (padded) gradient buffer with ZeRO-1, all of it otherwise. Parameters are
+    # fp32, so they are their own masters: the state is the two Adam moments alone (8 bytes per element).
     for out in results:
-        owned = sum(master for _, _, master, _, _ in out["state"])
-        assert all(master == a == b for _, _, master, a, b in out["state"])
-        assert owned * (dp if zero else 1) == out["buffer_numel"]
-        assert out["state_bytes"] == 12 * owned
+        assert out["owned_numel"] * (dp if zero else 1) == out["buffer_numel"]
+        assert out["state_bytes"] == 8 * out["state_numel"]
+        assert out["masters_are_params"] == (not zero)
     # param_segments: over the dp ranks every element of every parameter is owned exactly once (ZeRO-1) or
     # by every rank (replicated), and the fp32 master equals the parameter.
     for name, ref in ref_params.items():
@@ -53,7 +55,7 @@ def test_data_parallel_adamw_matches_one_process(dp, zero):
                     assert master_matches, name
         assert bool((counts == (1 if zero else dp)).all()), name
     if zero:
-        ranges = sorted((lo, hi) for out in results for lo, hi, *_ in out["state"])
+        ranges = sorted(shard for out in results for shard in out["shards"])
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges)), "shards are disjoint"
 
 
@@ -133,3 +135,28 @@ def test_bf16_keeps_fp32_main_grads_and_masters_and_tracks_fp32():
         # average the bf16 run stays far closer to the fp32 one than a single step's movement.
         diffs = torch.cat([(v - ref_params[n]).abs().reshape(-1) for n, v in out["params"].items()])
         assert diffs.mean() < 0.25 * OPT_LR * STEPS, float(diffs.mean())
+
+
+def test_one_process_fp32_keeps_no_buffers_no_masters_and_matches_torch():
+    """dp = 1 with fp32 parameters: no gradient buffer, no hooks, no fp32 master copy, autograd's own gradients;
+    the fused update is torch's AdamW's, so three steps equal the plain torch loop."""
+    from megalith.core import ParallelDims
+
+    cfg = tiny_config(num_layers=2)
+    dims = ParallelDims()
+    (ddp,) = build(cfg, dims)
+    assert ddp.native and ddp.grad_buffer is None and not ddp._hooks
+    opt = AdamW([ddp], dims, OptimizerConfig(**OPT, clip_grad=0.5))
+    assert all(p.master is p.param for p in opt.pieces)
+    assert opt.state_bytes() == 8 * sum(p.numel() for p in ddp.module.parameters())
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        batches = step_batches(cfg, step, 2, 1)[0]
+        losses.append(forward_backward([ddp], batches, dims, loss_fn=loss_fn([ddp]), hidden_shape=(2, 8, 16),
+                                       dtype=torch.float32))  # fmt: skip
+        assert opt.step().applied
+    ref_losses, _, ref_params = reference_training(cfg, 2, 1, STEPS, clip=0.5)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for name, p in ddp.module.named_parameters():
+        torch.testing.assert_close(p.detach(), ref_params[name], rtol=1e-4, atol=2e-5, msg=name)

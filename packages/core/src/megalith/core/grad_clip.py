@@ -14,16 +14,12 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor
+from torch.distributed.tensor import DTensor
 
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.placement import Placement, named_placements
 
-__all__ = ["any_nonfinite", "clip_grad_norm_", "global_norm", "is_counted"]
+__all__ = ["clip_grad_norm_", "global_norm", "is_counted"]
 
 
 def is_counted(where: Placement, dims: ParallelDims) -> bool:
@@ -60,12 +56,6 @@ def global_norm(local_squares: torch.Tensor, dims: ParallelDims, *, dp_sharded: 
     """The global L2 norm from this rank's sum of squared (counted) gradient elements (an fp32 scalar)."""
     total = local_squares.detach().to(torch.float64).reshape(1).clone()
     return _sum_over(total, dims, dp_sharded).sqrt().to(torch.float32)[0]
-
-
-def any_nonfinite(local_flag: bool, device, dims: ParallelDims) -> bool:
-    """True on every rank if any rank of the tp x pp x dp grid saw an inf/NaN gradient."""
-    flag = torch.tensor([1.0 if local_flag else 0.0], device=device)
-    return bool(_sum_over(flag, dims, dp_sharded=True, op=dist.ReduceOp.MAX).item() > 0)
 
 
 def clip_grad_norm_(

@@ -1,12 +1,17 @@
 """Data parallelism: contiguous fp32 main-gradient buffers reduced per bucket while backward is still running.
 
-Each parameter gets `p.main_grad`, a view into one flat fp32 buffer; a post-accumulate hook adds `p.grad` into
-it and frees `p.grad`, so low-precision gradients are accumulated in fp32 across micro-batches. Parameters are
-grouped into buckets (in reverse registration order, roughly the order backward produces them). While
-gradient sync is enabled (the schedule enables it only for the last micro-batch's backward), a bucket's
-collective is launched asynchronously as soon as every parameter in it has its gradient: an all-reduce, or a
-reduce-scatter when a distributed optimizer owns 1/dp of each bucket. Gradients are pre-divided by dp so the
-summing collective yields the dp average. Earlier micro-batches trigger no communication at all.
+Each parameter gets `p.main_grad`, a view into one flat fp32 buffer; a post-accumulate hook moves `p.grad` into
+it (a copy scaled by 1/dp for the step's first micro-batch, an add after that, so the buffer is never zeroed) and
+frees `p.grad`, so low-precision gradients are accumulated in fp32 across micro-batches. Parameters are grouped
+into buckets (in reverse registration order, roughly the order backward produces them). While gradient sync is
+enabled (the schedule enables it only for the last micro-batch's backward), a bucket's collective is launched
+asynchronously as soon as every parameter in it has its gradient: an all-reduce, or a reduce-scatter when a
+distributed optimizer owns 1/dp of each bucket. The 1/dp factor the hook applied makes the summing collective
+yield the dp average. Earlier micro-batches trigger no communication at all.
+
+A layout with nothing to reduce and nothing to upcast (dp == 1, fp32 parameters, no distributed optimizer) needs
+none of this: the wrapper then keeps no buffers and no hooks, autograd accumulates `p.grad` itself, and the
+optimizer reads `p.grad` (`grad_of`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from megalith.core.fields import option
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.placement import named_placements
 
-__all__ = ["Bucket", "DDPConfig", "DistributedDataParallel", "all_gather_into", "reduce_scatter_into"]
+__all__ = ["Bucket", "DDPConfig", "DistributedDataParallel", "all_gather_into", "grad_of", "reduce_scatter_into"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +50,13 @@ class DDPConfig:
     def __post_init__(self) -> None:
         if self.bucket_size is not None and self.bucket_size < 1:
             raise ValueError(f"DDPConfig.bucket_size must be a positive element count or None, got {self.bucket_size}")
+
+
+def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient the optimizer and the gradient reductions act on: the fp32 `main_grad` a DDP buffer holds for
+    `p`, else `p.grad` (None when `p` got no gradient)."""
+    grad = getattr(p, "main_grad", None)
+    return p.grad if grad is None else grad
 
 
 def reduce_scatter_into(output: torch.Tensor, data: torch.Tensor, group, async_op: bool):
@@ -101,16 +113,26 @@ class DistributedDataParallel(nn.Module):
         if len(dtypes) > 1 or len(devices) > 1:
             raise ValueError(f"DistributedDataParallel: parameters must share one dtype/device, got {dtypes} {devices}")
         self.param_dtype = params[0].dtype
+        self.params = params
+        # Nothing to reduce and nothing to upcast: autograd's own accumulation into p.grad is all that is needed.
+        self.native = self.dp == 1 and self.param_dtype == torch.float32 and not self.config.use_distributed_optimizer
+        self.grad_buffer = self.param_buffer = None
+        self.buckets: list[Bucket] = []
+        self.param_index: dict[nn.Parameter, tuple[int, Bucket]] = {}
+        self._grad_sync = True
+        self._synced = False  # finish_grad_sync ran since the last zero_grad_buffer
+        self._written: set[int] = set()  # params whose main_grad holds this step's first micro-batch already
+        self._hooks = []
+        if self.native:
+            return
         shared = {id(p) for _, p, where in named_placements(module) if where.shared_embedding}
         self.buckets = self._make_buckets(list(reversed(params)), shared)
         total = self.buckets[-1].end
         device = params[0].device
         self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
         # ZeRO-1 all-gathers updated parameter shards straight into this buffer, so parameters live in it.
-        self.param_buffer = (
-            torch.zeros(total, dtype=self.param_dtype, device=device) if self.config.use_distributed_optimizer else None
-        )
-        self.param_index: dict[nn.Parameter, tuple[int, Bucket]] = {}
+        if self.config.use_distributed_optimizer:
+            self.param_buffer = torch.zeros(total, dtype=self.param_dtype, device=device)
         for bucket in self.buckets:
             offset = bucket.start
             for p in bucket.params:
@@ -122,8 +144,6 @@ class DistributedDataParallel(nn.Module):
                     p.data = view
                 self.param_index[p] = (offset, bucket)
                 offset += n
-        self._grad_sync = True
-        self._synced = False  # finish_grad_sync ran since the last zero_grad_buffer
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
 
     def _make_buckets(self, params: list[nn.Parameter], shared: set[int]) -> list[Bucket]:
@@ -178,7 +198,11 @@ class DistributedDataParallel(nn.Module):
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         if self._synced:
             raise RuntimeError("a backward ran after finish_grad_sync; call zero_grad_buffer() first")
-        p.main_grad.add_(p.grad)
+        if id(p) in self._written:
+            p.main_grad.add_(p.grad, alpha=1.0 / self.dp)
+        else:  # the step's first gradient of p: a (scaled) copy, so the buffer needs no zeroing between steps
+            torch.mul(p.grad, 1.0 / self.dp, out=p.main_grad)
+            self._written.add(id(p))
         p.grad = None
         if not (self._grad_sync and self.config.overlap_grad_reduce):
             return
@@ -189,10 +213,13 @@ class DistributedDataParallel(nn.Module):
 
     def _launch(self, bucket: Bucket, async_op: bool) -> None:
         data = self.grad_buffer[bucket.start : bucket.end]
+        for p in bucket.params:  # a parameter no backward reached this step holds last step's values
+            if id(p) not in self._written:
+                p.main_grad.zero_()
+                self._written.add(id(p))
         if self.dp == 1:
             bucket.handle = _Done()
             return
-        data.mul_(1.0 / self.dp)
         if self.config.use_distributed_optimizer:
             # A separate output tensor: not every backend accepts an output that aliases the input.
             bucket.scatter_out = torch.empty(bucket.numel // self.dp, dtype=data.dtype, device=data.device)
@@ -212,6 +239,8 @@ class DistributedDataParallel(nn.Module):
         if self._synced:
             return
         self._synced = True
+        if self.native:
+            return
         for bucket in self.buckets:
             if bucket.handle is None:
                 self._launch(bucket, async_op=True)
@@ -233,14 +262,15 @@ class DistributedDataParallel(nn.Module):
         return lo, lo + shard
 
     def zero_grad_buffer(self) -> None:
-        """Clears the accumulated gradients before the next step's micro-batches."""
-        self.grad_buffer.zero_()
+        """Starts a new step: the next micro-batches' gradients replace the accumulated ones (no pass over the
+        buffer: the first gradient of each parameter is copied in, see `_on_grad_ready`)."""
         self._synced = False
+        self._written.clear()
         for bucket in self.buckets:
             if bucket.handle is not None:
                 raise RuntimeError("zero_grad_buffer called while a gradient reduction is in flight")
             bucket.ready.clear()
-        for p in self.param_index:
+        for p in self.params:
             p.grad = None
 
 

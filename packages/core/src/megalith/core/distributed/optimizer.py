@@ -1,10 +1,15 @@
-"""AdamW over the DDP gradient buffers, with fp32 master weights, optionally sharded over dp (ZeRO-1).
+"""AdamW over this rank's model chunks: torch's fused (or multi-tensor) kernel on fp32 masters, ZeRO-1 optional.
 
-For every bucket of every model chunk the optimizer owns a flat range of the buffers: the whole bucket, or
-with `use_distributed_optimizer` this rank's 1/dp shard of it. For that range it keeps fp32 master weights and
-both Adam moments; a step unscales and checks the gradients (fp16), clips with the global norm, updates the
-range and writes it back into the (possibly low-precision) parameters; sharded, each bucket is then
-all-gathered so every dp rank holds all updated parameters again.
+The update is `torch.optim.AdamW` (its fused kernel where the device has one, CPU included; else its multi-tensor
+kernel) applied to this rank's *masters*, each with the gradient the DDP wrapper produced:
+
+- fp32 parameters, replicated optimizer: the masters are the parameters themselves (no copy, no write-back);
+- bf16/fp16 parameters: fp32 copies of the parameters, written back into them after each update;
+- with `use_distributed_optimizer` (ZeRO-1): this rank's 1/dp shard of every bucket, as one view per parameter
+  piece, of the parameter buffer itself (fp32) or of an fp32 copy of it; updated shards are all-gathered.
+
+A step unscales the gradients (fp16), takes the global gradient norm (which also tells whether any gradient is
+inf/NaN: the step is then skipped), clips, and updates. Nothing else touches every parameter per step.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from megalith.core.distributed.ddp import DistributedDataParallel, all_gather_into
 from megalith.core.fields import option
-from megalith.core.grad_clip import any_nonfinite, global_norm, is_counted
+from megalith.core.grad_clip import global_norm, is_counted
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.placement import named_placements
 from megalith.core.precision import ConstantLossScaler, DynamicLossScaler
@@ -39,7 +45,9 @@ class OptimizerConfig:
     eps: float = option(1e-8, help="Adam epsilon (added to the denominator).")
     clip_grad: float = option(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
     fused: bool | None = option(
-        None, help="Apply the update with torch's fused AdamW kernel; None: on when the parameters are on a GPU."
+        None,
+        help="Update with torch's fused AdamW kernel (true) or its multi-tensor kernel (false); None: fused where "
+        "torch has a fused kernel for the device (CPU and CUDA), else multi-tensor.",
     )
 
     def __post_init__(self) -> None:
@@ -72,43 +80,49 @@ class StepResult:
 
 
 @dataclass(eq=False)
-class _Segment:
-    """Part of a parameter inside an owned range: range[lo:hi] == param.view(-1)[plo:plo + hi - lo]."""
+class _Piece:
+    """One parameter's part owned here: master[...] is param.view(-1)[start:start + length] (in fp32).
 
+    `master.grad` is its gradient: autograd's own (`p.grad`) when the master is a DDP-less parameter; a view of the
+    DDP buffer otherwise (set once for separate masters; pointed at `p.main_grad` before each update when the
+    master is the parameter itself, `via_main_grad`).
+    """
+
+    name: str
     param: nn.Parameter
-    lo: int
-    hi: int
-    plo: int
-    decay: bool
+    start: int
+    length: int
+    master: torch.Tensor
     counted: bool
+    via_main_grad: bool = False
 
 
 @dataclass(eq=False)
-class _Range:
+class _Shard:
+    """A ZeRO-1 shard: buffer range [lo, hi) of one bucket of `ddp`, with its fp32 master (maybe the buffer)."""
+
     ddp: DistributedDataParallel
     bucket_index: int
     lo: int
     hi: int
-    segments: list[_Segment]
     master: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-
-    @property
-    def grad(self) -> torch.Tensor:
-        return self.ddp.grad_buffer[self.lo : self.hi]
 
 
 def _default_no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2
 
 
+def _fused_available(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda")
+
+
 class AdamW:
-    """AdamW with fp32 master weights over DDP-wrapped chunks; ZeRO-1 when their DDPConfig says so.
+    """AdamW over DDP-wrapped chunks: fp32 masters (the parameters themselves when they are fp32), ZeRO-1 when
+    their DDPConfig says so.
 
     Args:
         chunks: the DDP-wrapped model chunks of this rank (one per virtual pipeline stage).
-        dims: the topology (for clipping, the overflow check and the shard all-gather).
+        dims: the topology (for the global norm, the overflow check and the shard all-gather).
         config: hyper-parameters.
         loss_scaler: the scale the schedule multiplied the loss by (fp16's DynamicLossScaler); default 1.
         no_decay: `(name, param) -> bool` selecting parameters without weight decay (default: 1-D ones).
@@ -131,37 +145,57 @@ class AdamW:
         self.chunks = list(chunks)
         self.dims = dims
         self.config = config or OptimizerConfig()
-        # One param group: what an lr/weight-decay scheduler writes (torch.optim's interface); the decay is
-        # applied only to the parameters `no_decay` does not exclude.
-        self.param_groups = [{"lr": self.config.lr, "weight_decay": self.config.weight_decay}]
-        device = chunks[0].grad_buffer.device
-        self.fused = self.config.fused if self.config.fused is not None else device.type == "cuda"
         self.loss_scaler = loss_scaler or ConstantLossScaler(1.0)
-        self.step_count = 0
-        self.ranges: list[_Range] = []
+        self.device = chunks[0].params[0].device
+        self.fused = self.config.fused if self.config.fused is not None else _fused_available(self.device)
+        self.shards: list[_Shard] = []
+        self.pieces: list[_Piece] = []
         for ddp in self.chunks:
-            placed = {p: (n, where) for n, p, where in named_placements(ddp.module)}
-            for bucket in ddp.buckets:
-                lo, hi = ddp.local_range(bucket)
-                segments = self._segments(ddp, bucket, lo, hi, placed, no_decay)
-                master = torch.zeros(hi - lo, dtype=torch.float32, device=ddp.grad_buffer.device)
-                for s in segments:
-                    master[s.lo - lo : s.hi - lo].copy_(s.param.detach().reshape(-1)[s.plo : s.plo + s.hi - s.lo])
-                self.ranges.append(
-                    _Range(
-                        ddp, bucket.index, lo, hi, segments, master, torch.zeros_like(master), torch.zeros_like(master)
-                    )
-                )
+            self._add_chunk(ddp)
+        decay = [p.master for p in self.pieces if not no_decay(p.name, p.param)]
+        plain = [p.master for p in self.pieces if no_decay(p.name, p.param)]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        self._torch = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.config.lr, betas=(self.config.beta1, self.config.beta2),
+            eps=self.config.eps, fused=self.fused or None, foreach=None if self.fused else True,
+        )  # fmt: skip
+        # What an lr/weight-decay scheduler writes (each group's lr and weight decay, torch.optim's interface).
+        self.param_groups = self._torch.param_groups
+        self._step_count = 0
+        for piece in self.pieces:  # created now, so a checkpoint can be loaded into them before the first step
+            self._torch.state[piece.master] = {
+                "step": torch.zeros((), dtype=torch.float32, device=self.device if self.fused else "cpu"),
+                "exp_avg": torch.zeros_like(piece.master),
+                "exp_avg_sq": torch.zeros_like(piece.master),
+            }
 
-    def _segments(self, ddp, bucket, lo, hi, placed, no_decay) -> list[_Segment]:
-        segments = []
-        for p in bucket.params:
-            start, _ = ddp.param_index[p]
-            a, b = max(lo, start), min(hi, start + p.numel())
-            if a < b:
+    def _add_chunk(self, ddp: DistributedDataParallel) -> None:
+        placed = {p: (n, where) for n, p, where in named_placements(ddp.module)}
+        if not self.sharded:
+            for p in ddp.params:
                 name, where = placed[p]
-                segments.append(_Segment(p, a, b, a - start, not no_decay(name, p), is_counted(where, self.dims)))
-        return segments
+                counted = is_counted(where, self.dims)
+                if p.dtype == torch.float32:  # the parameter is its own master
+                    self.pieces.append(_Piece(name, p, 0, p.numel(), p, counted, via_main_grad=not ddp.native))
+                    continue
+                master = p.detach().float().clone()
+                master.grad = p.main_grad
+                self.pieces.append(_Piece(name, p, 0, p.numel(), master, counted))
+            return
+        for bucket in ddp.buckets:
+            lo, hi = ddp.local_range(bucket)
+            master = ddp.param_buffer[lo:hi]  # fp32 parameters live in the buffer: it is the master
+            if ddp.param_dtype != torch.float32:
+                master = master.float()
+            self.shards.append(_Shard(ddp, bucket.index, lo, hi, master))
+            for p in bucket.params:
+                start, _ = ddp.param_index[p]
+                a, b = max(lo, start), min(hi, start + p.numel())
+                if a < b:
+                    name, where = placed[p]
+                    view = master[a - lo : b - lo]
+                    view.grad = ddp.grad_buffer[a:b]
+                    self.pieces.append(_Piece(name, p, a - start, b - a, view, is_counted(where, self.dims)))
 
     @property
     def lr(self) -> float:
@@ -169,31 +203,46 @@ class AdamW:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.param_groups[0]["lr"] = value
+        for group in self.param_groups:
+            group["lr"] = value
 
     @property
-    def weight_decay(self) -> float:
-        return self.param_groups[0]["weight_decay"]
+    def step_count(self) -> int:
+        """Updates applied so far (Adam's bias correction uses it)."""
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step_count = int(value)
+        for piece in self.pieces:
+            self._torch.state[piece.master]["step"].fill_(float(value))
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state on this rank: fp32 master weights and both moments of the owned ranges."""
-        return sum(3 * r.master.numel() * r.master.element_size() for r in self.ranges)
+        """Bytes of optimizer state on this rank: both moments, and the fp32 masters that are not parameters."""
+        total = 0
+        for piece in self.pieces:
+            state = self._torch.state[piece.master]
+            total += sum(state[k].numel() * state[k].element_size() for k in ("exp_avg", "exp_avg_sq"))
+            if not self.sharded and piece.master is not piece.param:
+                total += piece.master.numel() * piece.master.element_size()
+        for shard in self.shards:
+            if shard.ddp.param_dtype != torch.float32:
+                total += shard.master.numel() * shard.master.element_size()
+        return total
 
     def param_segments(self):
         """This rank's optimizer state per parameter piece, for checkpointing in canonical (per-parameter) form.
 
         Yields:
-            `(name, param, start, length, state)`: elements `start:start + length` of `param.view(-1)` (named
-            `name` in its chunk) are owned here; `state` maps "master", "exp_avg", "exp_avg_sq" to views of
-            the fp32 state tensors for exactly those elements (write into them to load; then call
-            `sync_params_from_master()`).
+            `(name, param, start, length, state)`: elements `start:start + length` of `param.view(-1)` are owned
+            here; `state` maps "master", "exp_avg", "exp_avg_sq" to flat fp32 views of exactly those elements
+            (write into them to load; then call `sync_params_from_master()`).
         """
-        for r in self.ranges:
-            names = {p: n for n, p in r.ddp.module.named_parameters()}
-            for seg in r.segments:
-                a, b = seg.lo - r.lo, seg.hi - r.lo
-                state = {"master": r.master[a:b], "exp_avg": r.exp_avg[a:b], "exp_avg_sq": r.exp_avg_sq[a:b]}
-                yield names[seg.param], seg.param, seg.plo, seg.hi - seg.lo, state
+        for piece in self.pieces:
+            state = self._torch.state[piece.master]
+            views = {"master": piece.master.detach().reshape(-1)}
+            views.update({k: state[k].reshape(-1) for k in ("exp_avg", "exp_avg_sq")})
+            yield piece.name, piece.param, piece.start, piece.length, views
 
     @torch.no_grad()
     def sync_params_from_master(self) -> None:
@@ -201,94 +250,64 @@ class AdamW:
         self._write_back()
 
     def zero_grad(self) -> None:
-        """Clears every chunk's gradient buffer."""
+        """Starts a new step: every chunk's gradients are replaced by the next backward's."""
         for ddp in self.chunks:
             ddp.zero_grad_buffer()
 
     @torch.no_grad()
     def step(self) -> StepResult:
         """Finishes the gradient sync, then unscales, checks, clips and applies one AdamW update."""
-        for ddp in self.chunks:
-            ddp.finish_grad_sync()
-        scale = self.loss_scaler.scale
-        device = self.ranges[0].master.device
-        squares = torch.zeros((), dtype=torch.float64, device=device)
-        local_nonfinite = False
-        for r in self.ranges:
-            g = r.grad
+        with record_function("megalith.grad_sync"):
+            for ddp in self.chunks:
+                ddp.finish_grad_sync()
+        with record_function("megalith.grad_norm_clip"):
+            scale = self.loss_scaler.scale
+            for piece in self.pieces:
+                if piece.via_main_grad:
+                    piece.param.grad = piece.param.main_grad
+            grads = [piece.master.grad for piece in self.pieces]
             if scale != 1.0:
-                g.mul_(1.0 / scale)
-            for s in r.segments:
-                if s.counted:
-                    squares += g[s.lo - r.lo : s.hi - r.lo].double().pow(2).sum()
-            local_nonfinite = local_nonfinite or not bool(torch.isfinite(g).all())
-        found_inf = any_nonfinite(local_nonfinite, device, self.dims)
-        self.loss_scaler.update(found_inf)
-        if found_inf:
-            return StepResult(applied=False, grad_norm=float("nan"), loss_scale=scale)
-        # Non-sharded, the gradients (and so the squares) are the same on every dp rank: do not sum over dp.
-        norm = float(global_norm(squares, self.dims, dp_sharded=self.sharded))
-        clip = self.config.clip_grad
-        coef = clip / (norm + 1e-6) if clip > 0 and norm > clip else 1.0
-        self.step_count += 1
-        for r in self.ranges:
-            self._update(r, coef)
-        self._write_back()
+                for g in self._unique_grads(grads):
+                    g.mul_(1.0 / scale)
+            counted = [g for piece, g in zip(self.pieces, grads, strict=True) if piece.counted and g is not None]
+            local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
+            # Non-sharded, the gradients (and so the squares) are the same on every dp rank: do not sum over dp.
+            norm = float(global_norm(local.double() ** 2, self.dims, dp_sharded=self.sharded))
+            found_inf = not math.isfinite(norm)  # an inf/NaN anywhere makes the global norm inf/NaN everywhere
+            self.loss_scaler.update(found_inf)
+            if found_inf:
+                return StepResult(applied=False, grad_norm=float("nan"), loss_scale=scale)
+            clip = self.config.clip_grad
+            with_grad = [piece.master for piece in self.pieces if piece.master.grad is not None]
+            if clip > 0 and norm > clip and with_grad:
+                torch.nn.utils.clip_grads_with_norm_(with_grad, clip, torch.tensor(norm))
+        with record_function("megalith.optimizer"):
+            self._torch.step()
+            self._step_count += 1
+            self._write_back()
         return StepResult(applied=True, grad_norm=norm, loss_scale=scale)
 
-    def _update(self, r: _Range, coef: float) -> None:
-        cfg, lr, wd, t = self.config, self.lr, self.weight_decay, self.step_count
-        beta1, beta2 = cfg.beta1, cfg.beta2
-        grad = r.grad if coef == 1.0 else r.grad * coef
-        if wd > 0:
-            for s in r.segments:
-                if s.decay:
-                    r.master[s.lo - r.lo : s.hi - r.lo].mul_(1.0 - lr * wd)
-        if self.fused:
-            # The decay above is decoupled and masked per segment, so the kernel runs without its own decay.
-            step = torch.full((), float(t), dtype=torch.float32, device=r.master.device)
-            torch._fused_adamw_(
-                [r.master], [grad], [r.exp_avg], [r.exp_avg_sq], [], [step], amsgrad=False, lr=lr, beta1=beta1,
-                beta2=beta2, weight_decay=0.0, eps=cfg.eps, maximize=False, grad_scale=None, found_inf=None,
-            )  # fmt: skip
-            return
-        r.exp_avg.lerp_(grad, 1.0 - beta1)
-        r.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        step_size = lr / (1.0 - beta1**t)
-        denom = (r.exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**t)).add_(cfg.eps)
-        r.master.addcdiv_(r.exp_avg, denom, value=-step_size)
+    @staticmethod
+    def _unique_grads(grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        seen, out = set(), []
+        for g in grads:
+            if g is not None and id(g) not in seen:
+                seen.add(id(g))
+                out.append(g)
+        return out
 
     def _write_back(self) -> None:
-        for r in self.ranges:
-            if self.sharded:
-                r.ddp.param_buffer[r.lo : r.hi].copy_(r.master)
-            else:
-                for s in r.segments:
-                    s.param.data.view(-1)[s.plo : s.plo + s.hi - s.lo].copy_(r.master[s.lo - r.lo : s.hi - r.lo])
-        if self.sharded:
-            for r in self.ranges:
-                ddp = r.ddp
-                if ddp.dp > 1:
-                    bucket = ddp.buckets[r.bucket_index]
-                    full = ddp.param_buffer[bucket.start : bucket.end]
-                    all_gather_into(full, ddp.param_buffer[r.lo : r.hi].clone(), ddp.dp_group)
-
-    def state_dict(self) -> dict:
-        """This rank's optimizer state (owned ranges only)."""
-        return {
-            "step": self.step_count,
-            "lr": self.lr,
-            "loss_scaler": self.loss_scaler.state_dict(),
-            "ranges": [{"master": r.master, "exp_avg": r.exp_avg, "exp_avg_sq": r.exp_avg_sq} for r in self.ranges],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()` taken with the same layout."""
-        if len(state["ranges"]) != len(self.ranges):
-            raise ValueError(f"AdamW.load_state_dict: {len(state['ranges'])} ranges, expected {len(self.ranges)}")
-        self.step_count, self.lr = int(state["step"]), float(state["lr"])
-        self.loss_scaler.load_state_dict(state["loss_scaler"])
-        for r, saved in zip(self.ranges, state["ranges"], strict=True):
-            for key in ("master", "exp_avg", "exp_avg_sq"):
-                getattr(r, key).copy_(saved[key])
-        self.sync_params_from_master()
+        if not self.sharded:
+            for piece in self.pieces:
+                if piece.master is not piece.param:
+                    piece.param.data.copy_(piece.master.view_as(piece.param))
+            return
+        for shard in self.shards:
+            if shard.ddp.param_dtype != torch.float32:
+                shard.ddp.param_buffer[shard.lo : shard.hi].copy_(shard.master)
+        for shard in self.shards:
+            ddp = shard.ddp
+            if ddp.dp > 1:
+                bucket = ddp.buckets[shard.bucket_index]
+                full = ddp.param_buffer[bucket.start : bucket.end]
+                all_gather_into(full, ddp.param_buffer[shard.lo : shard.hi].clone(), ddp.dp_group)

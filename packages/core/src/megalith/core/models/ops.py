@@ -19,14 +19,15 @@ class TorchOps:
 
     @staticmethod
     def attention(q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None):
-        """Softmax attention of S queries over T keys; `mask_B1ST` (True = visible) replaces the causal mask."""
-        groups = q_BSND.shape[2] // k_BTKD.shape[2]
-        if groups > 1:  # grouped-query attention: q head h reads kv head h // groups
-            k_BTKD = k_BTKD.repeat_interleave(groups, dim=2)
-            v_BTKD = v_BTKD.repeat_interleave(groups, dim=2)
+        """Softmax attention of S queries over T keys; `mask_B1ST` (True = visible) replaces the causal mask.
+
+        Grouped-query attention (q head h reads kv head h // (N / K)) goes to SDPA as it is (`enable_gqa`), so
+        the key/value heads are never copied N / K times.
+        """
         out_BNSD = F.scaled_dot_product_attention(
             q_BSND.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2),
             attn_mask=mask_B1ST, is_causal=causal and mask_B1ST is None, dropout_p=dropout_p,
+            enable_gqa=q_BSND.shape[2] != k_BTKD.shape[2],
         )  # fmt: skip
         return out_BNSD.transpose(1, 2)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from megalith.core.distributed.ddp import DistributedDataParallel
 from megalith.core.parallel_dims import ParallelDims
@@ -182,7 +183,8 @@ def forward_backward(
             run.backward(action.chunk, action.mb, sync_grads=index == last_backward[action.chunk])
     run.comm.finish()
     if not forward_only:
-        finalize_grads(chunks, dims)
+        with record_function("megalith.grad_sync"):
+            finalize_grads(chunks, dims)
     return _reduce_loss(run.losses, dims, run.device)
 
 
@@ -221,7 +223,7 @@ class _Executor:
         else:
             x = self._receive(stage, mb, backward=False).requires_grad_(not self.forward_only)
         batch = self.microbatches[mb]
-        with torch.set_grad_enabled(not self.forward_only):
+        with torch.set_grad_enabled(not self.forward_only), record_function("megalith.forward"):
             y = unwrap(self.chunks[chunk])(batch["input_ids"] if first else x)
             if last:
                 loss = microbatch_loss(self.loss_fn, y, batch["labels"]) / len(self.microbatches)
@@ -243,7 +245,8 @@ class _Executor:
         if isinstance(self.chunks[chunk], DistributedDataParallel):
             self.chunks[chunk].set_grad_sync(sync_grads)  # reduce only during the chunk's last backward
         x, y = self.saved.pop((chunk, mb))
-        _backward(y, grad)
+        with record_function("megalith.backward"):
+            _backward(y, grad)
         del y
         if not first:
             self.comm.send(x.grad, False, self._tag(stage - 1, mb, True))
