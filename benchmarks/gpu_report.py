@@ -126,7 +126,7 @@ def _run_child(section: Section, args: argparse.Namespace, limit: float, log) ->
             cmd += ["--micro-batch", str(args.micro_batch)]
         if args.dry_run:
             cmd.append("--dry-run")
-        log.write(f"\n===== {section.name} (limit {limit:.0f} s) =====\n")
+        log.write(f"\n===== {section.name} (limit {limit:.3g} s) =====\n")
         log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         start = time.monotonic()
@@ -144,7 +144,7 @@ def _run_child(section: Section, args: argparse.Namespace, limit: float, log) ->
         except (OSError, ValueError):
             record = {"tables": [], "text": [], "notes": [], "data": {}}
     if timed_out:
-        record.update(status="timed out", error=f"stopped at its {limit:.0f} s limit (what it measured is kept)")
+        record.update(status="timed out", error=f"stopped at its {limit:.3g} s limit (what it measured is kept)")
     elif "status" not in record:
         record.update(status="failed", error=f"the section's process exited {proc.returncode} (see gpu-report.log)")
     record["seconds"] = elapsed

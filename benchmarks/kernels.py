@@ -115,6 +115,12 @@ def copy_bandwidth(device: str, repeats: int) -> float:
     return 2 * src.numel() / _time(lambda: dst.copy_(src), device, repeats)
 
 
+def matmul_tflops(device: str, repeats: int, n: int = 8192) -> float:
+    """TFLOP/s of an n x n x n bfloat16 matmul on random data (the matrix units' practical ceiling)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / _time(lambda: a @ b, device, repeats) / 1e12
+
+
 def _timings(fn: Callable, tensors: list[torch.Tensor], extra: tuple, device: str, repeats: int) -> dict[str, float]:
     """Milliseconds of the forward (no autograd), of forward + backward, and their difference (the backward)."""
     fwd = _time(_fwd(fn, tensors, extra), device, repeats) * 1e3
