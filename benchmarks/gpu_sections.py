@@ -110,11 +110,18 @@ def section_environment(rec: Record, opts) -> None:
 
 
 def _git_commit() -> str | None:
+    """This tree's commit (`+` when files differ from it); on a machine the tree was copied to without its git
+    folder, the one `make gpu-carry` recorded."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True)  # fmt: skip
     except OSError:
-        return None
-    return out.stdout.strip() or None
+        head = None
+    if head is not None and head.returncode == 0 and head.stdout.strip():
+        return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+    recorded = CARRY / "commit"
+    return recorded.read_text().strip() + " (recorded by make gpu-carry)" if recorded.exists() else None
 
 
 def _driver_version() -> str | None:
@@ -157,6 +164,7 @@ def prepare_carry() -> None:
            *PURE_PACKAGES]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True)
     (CARRY / "digest").write_text(source_digest() + "\n")
+    (CARRY / "commit").write_text((_git_commit() or "unknown") + "\n")
     print(f"{CARRY}: {', '.join(p.name for p in sorted(CARRY.glob('*.whl')))}")
 
 

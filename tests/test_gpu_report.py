@@ -31,7 +31,9 @@ def test_dry_run_plans_every_section_and_writes_both_files(tmp_path):
     assert list(report["sections"]) == SECTIONS
     assert {r["status"] for r in report["sections"].values()} == {"planned"}
     assert report["dry_run"] is True and report["budget_s"] == 420.0
-    assert report["sections"]["kernels"]["notes"][0].startswith("plan: The copy and matmul ceilings, then each fused op")
+    assert report["sections"]["kernels"]["notes"][0].startswith(
+        "plan: The copy and matmul ceilings, then each fused op"
+    )
     lines = markdown.splitlines()
     assert lines[0] == "# Megalith GPU report (dry run)"
     table = lines[lines.index("| section | status | seconds | note |") + 2 :][: len(SECTIONS)]
@@ -123,3 +125,4 @@ def test_prepare_carry_builds_the_four_wheels_with_their_digest(tmp_path, monkey
     names = sorted(p.name.split("-")[0] for p in (tmp_path / "carry").glob("*.whl"))
     assert names == ["megalith_core", "megalith_data", "megalith_export", "megalith_training"]
     assert (tmp_path / "carry" / "digest").read_text().strip() == gpu_sections.source_digest()
+    assert (tmp_path / "carry" / "commit").read_text().strip()  # read on a machine that has no .git
