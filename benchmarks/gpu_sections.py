@@ -202,6 +202,7 @@ def section_build(rec: Record, opts) -> None:
 def section_tests(rec: Record, opts) -> None:
     """The cuda-marked tests, one pytest process per file (killed at the file's limit), each test limited too."""
     _need_gpu()
+    deadline = time.monotonic() + opts.time_left
     cmd = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "cuda", "--continue-on-collection-errors",
            "-p", "no:cacheprovider", "tests"]  # fmt: skip
     collect = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -215,7 +216,7 @@ def section_tests(rec: Record, opts) -> None:
     totals = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
     failures, rows = [], []
     for path in files:
-        limit = max(5.0, min(opts.time_left - 5, 300))
+        limit = max(5.0, min(deadline - time.monotonic() - 5, 300))  # a stopped file still leaves a record
         counts, failed = run_test_file(path, limit=limit, test_timeout=opts.test_timeout, args=["-m", "cuda"])
         for key in totals:
             totals[key] += counts.get(key, 0)
