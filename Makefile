@@ -7,6 +7,8 @@
 #   make lint    ruff over the whole repository
 #   make build   rebuild the compiled module after editing cpp/ or cmake/
 #   make wheels  build a wheel of each of the five distributions into dist/
+#   make gpu-carry   build the pure-Python wheels the GPU report installs on a bare GPU machine (.gpu-carry/)
+#   make gpu-report  on a GPU machine: build, test and benchmark Megalith into $OUT (benchmarks/gpu_report.py)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -39,7 +41,11 @@ STAMP := $(VENV)/.megalith-setup
 SETUP_INPUTS := pyproject.toml CMakeLists.txt $(wildcard packages/*/pyproject.toml) $(wildcard requirements/*.txt) \
 	$(shell find cpp cmake -type f 2>/dev/null)
 
-.PHONY: setup demo test test-floor lint build wheels clean
+# The Python of the GPU machine (its own environment, not .venv) and extra arguments of benchmarks/gpu_report.py.
+GPU_PYTHON ?= python3
+GPU_REPORT_ARGS ?=
+
+.PHONY: setup demo test test-floor lint build wheels gpu-carry gpu-report clean
 
 setup: $(STAMP)
 
@@ -90,6 +96,13 @@ wheels: setup
 	@echo "==> Building wheels into dist/"
 	@$(PIP) wheel -q --no-deps --no-build-isolation -w dist . $(PACKAGES)
 	@ls -1 dist
+
+gpu-carry: setup
+	@echo "==> Building the pure-Python wheels for the GPU report into .gpu-carry/"
+	@$(PY) benchmarks/gpu_report.py --prepare-carry
+
+gpu-report:
+	@$(GPU_PYTHON) benchmarks/gpu_report.py $(GPU_REPORT_ARGS)
 
 clean:
 	rm -rf build dist $(VENV) $(FLOOR_VENV)

@@ -10,39 +10,19 @@ backward. TFLOP/s count the useful matmul work the usual way: 4 * S_q * S_k * Hq
 forward (halved when causal), 2.5 times that for the backward, so forward + backward is 3.5 times the forward
 (Megalith's backward recomputes S and dP in both of its kernels, which this count does not credit). "ratio" is
 the baseline's time over this row's (above 1: faster than the baseline named in the section header).
+`llama_shapes()` returns the GPU rows (benchmarks/gpu_report.py reuses it).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from kernels import median_seconds  # benchmarks/kernels.py: python puts this folder on sys.path
 
 from megalith.kernels import ops
-
-
-def _time(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median seconds of fn() after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def _flops(lengths: list[int], heads_q: int, dim: int, causal: bool) -> float:
@@ -65,7 +45,7 @@ def _measure(fn: Callable, tensors: list[torch.Tensor], device: str, repeats: in
         for t in leaves:
             t.grad = None
 
-    return _time(forward, device, repeats), _time(forward_backward, device, repeats)
+    return median_seconds(forward, device, repeats), median_seconds(forward_backward, device, repeats)
 
 
 def _print_header(title: str) -> None:
@@ -138,8 +118,12 @@ def _sdpa(backend):
     return run
 
 
-def llama_shapes(repeats: int) -> None:
-    """Megalith vs torch SDPA backends at llama3-8b attention shapes (bf16, causal)."""
+def llama_shapes(repeats: int, batches=(1, 2, 4), seqs=(4096, 8192)) -> list[dict]:
+    """Megalith vs torch SDPA backends at llama3-8b attention shapes (bf16, causal): one row per shape and impl.
+
+    Each row: batch, seq, impl, fwd_ms, fwd_tflops, fwd_bwd_ms, fwd_bwd_tflops and the ratios against SDPA's
+    flash backend (the first available one), or "error" for a backend that refused the shape.
+    """
     from torch.nn.attention import SDPBackend
 
     heads_q, heads_kv, dim = 32, 8, 128
@@ -148,27 +132,46 @@ def llama_shapes(repeats: int) -> None:
         ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
         ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION),
     ]
-    for batch in (1, 2, 4):
-        for seq in (4096, 8192):
-            _print_header(
-                f"cuda bf16 llama3-8b: B={batch}, S={seq}, Hq={heads_q}, Hkv={heads_kv}, D={dim}, causal "
-                "(baseline: sdpa flash)"
-            )
+    rows = []
+    for batch in batches:
+        for seq in seqs:
             q = torch.randn(batch, seq, heads_q, dim, device="cuda", dtype=torch.bfloat16)
             k, v = (torch.randn(batch, seq, heads_kv, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             flops = _flops([seq] * batch, heads_q, dim, True)
+            impls = [(name, _sdpa(backend)) for name, backend in backends]
+            impls.append(("megalith attention", lambda q, k, v: ops.attention(q, k, v, True)))
             baseline = None
-            for name, backend in backends:
+            for name, fn in impls:
+                row = {"batch": batch, "seq": seq, "impl": name}
                 try:
-                    times = _measure(_sdpa(backend), [q, k, v], "cuda", repeats)
+                    fwd, both = _measure(fn, [q, k, v], "cuda", repeats)
                 except RuntimeError as exc:
-                    print(f"{name:<44}unavailable: {str(exc).splitlines()[0][:60]}")
+                    rows.append({**row, "error": str(exc).splitlines()[0][:120]})
                     continue
-                baseline = baseline or times
-                _print_row(name, times, flops, baseline)
-            ours = _measure(lambda q, k, v: ops.attention(q, k, v, True), [q, k, v], "cuda", repeats)
-            _print_row("megalith attention", ours, flops, baseline)
+                baseline = baseline or (fwd, both)
+                rows.append({**row, "fwd_ms": fwd * 1e3, "fwd_tflops": flops / fwd / 1e12, "fwd_bwd_ms": both * 1e3,
+                             "fwd_bwd_tflops": 3.5 * flops / both / 1e12, "ratio_fwd": baseline[0] / fwd,
+                             "ratio_fwd_bwd": baseline[1] / both})  # fmt: skip
+            del q, k, v
             torch.cuda.empty_cache()
+    return rows
+
+
+def print_llama_shapes(rows: list[dict]) -> None:
+    """The rows of `llama_shapes`, one section per shape."""
+    shape = None
+    for r in rows:
+        if (r["batch"], r["seq"]) != shape:
+            shape = (r["batch"], r["seq"])
+            _print_header(f"cuda bf16 llama3-8b: B={r['batch']}, S={r['seq']}, Hq=32, Hkv=8, D=128, causal "
+                          "(baseline: sdpa flash)")  # fmt: skip
+        if "error" in r:
+            print(f"{r['impl']:<44}unavailable: {r['error'][:60]}")
+            continue
+        print(
+            f"{r['impl']:<44}{r['fwd_ms']:>10.2f}{r['fwd_tflops']:>9.3f}{r['ratio_fwd']:>7.2f}x"
+            f"{r['fwd_bwd_ms']:>12.2f}{r['fwd_bwd_tflops']:>9.3f}{r['ratio_fwd_bwd']:>7.2f}x"
+        )
 
 
 def main() -> None:
@@ -184,7 +187,7 @@ def main() -> None:
             print("\n--cuda: torch sees no CUDA device; GPU entries skipped")
             return
         repeats = max(args.repeats, 10)
-        llama_shapes(repeats)
+        print_llama_shapes(llama_shapes(repeats))
         varlen_vs_dense("cuda", torch.bfloat16, 8192, [[1024] * 8, [512] * 16, [37, 900, 2048, 4000, 1207]], (32, 8),
                         128, repeats)  # fmt: skip
 

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -176,6 +177,32 @@ def _run_once(fn: Callable, leaves: list[torch.Tensor], clock: _Clock, warm: Cal
     return fwd, total
 
 
+def median_seconds(fn: Callable[[], object], device: str, repeats: int) -> float:
+    """Median seconds of fn() after two warm-up calls (CUDA events on the GPU, perf_counter on the CPU)."""
+    for _ in range(2):
+        fn()
+    clock, samples = _Clock(device), []
+    for _ in range(repeats):
+        start = clock.mark()
+        fn()
+        samples.append(clock.seconds(start, clock.mark()))
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """Bytes/s of a 256 MiB device-to-device copy, counting bytes read plus bytes written (the ceiling of a
+    memory-bound op)."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), device, repeats)
+
+
+def matmul_tflops(device: str, repeats: int, n: int = 8192) -> float:
+    """TFLOP/s of an n x n x n bfloat16 matmul on random data (the matrix units' practical ceiling)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats) / 1e12
+
+
 def measure(
     sh: Shape, device: str, dtype: torch.dtype, repeats: int, only: set[str] | None, cpu_time: bool = False
 ) -> list[dict]:
@@ -214,7 +241,7 @@ def print_table(device: str, dtype: torch.dtype, sh: Shape, rows: list[dict], re
     print("(milliseconds; f+b = forward + backward)")
 
 
-def write_auto_table(path: Path, results: dict, conditions: dict) -> None:
+def write_auto_table(path: Path, results: dict, run_conditions: dict) -> None:
     """Merges `results` ({device: {dtype: rows}}) into the JSON table at `path`, op by op: entries this run did
     not measure are kept, and each device's conditions are those of its latest run. Written to a temporary
     name, then renamed into place."""
@@ -227,7 +254,7 @@ def write_auto_table(path: Path, results: dict, conditions: dict) -> None:
             by_op = table["entries"].setdefault(device, {}).setdefault(dtype, {})
             for row in rows:
                 by_op[row["op"]] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "op"}
-        table["conditions"][device] = conditions[device]
+        table["conditions"][device] = run_conditions[device]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -244,7 +271,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _conditions(device: str, sh: Shape, repeats: int) -> dict:
+def conditions(device: str, sh: Shape, repeats: int) -> dict:
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:  # the instruction set of the CPU kernels, where this build reports it
@@ -289,16 +316,16 @@ def main() -> None:
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--cuda: torch sees no CUDA device")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {_cpu_name()}")
-    results, conditions = {}, {}
+    results, run_conditions = {}, {}
     for device in devices:
         sh = args.shape or (CPU_SHAPE if device == "cpu" else CUDA_SHAPE)
-        conditions[device] = _conditions(device, sh, args.repeats) | {"clock": args.clock}
+        run_conditions[device] = conditions(device, sh, args.repeats) | {"clock": args.clock}
         for dtype in dtypes:
             rows = measure(sh, device, dtype, args.repeats, only, args.clock == "cpu")
             print_table(device, dtype, sh, rows, args.repeats, args.clock)
             results.setdefault(device, {})[str(dtype).removeprefix("torch.")] = rows
     if args.write_auto_table:
-        write_auto_table(args.auto_table, results, conditions)
+        write_auto_table(args.auto_table, results, run_conditions)
 
 
 if __name__ == "__main__":

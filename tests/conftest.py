@@ -1,9 +1,48 @@
 """Shared pytest configuration: the `cuda` marker skips tests when no GPU can run Megalith's CUDA kernels, the
-`te` marker when NVIDIA Transformer Engine does not import."""
+`te` marker when NVIDIA Transformer Engine does not import, and `--test-timeout SECONDS` fails any test that runs
+longer (benchmarks/gpu_report.py runs the GPU tests with it)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--test-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="fail a test whose call phase runs longer than this (SIGALRM: it interrupts Python code, not a "
+        "blocking C call; run pytest under `timeout` as well when a kernel could hang)",
+    )
+
+
+class TimeLimitExceeded(Exception):
+    """A test ran past --test-timeout."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    limit = item.config.getoption("--test-timeout")
+    if not limit:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeLimitExceeded(f"{item.nodeid} ran past --test-timeout {limit:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGALRM, previous)
 
 
 def _cuda_skip_reason() -> str | None:

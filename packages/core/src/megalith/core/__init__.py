@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from megalith.core.build import apply_dropout, build_model_chunks
+from megalith.core.compile import apply_compile
 from megalith.core.config import PRESETS, ModelConfig, RuntimeConfig, check_tensor_parallel, get_preset
 from megalith.core.flops import count_parameters, flops_per_token
 from megalith.core.loss import LossConfig, build_loss_fn
@@ -41,6 +42,7 @@ __all__ = [
     "Transformer",
     "VocabParallelEmbedding",
     "__version__",
+    "apply_compile",
     "apply_dropout",
     "apply_kernels",
     "apply_recompute",

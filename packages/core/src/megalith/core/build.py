@@ -9,9 +9,12 @@ The order, each step one function (torchtitan's `pipeline_llama` + `parallelize_
 4. runtime behaviour: the op set (`apply_kernels`), dropout (`apply_dropout`), activation recomputation
    (`apply_recompute`);
 5. fp8 (`apply_fp8`): the block linears' matmuls in fp8 (native recipes, or Transformer Engine modules);
-6. materialisation (`init_weights`): every parameter cut from its canonical initial value, on the target device
+6. regional compilation (`apply_compile`, with `runtime.compile`): each block runs through torch.compile with
+   everything above (parallel linears and their collectives, the op set, the recompute wrapper, fp8 linears)
+   inside its graph;
+7. materialisation (`init_weights`): every parameter cut from its canonical initial value, on the target device
    and dtype; the tied embedding shared between the first and the last stage;
-7. data parallelism: the caller wraps each chunk (`DistributedDataParallel`, or `apply_fsdp2`).
+8. data parallelism: the caller wraps each chunk (`DistributedDataParallel`, or `apply_fsdp2`).
 
 """
 
@@ -22,6 +25,7 @@ import copy
 import torch
 from torch import nn
 
+from megalith.core.compile import apply_compile
 from megalith.core.config import ModelConfig, RuntimeConfig
 from megalith.core.fp8 import Fp8Config, apply_fp8
 from megalith.core.models.init import init_weights
@@ -76,7 +80,7 @@ def build_model_chunks(
         dims: the topology (tp for tensor parallelism; pp, pp_rank for the stages; dp rank for the RNG streams);
             None builds the whole model for this process alone (also inside a distributed job).
         parallel: sequence parallelism and the pipeline split (virtual stages, layers per stage).
-        runtime: kernels, recomputation, dropout.
+        runtime: kernels, recomputation, dropout, compilation.
         fp8: fp8 linears (None: none).
         seed: weights depend only on it and each parameter's canonical name; dropout streams start from it.
         device, dtype: where and in what precision to create the parameters.
@@ -103,6 +107,8 @@ def build_model_chunks(
         apply_dropout(part, runtime.hidden_dropout, runtime.attention_dropout)
         apply_recompute(part, runtime.recompute, runtime.recompute_every)
         apply_fp8(part, fp8, dims, device=device)
+        if runtime.compile:
+            apply_compile(part)
         part.rng.reset(seed, tp_rank=dims.tp_rank, pp_rank=dims.pp_rank, dp_rank=dims.dp_rank,
                        device=device or "cpu")  # fmt: skip
         chunks.append(init_weights(part, seed, device=device, dtype=dtype, empty=empty))

@@ -157,7 +157,7 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    """How the model runs (not what it is): op kernels, activation recomputation, dropout."""
+    """How the model runs (not what it is): op kernels, activation recomputation, dropout, compilation."""
 
     kernels: Literal["torch", "fused"] = option(
         "torch", help="Op set: 'torch' (PyTorch, SDPA attention) or 'fused' (Megalith's compiled kernels)."
@@ -170,6 +170,9 @@ class RuntimeConfig:
     )
     hidden_dropout: float = option(0.0, help="Dropout on the embeddings and each block's two residual branches.")
     attention_dropout: float = option(0.0, help="Dropout on the attention probabilities (kernels='torch' only).")
+    compile: bool = option(
+        False, help="Compile each transformer block with torch.compile (fullgraph, regional); needs dropout off."
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.recompute_every, int) or self.recompute_every < 1:
@@ -177,6 +180,14 @@ class RuntimeConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"RuntimeConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"RuntimeConfig.compile must be true or false, got {self.compile!r}")
+        if self.compile and (self.hidden_dropout > 0 or self.attention_dropout > 0):
+            raise ValueError(
+                f"RuntimeConfig: compile=true needs hidden_dropout ({self.hidden_dropout}) and attention_dropout "
+                f"({self.attention_dropout}) of 0: compiled blocks would draw dropout masks from torch.compile's "
+                "own random stream, not the model's"
+            )
         if self.kernels == "fused" and self.attention_dropout > 0:
             raise ValueError(
                 f"RuntimeConfig: kernels='fused' has no attention dropout; set attention_dropout "

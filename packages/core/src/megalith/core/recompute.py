@@ -64,7 +64,10 @@ class _Recomputed:
     def forward(self, *args, **kwargs):
         forward = super().forward
         if self.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, rng=self._megalith_recompute_rng, **kwargs)
+            # Inside a compiled block torch.compile traces the checkpoint itself but not a context_fn; there is
+            # no dropout to replay there (apply_compile refuses it), so the RNG streams need no swapping.
+            rng = None if torch.compiler.is_compiling() else self._megalith_recompute_rng
+            return checkpoint(forward, *args, rng=rng, **kwargs)
         return forward(*args, **kwargs)
 
 

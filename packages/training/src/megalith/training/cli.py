@@ -22,7 +22,8 @@ Train a GPT-2 or Llama style model with tensor, pipeline and data parallelism.
 --load DIR, --save DIR and --run-dir DIR are short for checkpoint.load=DIR, checkpoint.save=DIR and
 logging.run_dir=DIR, and --force for checkpoint.force=true (save into a folder holding another run's
 checkpoints). Exit codes: 0 finished or stopped cleanly (SIGTERM/SIGINT/SIGUSR1, time limit; a checkpoint is
-saved first when checkpoint.save is set), 2 configuration error, 1 anything else.
+saved first when checkpoint.save is set), 2 configuration error, 1 anything else (out of GPU memory: one line
+naming the layout and the settings that lower memory).
 """
 
 _SHORTCUTS = {"--load": "checkpoint.load", "--save": "checkpoint.save", "--run-dir": "logging.run_dir"}
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_config(cfg), end="")
         return 0
     from megalith.core.world import destroy_distributed
+    from megalith.training.memory import TrainingOutOfMemoryError
     from megalith.training.resilience import NonFiniteLossError
     from megalith.training.trainer import Trainer
 
@@ -69,10 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"megalith-train: error: {exc}", file=sys.stderr)
         destroy_distributed()
         return 2
+    except TrainingOutOfMemoryError as exc:
+        print(f"megalith-train: error: {exc}", file=sys.stderr)
+        destroy_distributed()
+        return 1
     try:
         reason = trainer.fit()
         trainer.logger.message(_summary(trainer, reason))
-    except (NonFiniteLossError, OSError) as exc:  # OSError: a full or read-only disk while saving, named
+    except (NonFiniteLossError, TrainingOutOfMemoryError, OSError) as exc:  # OSError: a full or read-only disk
         print(f"megalith-train: error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["PEAK_TFLOPS", "MetricsLogger", "ThroughputMeter", "memory_stats", "peak_tflops"]
+__all__ = ["PEAK_TFLOPS", "MetricsLogger", "ThroughputMeter", "peak_tflops"]
 
 # Dense peak TFLOP/s per device (no sparsity), SXM parts unless named otherwise.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -62,20 +62,6 @@ class ThroughputMeter:
             "tflops_per_device": tflops,
             "mfu": tflops / self.peak if self.peak else None,
         }
-
-
-def memory_stats() -> dict[str, float]:
-    """Peak memory in GiB: the GPU allocator's peak on CUDA, else this process's peak resident set."""
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            return {"mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    except ImportError:
-        pass
-    import resource
-
-    return {"mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is KiB on Linux
 
 
 class MetricsLogger:
@@ -177,6 +163,7 @@ class MetricsLogger:
             "tflops_per_device": "{:.3g} TFLOP/s/dev",
             "mfu": "MFU {:.1%}",
             "mem_gib": "mem {:.2f} GiB",
+            "mem_reserved_gib": "reserved {:.2f} GiB",
             "skipped_steps": "skipped {}",
         }
         for key, pattern in fmt.items():

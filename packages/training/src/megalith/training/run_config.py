@@ -98,7 +98,7 @@ class RunConfig:
     """Everything one `megalith-train` run needs."""
 
     model: ModelConfig = option(factory=lambda: PRESETS["tiny"], help="Model architecture (a preset + overrides).")
-    runtime: RuntimeConfig = option(factory=RuntimeConfig, help="Kernels, activation recomputation, dropout.")
+    runtime: RuntimeConfig = option(factory=RuntimeConfig, help="Kernels, recomputation, dropout, compile.")
     loss: LossConfig = option(factory=LossConfig, help="Training loss.")
     parallel: ParallelConfig = option(factory=ParallelConfig, help="Parallel layout.")
     precision: PrecisionConfig = option(factory=PrecisionConfig, help="Numeric format and fp16 loss scaling.")
@@ -125,6 +125,7 @@ class RunConfig:
         "parallel.bucket_size": _moved("ddp.bucket_size"),
         "parallel.overlap_grad_reduce": _moved("ddp.overlap_grad_reduce"),
         "parallel.distributed_optimizer": _moved("ddp.use_distributed_optimizer"),
+        "training.compile": "is spelled 'runtime.compile' (compilation is part of how the model runs)",
         "parallel.fsdp": "was removed: megalith-train has no FSDP2 mode; use ddp.use_distributed_optimizer=true",
     }
     REJECTED_VALUES: ClassVar[dict[tuple[str, str], str]] = {

@@ -7,6 +7,7 @@ step, evaluation, logging, saving, loading) is a method, so tests and tools can 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -37,7 +38,14 @@ from megalith.core.precision import make_loss_scaler
 from megalith.training.checkpointing import CheckpointManager, find_checkpoint, has_optimizer_state
 from megalith.training.config_tree import config_to_dict, dump_config
 from megalith.training.data import build_datasets, load_tokenizer, micro_batches, samples_needed
-from megalith.training.metrics import MetricsLogger, ThroughputMeter, memory_stats, peak_tflops
+from megalith.training.memory import (
+    TrainingOutOfMemoryError,
+    format_memory_per_rank,
+    memory_metrics,
+    out_of_memory_message,
+    peak_memory_per_rank,
+)
+from megalith.training.metrics import MetricsLogger, ThroughputMeter, peak_tflops
 from megalith.training.resilience import ExitMonitor, NonFiniteTracker
 from megalith.training.run_config import RunConfig
 from megalith.training.schedules import ParamScheduler
@@ -105,12 +113,13 @@ class Trainer:
         self.num_microbatches = t.grad_accumulation(self.dims.dp)
         self.total_steps = t.total_steps
         self.seq_len = cfg.data.seq_len
-        self.chunks = self._build_model()
-        self.fp8 = Fp8Training([unwrap(chunk) for chunk in self.chunks], self.dims, cfg.fp8)
-        self.loss_fn = build_loss_fn(unwrap(self.chunks[-1]), cfg.loss, kernels=cfg.runtime.kernels)
-        self.loss_scaler = make_loss_scaler(self.precision)
-        self.optimizer = AdamW(self.chunks, self.dims, cfg.optimizer, loss_scaler=self.loss_scaler,
-                               no_decay=no_weight_decay)  # fmt: skip
+        with self._out_of_memory_guard("while building the model and optimizer"):
+            self.chunks = self._build_model()
+            self.fp8 = Fp8Training([unwrap(chunk) for chunk in self.chunks], self.dims, cfg.fp8)
+            self.loss_fn = build_loss_fn(unwrap(self.chunks[-1]), cfg.loss, kernels=cfg.runtime.kernels)
+            self.loss_scaler = make_loss_scaler(self.precision)
+            self.optimizer = AdamW(self.chunks, self.dims, cfg.optimizer, loss_scaler=self.loss_scaler,
+                                   no_decay=no_weight_decay)  # fmt: skip
         self.scheduler = ParamScheduler(self.optimizer, cfg.schedule, cfg.optimizer, self.total_steps)
         self.nonfinite = NonFiniteTracker(t.nonfinite_policy, t.max_consecutive_nonfinite)
         self.step = 0
@@ -119,6 +128,7 @@ class Trainer:
         self.run_id = _shared_run_id()  # a resumed run takes its checkpoint's
         self.history: list[dict[str, Any]] = []
         self._window: list[StepOutput] = []
+        self._shown_peaks: list[float] = []  # the per-rank peaks last printed (printed again when one grows)
         train_samples, valid_samples = samples_needed(self.total_steps, t.global_batch_size, t.eval_iters)
         self.train_data, self.valid_data = build_datasets(
             cfg.data,
@@ -256,14 +266,15 @@ class Trainer:
                 dp_rank=self.dims.dp_rank,
             )
         lr, scale = self.optimizer.lr, self.loss_scaler.scale
-        self.optimizer.zero_grad()
-        self.fp8.set_collect_stats(self._is_log_step(step))  # saturation/underflow counts of logged steps only
-        loss = self.forward_backward(batches)
-        self.fp8.step()  # delayed scaling: this step's amaxes into the histories (also for a skipped step)
-        applied, grad_norm = False, float("nan")
-        if self.nonfinite.check(step, loss):
-            result = self.optimizer.step()
-            applied, grad_norm = result.applied, result.grad_norm
+        with self._out_of_memory_guard(f"in training step {step}"):
+            self.optimizer.zero_grad()
+            self.fp8.set_collect_stats(self._is_log_step(step))  # saturation/underflow counts of logged steps only
+            loss = self.forward_backward(batches)
+            self.fp8.step()  # delayed scaling: this step's amaxes into the histories (also for a skipped step)
+            applied, grad_norm = False, float("nan")
+            if self.nonfinite.check(step, loss):
+                result = self.optimizer.step()
+                applied, grad_norm = result.applied, result.grad_norm
         if applied:
             self.scheduler.step()
         else:
@@ -285,9 +296,10 @@ class Trainer:
             chunk.eval()
         total, count = 0.0, 0
         try:
-            for i in range(0, len(batches), self.num_microbatches):
-                total += self.forward_backward(batches[i : i + self.num_microbatches], forward_only=True)
-                count += 1
+            with self._out_of_memory_guard(f"in the evaluation after step {self.step}"):
+                for i in range(0, len(batches), self.num_microbatches):
+                    total += self.forward_backward(batches[i : i + self.num_microbatches], forward_only=True)
+                    count += 1
         finally:
             for chunk in self.chunks:
                 chunk.train()
@@ -355,7 +367,7 @@ class Trainer:
             "lr": out.lr,
             "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
             **self.meter.measure(),
-            **memory_stats(),
+            **self._memory(),
             "skipped_steps": self.skipped_steps,
             "consumed_samples": self.consumed_samples,
         }
@@ -365,6 +377,39 @@ class Trainer:
             metrics.update(self.fp8.metrics())  # collective: every rank records every step
         self._window = []
         self.logger.log(self.step, metrics)
+
+    def _memory(self) -> dict[str, Any]:
+        """Every rank's peak memory (a collective: all ranks log at the same steps). With several ranks a line
+        with each rank's peaks is printed at the first log and again whenever one has grown by over 5%."""
+        allocated, reserved = peak_memory_per_rank(self.device)
+        cuda = self.device.type == "cuda"
+        peaks = allocated + reserved
+        shown = self._shown_peaks
+        grown = not shown or any(new > 1.05 * old for new, old in zip(peaks, shown, strict=True))
+        if len(allocated) > 1 and grown:
+            self._shown_peaks = peaks
+            self.logger.message(format_memory_per_rank(allocated, reserved, cuda=cuda))
+        return memory_metrics(allocated, reserved, cuda=cuda)
+
+    def _layout(self) -> dict[str, Any]:
+        """What decides memory per device, for the out-of-memory message."""
+        p, t = self.cfg.parallel, self.cfg.training
+        return {
+            "tp": self.dims.tp, "pp": self.dims.pp, "virtual_stages": p.virtual_stages, "dp": self.dims.dp,
+            "micro_batch_size": t.micro_batch_size, "seq_len": self.seq_len, "precision": self.precision.dtype,
+            "recompute": self.cfg.runtime.recompute, "distributed_optimizer": self.cfg.ddp.use_distributed_optimizer,
+            "compile": self.cfg.runtime.compile,
+        }  # fmt: skip
+
+    @contextlib.contextmanager
+    def _out_of_memory_guard(self, where: str):
+        """Turns torch's out-of-memory error into a TrainingOutOfMemoryError naming the layout and the knobs."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as exc:
+            message = out_of_memory_message(exc, where=where, rank=self.rank, device=self.device,
+                                            layout=self._layout())  # fmt: skip
+            raise TrainingOutOfMemoryError(message) from exc
 
     def _log_eval(self) -> None:
         loss = self.evaluate()

@@ -49,6 +49,10 @@ class RotaryTables:
     def __call__(self, seq_len: int, device, positions: torch.Tensor | None = None):
         if positions is not None:
             return rope_tables_at(positions, self.config)
+        if torch.compiler.is_compiling():
+            # Inside a compiled block the tables are part of the graph (a few thousand elements): filling the
+            # cache there would make the first block's graph differ from the others' and compile twice.
+            return rope_tables_at(torch.arange(seq_len, device=device), self.config)
         key = (seq_len, torch.device(device))
         if self._key != key:
             self._tables = rope_tables_at(torch.arange(seq_len, device=device), self.config)
