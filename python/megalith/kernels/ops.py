@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 from megalith.kernels import reference as ref
-from megalith.kernels._attention import attention, attention_with_lse
+from megalith.kernels._attention import attention, attention_with_lse, attention_with_lse_backward
 from megalith.kernels._dispatch import _K, _check_float, _desc, _empty_rows, _stream, _use_reference
 from megalith.kernels._loss_attention import cross_entropy, cross_entropy_grad, cross_entropy_partials
 
 __all__ = [
     "attention",
     "attention_with_lse",
+    "attention_with_lse_backward",
     "bias_gelu",
     "cross_entropy",
     "cross_entropy_grad",
