@@ -7,16 +7,19 @@ every row. It reports per rank the activations autograd saves for the backward (
 saved-tensor hooks, so independent of the allocator), the growth of the peak resident memory during the step,
 and the step time (best of the timed steps; the slowest rank). The saved activations are linear in the rank's
 S / cp tokens: the ratio column (against cp = 1 at the same S) should be near 1 / cp.
-Table 2 gives the share of the ring's communication hidden behind compute: the time ranks spent waiting for
-key/value (and dK/dV) transfers during a step, against the time the same transfers take with nothing to
-overlap them (measured on their own, in the same world).
+Table 2 gives the share of the ring's communication hidden behind compute, one ring step at a time on cp = 2
+with the shapes of Table 1: a key/value transfer through the ring's own `RingComm.shift` alone, the block's
+attention (`block_forward`) alone, and the wait left after posting the transfer and computing the block, each
+the minimum over repeats (other load on the machine only ever adds time). Hidden = 1 - wait / transfer. Table 1
+also lists the ranks' total wait inside a real step, which holds the lag between ranks as well.
 Table 3 (only with a CUDA GPU): llama3-1b (bf16, full recomputation) at S = 32k on one GPU, causal attention over
 the whole sequence against attention within packed documents, tokens/s.
 
-The CPU rows share the machine's cores: with cp ranks on fewer cores, step times measure total work, not the
-speed-up a cp-GPU world gets.
+Each rank runs its kernels on one thread (one core per rank, as one GPU per rank); with more ranks than cores
+the ranks share them, and step times then measure total work rather than the speed-up of a cp-GPU world.
 
-Run: .venv/bin/python benchmarks/context.py [--seqs 4096 8192 16384] [--cps 1 2 4] [--steps 2] [--skip-gpu]
+Run: .venv/bin/python benchmarks/context.py [--seqs 4096 8192 16384] [--cps 1 2 4] [--steps 1] [--repeats 5]
+[--skip-gpu]
 """
 
 from __future__ import annotations
@@ -41,13 +44,15 @@ from megalith.core import (
     build_model_chunks,
     get_preset,
 )
-from megalith.core.context_parallel import shard_microbatch
+from megalith.core.context_parallel import RingComm, shard_microbatch
+from megalith.core.context_parallel.blocks import Block, block_forward
 from megalith.core.pipeline import microbatch_loss
+from megalith.kernels import ops
 from tests.harness import run_distributed
 
 CONFIG = dict(
-    family="llama", vocab_size=256, hidden_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2,
-    ffn_hidden_size=256, norm="rmsnorm", activation="swiglu", position_embedding="rope", bias=False,
+    family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+    ffn_hidden_size=128, norm="rmsnorm", activation="swiglu", position_embedding="rope", bias=False,
     tie_embeddings=False,
 )  # fmt: skip
 
@@ -91,6 +96,7 @@ def _rings(model) -> list:
 
 
 def _memory_worker(rank, world, seq, steps):
+    ops.set_num_threads(1)
     dims = ParallelDims.from_env(cp=world)
     config = ModelConfig(**CONFIG, max_seq_len=seq)
     runtime = RuntimeConfig(kernels="fused")
@@ -109,29 +115,42 @@ def _memory_worker(rank, world, seq, steps):
         waits.append(sum(ring.wait_seconds for ring in _rings(model)))
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
     best = min(range(1, steps + 1), key=lambda i: times[i])
-    comm_alone = _transfers_alone(model, batch, config) if world > 1 else 0.0
-    return saved.total, grown, times[best], waits[best], comm_alone
+    return saved.total, grown, times[best], waits[best]
 
 
-def _transfers_alone(model, batch, config) -> float:
-    """Seconds the ring transfers of one step take with no compute between them (best of 3)."""
-    ring = _rings(model)[0]
-    local = batch["input_ids"].shape[1]
-    kv = torch.randn(2, 1, local, config.num_kv_heads, config.head_dim)
-    grads = torch.zeros(kv.shape, dtype=torch.float32)
+def _best(fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls, every rank starting together."""
     best = float("inf")
-    for _ in range(3):
+    for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
-        for _layer in range(config.num_layers):
-            for _ in range(ring.size - 1):  # forward: keys/values
-                ring.shift(kv, 0).wait()
-            for _ in range(ring.size - 1):  # backward: keys/values again, and the dK/dV accumulator
-                ring.shift(kv, 0).wait()
-            for _ in range(ring.size):
-                ring.shift(grads, 1).wait()
+        fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _overlap_worker(rank, world, seq, repeats):
+    """One ring step of cp = 2 at sequence length `seq`: transfer alone, block alone, wait after both."""
+    ops.set_num_threads(1)
+    dims = ParallelDims.from_env(cp=world)
+    config = ModelConfig(**CONFIG, max_seq_len=seq)
+    local = seq // world
+    ring = RingComm(dims.cp_group)
+    gen = torch.Generator().manual_seed(rank)
+    q = torch.randn(1, local, config.num_attention_heads, config.head_dim, generator=gen)
+    kv = torch.randn(2, 1, local, config.num_kv_heads, config.head_dim, generator=gen)
+    block = Block(slice(local // 2, local), slice(0, local), False)  # a later rank's keys: the step's block
+    transfer = _best(lambda: ring.shift(kv, 0).wait(), repeats)
+    compute = _best(lambda: block_forward(q, kv[0], kv[1], block), repeats)
+    waited = float("inf")
+    for _ in range(repeats):
+        dist.barrier()
+        pending = ring.shift(kv, 0)
+        block_forward(q, kv[0], kv[1], block)
+        start = time.perf_counter()
+        pending.wait()
+        waited = min(waited, time.perf_counter() - start)
+    return transfer, compute, waited
 
 
 def memory_tables(seqs: list[int], cps: list[int], steps: int) -> None:
@@ -141,23 +160,27 @@ def memory_tables(seqs: list[int], cps: list[int], steps: int) -> None:
             per_rank = run_distributed(_memory_worker, cp, seq, steps, timeout=3600)
             results[seq, cp] = per_rank
     print("Table 1: one sequence, forward + backward, CPU gloo, ring attention (Megalith kernel), per rank")
-    print(f"{'S':>7}{'cp':>4}{'saved act. MiB':>16}{'x cp=1':>8}{'peak RSS +MiB':>15}{'step s':>9}")
+    print(f"{'S':>7}{'cp':>4}{'saved act. MiB':>16}{'x cp=1':>8}{'peak RSS +MiB':>15}{'step s':>9}{'ring wait s':>13}")
     for (seq, cp), per_rank in results.items():
         saved = max(r[0] for r in per_rank)
         base = max(r[0] for r in results.get((seq, cps[0]), per_rank))
         grown = max(r[1] for r in per_rank)
         step = max(r[2] for r in per_rank)
+        wait = max(r[3] for r in per_rank)
         ratio = f"{saved / base:.2f}" if cps[0] == 1 else "-"
-        print(f"{seq:>7}{cp:>4}{saved / 2**20:>16.1f}{ratio:>8}{grown / 2**20:>15.1f}{step:>9.2f}")
-    print("\nTable 2: ring communication hidden behind compute (per step, summed over layers; slowest rank)")
-    print(f"{'S':>7}{'cp':>4}{'transfers alone s':>19}{'waited s':>10}{'hidden':>8}")
-    for (seq, cp), per_rank in results.items():
-        if cp == 1:
-            continue
-        alone = max(r[4] for r in per_rank)
-        waited = max(r[3] for r in per_rank)
-        hidden = max(0.0, 1.0 - waited / alone) if alone > 0 else float("nan")
-        print(f"{seq:>7}{cp:>4}{alone:>19.3f}{waited:>10.3f}{hidden:>8.0%}")
+        print(f"{seq:>7}{cp:>4}{saved / 2**20:>16.1f}{ratio:>8}{grown / 2**20:>15.1f}{step:>9.2f}{wait:>13.3f}")
+
+
+def overlap_table(seqs: list[int], repeats: int) -> None:
+    print("\nTable 2: one ring step (cp = 2), key/value transfer against the block's attention (min of repeats)")
+    print(f"{'S':>7}{'KV MiB':>8}{'transfer ms':>13}{'block ms':>10}{'wait ms':>9}{'hidden':>8}")
+    for seq in seqs:
+        per_rank = run_distributed(_overlap_worker, 2, seq, repeats, timeout=3600)
+        transfer, compute, waited = (max(r[i] for r in per_rank) for i in range(3))
+        kv_bytes = 2 * (seq // 2) * CONFIG["num_kv_heads"] * (CONFIG["hidden_size"] // CONFIG["num_attention_heads"])
+        hidden = max(0.0, 1.0 - waited / transfer)
+        print(f"{seq:>7}{kv_bytes * 4 / 2**20:>8.2f}{transfer * 1e3:>13.2f}{compute * 1e3:>10.1f}{waited * 1e3:>9.2f}"
+              f"{hidden:>8.0%}")  # fmt: skip
 
 
 def gpu_table(seq: int, steps: int) -> None:
@@ -190,10 +213,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (best is kept)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per configuration (best is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each Table 2 measurement (min is kept)")
     parser.add_argument("--skip-gpu", action="store_true", help="skip Table 3 even when a GPU is present")
     args = parser.parse_args()
     memory_tables(args.seqs, args.cps, args.steps)
+    overlap_table(args.seqs, args.repeats)
     if torch.cuda.is_available() and not args.skip_gpu:
         gpu_table(32768, args.steps)
     else:

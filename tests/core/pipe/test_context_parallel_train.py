@@ -1,13 +1,14 @@
 """Context parallelism composed with the rest, 3 AdamW steps against one process: cp2 x tp2 with sequence
-parallelism, cp2 x pp2 x dp2 with ZeRO-1 (8 ranks), interleaved cp2 x pp2 with all-gather attention, and bf16;
-packed documents in most of them (positions and cu_seqlens reach every pipeline stage)."""
+parallelism (and full recomputation), cp2 x pp2 x dp2 with ZeRO-1 (8 ranks), interleaved cp2 x pp2 with
+all-gather attention (and selective recomputation), and bf16; packed documents in most of them (positions and
+cu_seqlens reach every pipeline stage)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megalith.core import ModelConfig, ParallelConfig, ParallelDims, build_loss_fn, build_model_chunks
+from megalith.core import ModelConfig, ParallelConfig, ParallelDims, RuntimeConfig, build_loss_fn, build_model_chunks
 from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, OptimizerConfig
 from megalith.core.pipeline import forward_backward, microbatch_loss, unwrap
 from megalith.core.placement import named_placements
@@ -79,7 +80,8 @@ def _worker(rank, world, layout: dict, documents: bool, dtype, ref_params, toler
     parallel = ParallelConfig(tp=tp, cp=cp, cp_comm=layout["comm"], pp=pp, virtual_stages=vp,
                               sequence_parallel=layout.get("sp", False))  # fmt: skip
     config = ModelConfig(**CONFIG)
-    chunks = build_model_chunks(config, dims, parallel=parallel, dtype=dtype)
+    runtime = RuntimeConfig(recompute=layout.get("recompute", "none"))
+    chunks = build_model_chunks(config, dims, parallel=parallel, runtime=runtime, dtype=dtype)
     ddp = DDPConfig(bucket_size=3000, use_distributed_optimizer=layout.get("zero", False))
     chunks = [DistributedDataParallel(c, dims, ddp) for c in chunks]
     opt = AdamW(chunks, dims, OptimizerConfig(**OPT, clip_grad=0.0))
@@ -104,9 +106,13 @@ def _worker(rank, world, layout: dict, documents: bool, dtype, ref_params, toler
 
 
 LAYOUTS = {
-    "cp2-tp2-sp-ring-docs": (dict(tp=2, cp=2, sp=True, comm="ring"), True, 4),
+    "cp2-tp2-sp-ring-docs-full-recompute": (dict(tp=2, cp=2, sp=True, comm="ring", recompute="full"), True, 4),
     "cp2-pp2-dp2-zero-ring-docs": (dict(tp=1, cp=2, pp=2, zero=True, comm="ring"), True, 8),
-    "cp2-pp2-interleaved-allgather": (dict(tp=1, cp=2, pp=2, vp=2, comm="allgather"), False, 4),
+    "cp2-pp2-interleaved-allgather-selective": (
+        dict(tp=1, cp=2, pp=2, vp=2, comm="allgather", recompute="selective"),
+        False,
+        4,
+    ),
     "cp2-pp2-interleaved-allgather-docs": (dict(tp=1, cp=2, pp=2, vp=2, comm="allgather"), True, 4),
 }
 

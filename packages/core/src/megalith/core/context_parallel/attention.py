@@ -40,8 +40,8 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class RingComm:
     """Shifts tensors one hop around the cp ring (to the next rank, from the previous), asynchronously.
 
-    `wait_seconds` adds up the time spent waiting for transfers to finish, which is the part of the ring's
-    communication that compute did not hide (`benchmarks/context.py` reads it).
+    `wait_seconds` adds up the time spent waiting for transfers to finish: the part of the ring's communication
+    that compute did not hide, plus any lag of the sending rank (`benchmarks/context.py` reads it).
     """
 
     def __init__(self, group) -> None:
