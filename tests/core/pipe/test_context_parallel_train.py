@@ -44,7 +44,7 @@ def _batches(step: int, dp: int, documents: bool) -> list[list[dict]]:
     return [flat[d * M : (d + 1) * M] for d in range(dp)]
 
 
-def _reference(documents: bool, dtype) -> tuple[list[float], dict]:
+def _reference(documents: bool, dtype) -> tuple[list[float], list[float], dict]:
     """One-process AdamW over the global batch (torch.optim.AdamW, no decay for 1-D parameters)."""
     (model,) = build_model_chunks(ModelConfig(**CONFIG), dtype=dtype)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -53,7 +53,7 @@ def _reference(documents: bool, dtype) -> tuple[list[float], dict]:
         [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=OPT["lr"],
         betas=(OPT["beta1"], OPT["beta2"]), eps=OPT["eps"], weight_decay=OPT["weight_decay"],
     )  # fmt: skip
-    loss_fn, losses = build_loss_fn(model), []
+    loss_fn, losses, norms = build_loss_fn(model), [], []
     for step in range(STEPS):
         opt.zero_grad()
         batches = [b for rank_batches in _batches(step, 2, documents) for b in rank_batches]
@@ -64,8 +64,9 @@ def _reference(documents: bool, dtype) -> tuple[list[float], dict]:
         loss = total / len(batches)
         losses.append(float(loss.detach()))
         loss.backward()
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
         opt.step()
-    return losses, {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    return losses, norms, {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
 
 def _local_views(p: torch.Tensor, spec, full: torch.Tensor):
@@ -87,7 +88,7 @@ def _worker(rank, world, layout: dict, documents: bool, dtype, ref_params, toler
     opt = AdamW(chunks, dims, OptimizerConfig(**OPT, clip_grad=0.0))
     loss_fn = build_loss_fn(unwrap(chunks[-1]))
     seq = S // cp // (tp if parallel.sequence_parallel else 1)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         opt.zero_grad()
         batches = _batches(step, 2, documents)
@@ -95,14 +96,16 @@ def _worker(rank, world, layout: dict, documents: bool, dtype, ref_params, toler
         mine = batches[dims.dp_rank] if dims.dp == 2 else batches[0] + batches[1]
         shape = (B, seq, config.hidden_size)
         losses.append(forward_backward(chunks, mine, dims, loss_fn=loss_fn, hidden_shape=shape, dtype=dtype))
-        assert opt.step().applied
+        result = opt.step()
+        assert result.applied
+        norms.append(result.grad_norm)  # global over tp, pp and (sharded under ZeRO-1) dp x cp
     mismatches = []
     for c in chunks:
         for name, p, where in named_placements(c.module):
             for got, want in _local_views(p, where.shard, ref_params[name]):
                 if not torch.allclose(got, want, **tolerance):
                     mismatches.append((name, float((got - want).abs().max())))
-    return losses, mismatches
+    return losses, norms, mismatches
 
 
 LAYOUTS = {
@@ -121,21 +124,22 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_context_parallel_training_matches_one_process(name):
     layout, documents, world = LAYOUTS[name]
-    ref_losses, ref_params = _reference(documents, torch.float32)
+    ref_losses, ref_norms, ref_params = _reference(documents, torch.float32)
     tolerance = dict(rtol=1e-3, atol=5e-5)
     results = run_distributed(_worker, world, layout, documents, torch.float32, ref_params, tolerance, timeout=900)
-    for rank, (losses, mismatches) in enumerate(results):
+    for rank, (losses, norms, mismatches) in enumerate(results):
         assert losses == pytest.approx(ref_losses, rel=1e-5), f"{name} rank {rank}"
+        assert norms == pytest.approx(ref_norms, rel=1e-4), f"{name} rank {rank}"
         assert not mismatches, f"{name} rank {rank}: {mismatches}"
 
 
 def test_context_parallel_bf16_training_tracks_one_process():
     """bf16 parameters (fp32 main gradients and masters, ZeRO-1 over dp x cp) under cp2 ring with documents: the
     losses and weights follow the one-process float32 run to bf16 precision."""
-    ref_losses, ref_params = _reference(True, torch.float32)
+    ref_losses, _, ref_params = _reference(True, torch.float32)
     layout = dict(tp=1, cp=2, comm="ring", zero=True)
     tolerance = dict(rtol=0.0, atol=2e-2)  # one bf16 rounding step of the weights (|w| < 1)
     results = run_distributed(_worker, 4, layout, True, torch.bfloat16, ref_params, tolerance, timeout=900)
-    for rank, (losses, mismatches) in enumerate(results):
+    for rank, (losses, _, mismatches) in enumerate(results):
         assert losses == pytest.approx(ref_losses, rel=2e-2), f"rank {rank}"
         assert not mismatches, f"rank {rank}: {mismatches}"
