@@ -132,7 +132,8 @@ def zero_table() -> None:
             if zero and dp == 1:
                 continue
             # Rank 0 of a dp-rank world, described without one: only sizes are measured, nothing is reduced.
-            dims = SimpleNamespace(dp=dp, dp_rank=0, dp_group=None, tp=1, tp_rank=0, pp=1, pp_rank=0)
+            dims = SimpleNamespace(dp=dp, dp_rank=0, dp_group=None, tp=1, tp_rank=0, pp=1, pp_rank=0, cp=1, cp_rank=0,
+                                   dp_cp=dp, dp_cp_rank=0, dp_cp_group=None)  # fmt: skip
             model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).to(torch.bfloat16)
             ddp = DistributedDataParallel(model, dims, DDPConfig(use_distributed_optimizer=zero))
             state = AdamW([ddp], dims).state_bytes()

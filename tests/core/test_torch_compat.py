@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megalith.core._torch_compat import is_view
+from megalith.core._torch_compat import is_view, version_counter
 from megalith.core.pipeline.schedules import _release
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +89,8 @@ def test_private_torch_apis_are_used_only_in_torch_compat():
             if path != COMPAT:
                 found |= {(str(path.relative_to(ROOT)), use) for use in private_torch_uses(path.read_text())}
     assert not found, f"private torch APIs outside megalith/core/_torch_compat.py (move them there): {sorted(found)}"
-    assert private_torch_uses(COMPAT.read_text()) == {"<object>._base"}, "update this test with _torch_compat.py"
+    want = {"<object>._base", "<object>._version"}
+    assert private_torch_uses(COMPAT.read_text()) == want, "update this test with _torch_compat.py"
 
 
 def test_is_view_tells_views_from_tensors_that_own_their_memory():
@@ -98,6 +99,19 @@ def test_is_view_tells_views_from_tensors_that_own_their_memory():
     y = x * 2
     assert not is_view(x) and not is_view(y) and not is_view(y.clone())
     assert is_view(y.t()) and is_view(y[1:]) and is_view(y.view(24))
+
+
+def test_version_counter_grows_with_each_in_place_change_only():
+    gone = "torch.Tensor._version is gone: _torch_compat.version_counter needs another way"
+    assert hasattr(torch.Tensor, "_version"), gone
+    x = torch.arange(6)
+    start = version_counter(x)
+    y = x + 1  # out of place: x unchanged
+    assert version_counter(x) == start
+    x.add_(1)
+    x[0] = 5
+    assert version_counter(x) == start + 2 and version_counter(y) == 0
+    assert version_counter(x[1:]) == version_counter(x), "a view shares its base's counter"
 
 
 def test_a_released_output_frees_its_memory_and_backward_still_gives_the_same_gradients():

@@ -231,3 +231,27 @@ def test_an_empty_dataset_is_named_as_empty(tmp_path, documents):
             writer.add_document(doc, [len(doc)] if doc else [])
     with pytest.raises(ValueError, match=rf"dataset .*empty is empty: .*empty.idx holds {len(documents)} documents"):
         build_gpt_datasets(str(prefix), "1", (10, None, None), GPTDatasetConfig(seq_length=4))
+
+
+def test_reset_attention_mask_gives_each_sample_its_documents(tmp_path):
+    """cu_seqlens of every item: a document starts after each EOD input, padded with S so items stack; the
+    positions reset at the same places."""
+    prefix = tmp_path / "d"
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for length in (3, 7, 2, 9, 5, 4, 6):
+            writer.add_document([*range(10, 10 + length - 1), EOD])
+    cfg = GPTDatasetConfig(seq_length=8, seed=2, eod=EOD, reset_position_ids=True, reset_attention_mask=True,
+                           cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    gpt = GPTDataset(prefix, config=cfg)
+    items = [gpt[i] for i in range(len(gpt))]
+    for item in items:
+        tokens = item["input_ids"].tolist()
+        starts = [0] + [i + 1 for i, t in enumerate(tokens[:-1]) if t == EOD]
+        bounds = item["cu_seqlens"]
+        assert bounds.dtype == np.int32 and bounds.shape == (9,)
+        assert bounds.tolist() == starts + [8] * (9 - len(starts))
+        lengths = np.diff(np.unique(bounds)).tolist()
+        assert item["position_ids"].tolist() == [p for n in lengths for p in range(n)]
+    assert any(len(np.unique(item["cu_seqlens"])) > 2 for item in items)  # some samples hold several documents
+    with pytest.raises(ValueError, match="need the eod id"):
+        GPTDatasetConfig(seq_length=4, reset_attention_mask=True)

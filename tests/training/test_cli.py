@@ -68,7 +68,7 @@ def test_print_config_resolves_preset_and_overrides(capsys):
         (["model.preset=null", "model.hidden_size=64"], "these fields must be set: vocab_size"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], "not a multiple of micro_batch_size"),
         (["parallel.fsdp=true"], "'parallel.fsdp' (in the overrides) was removed"),
-        (["parallel.cp=2"], "unknown config key 'parallel.cp'"),
+        (["parallel.cp=3"], "data.seq_len (128) is not divisible by 2 * parallel.cp = 6"),
     ],
 )
 def test_config_errors_name_the_field_and_value(overrides, message, capsys):

@@ -278,6 +278,62 @@ def attention_with_lse(
     )
 
 
+def attention_with_lse_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    *,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of attention over these keys when the softmax is normalised by `lse` and produced `out`.
+
+    With the `out` and `lse` of `attention_with_lse` on the same inputs this is its backward pass. With the
+    merged `out` and `lse` of a larger attention (several key blocks combined by the online-softmax rule) it is
+    this key block's share of that attention's gradients: ring attention's backward calls it once per block and
+    adds up dq (and each block's dk, dv). Inputs and layouts as `attention_with_lse`; `out` and `grad_out` have
+    the shape of q and `lse` is float32 in the layout `attention_with_lse` returns. No S x S buffer is built.
+    """
+    _check_float(q, "q")
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        if cu_seqlens_q is None:
+            raise ValueError("cu_seqlens_k was given without cu_seqlens_q")
+        cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+        max_q, max_k = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    else:
+        _check_dense(q, k, v)
+        max_q, max_k = q.shape[1], k.shape[1]
+    for t, name in ((out, "out"), (grad_out, "grad_out")):
+        _check_same(t, q, name)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    want = _lse_shape(q, varlen)
+    if lse.dtype != torch.float32 or tuple(lse.shape) != want or lse.device != q.device:
+        raise ValueError(
+            f"lse must be float32 {want} on {q.device}, got {lse.dtype} {tuple(lse.shape)} on {lse.device}"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _use_reference(q) or (q.is_cuda and q.shape[-1] not in _CUDA_HEAD_DIMS):
+        return ref.attention_with_lse_backward(
+            q, k, v, out, grad_out, lse, causal, scale, q_offset=int(q_offset), k_offset=int(k_offset),
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        )  # fmt: skip
+    return _attn_bwd(
+        q, k, v, out, grad_out, lse, None, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, bool(causal),
+        int(q_offset), int(k_offset),
+    )  # fmt: skip
+
+
 def attention(
     q_BSND: torch.Tensor, k_BSND: torch.Tensor, v_BSND: torch.Tensor, causal: bool = True, scale: float | None = None
 ) -> torch.Tensor:

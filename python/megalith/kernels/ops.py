@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from megalith.kernels import reference as ref
-from megalith.kernels._attention import attention, attention_with_lse
+from megalith.kernels._attention import attention, attention_with_lse, attention_with_lse_backward
 from megalith.kernels._dispatch import (
     _K,
     _check_float,
@@ -30,6 +30,7 @@ from megalith.kernels._loss_attention import cross_entropy, cross_entropy_grad, 
 __all__ = [
     "attention",
     "attention_with_lse",
+    "attention_with_lse_backward",
     "bias_gelu",
     "cpu_isa",
     "cpu_threading",

@@ -162,3 +162,50 @@ def attention_with_lse(
     if not outs:
         return q.new_zeros(q.shape), q.new_full((q.shape[1], q.shape[0]), -math.inf)
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def _attention_lse_backward_dense(q_BSND, k_BSND, v_BSND, out_BSND, grad_BSND, lse_BNS, causal, scale, shift):
+    """dq, dk, dv of dense attention whose probabilities are exp(scale * q k^T - lse) (lse may be a merged one)."""
+    group = q_BSND.shape[2] // k_BSND.shape[2]
+    q, o, do = (t.transpose(1, 2) for t in (q_BSND, out_BSND, grad_BSND))
+    k = k_BSND.repeat_interleave(group, dim=2).transpose(1, 2)
+    v = v_BSND.repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    seen = torch.isfinite(lse_BNS)[..., None]
+    probs = torch.where(seen, torch.exp(scores - torch.where(seen, lse_BNS[..., None], torch.zeros_like(scores))), 0)
+    if causal:
+        sq, sk = scores.shape[-2:]
+        probs = probs.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(shift + 1), 0.0)
+    delta = (do * o).sum(-1, keepdim=True)
+    dscores = probs * (do @ v.transpose(-1, -2) - delta) * scale
+    dq, dk, dv = dscores @ k, dscores.transpose(-1, -2) @ q, probs.transpose(-1, -2) @ do
+
+    def per_kv_head(t):  # [B, Nq, Sk, D] -> [B, Sk, Nkv, D], summing each kv head's query group
+        b, _, sk, d = t.shape
+        return t.view(b, -1, group, sk, d).sum(2).transpose(1, 2)
+
+    return dq.transpose(1, 2), per_kv_head(dk), per_kv_head(dv)
+
+
+def attention_with_lse_backward(
+    q, k, v, out, grad_out, lse, causal=True, scale=None, *, q_offset=0, k_offset=0, cu_seqlens_q=None,
+    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+):  # fmt: skip
+    """The plain-PyTorch counterpart of `megalith.kernels.ops.attention_with_lse_backward` (S x S per sequence)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    shift = q_offset - k_offset
+    if cu_seqlens_q is None:
+        return _attention_lse_backward_dense(q, k, v, out, grad_out, lse, causal, scale, shift)
+    bounds_q = cu_seqlens_q.tolist()
+    bounds_k = bounds_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[i : i + 2], bounds_k[i : i + 2]
+        if q1 == q0 or k1 == k0:
+            continue
+        parts = _attention_lse_backward_dense(
+            q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1], grad_out[None, q0:q1],
+            lse[None, :, q0:q1], causal, scale, shift,
+        )  # fmt: skip
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = parts[0][0], parts[1][0], parts[2][0]
+    return dq, dk, dv

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_view"]
+__all__ = ["is_view", "version_counter"]
 
 
 def is_view(t: torch.Tensor) -> bool:
@@ -19,3 +19,12 @@ def is_view(t: torch.Tensor) -> bool:
     tensor that is not a view); autograd's own view tracking sets it.
     """
     return t._base is not None
+
+
+def version_counter(t: torch.Tensor) -> int:
+    """The autograd version counter of `t`: it grows with every in-place change, so a cached value derived from
+    `t` is still valid while the counter is unchanged. Inference tensors have none (check `is_inference()` first).
+
+    torch has no public accessor; `Tensor._version` is the counter autograd itself checks for saved tensors.
+    """
+    return t._version

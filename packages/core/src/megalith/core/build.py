@@ -6,15 +6,18 @@ The order, each step one function (torchtitan's `pipeline_llama` + `parallelize_
 2. the pipeline split (`keep_stage`): one copy per virtual stage this rank holds, cut down to that stage;
 3. for each stage, tensor and sequence parallelism (`apply_tensor_parallel`): column/row-parallel linears,
    vocabulary-parallel embedding and output, sequence-parallel placements;
-4. runtime behaviour: the op set (`apply_kernels`), dropout (`apply_dropout`), activation recomputation
+4. context parallelism (`apply_context_parallel`): each layer's attention core swapped for ring or all-gather
+   attention over the cp group (every other layer is local to the rank's tokens);
+5. runtime behaviour: the op set (`apply_kernels`), dropout (`apply_dropout`), activation recomputation
    (`apply_recompute`);
-5. fp8 (`apply_fp8`): the block linears' matmuls in fp8 (native recipes, or Transformer Engine modules);
-6. regional compilation (`apply_compile`, with `runtime.compile`): each block runs through torch.compile with
+6. fp8 (`apply_fp8`): the block linears' matmuls in fp8 (native recipes, or Transformer Engine modules);
+7. regional compilation (`apply_compile`, with `runtime.compile`): each block runs through torch.compile with
    everything above (parallel linears and their collectives, the op set, the recompute wrapper, fp8 linears)
    inside its graph;
-7. materialisation (`init_weights`): every parameter cut from its canonical initial value, on the target device
+8. materialisation (`init_weights`): every parameter cut from its canonical initial value, on the target device
    and dtype; the tied embedding shared between the first and the last stage;
-8. data parallelism: the caller wraps each chunk (`DistributedDataParallel`, or `apply_fsdp2`).
+9. data parallelism: the caller wraps each chunk (`DistributedDataParallel`, which reduces over dp x cp, or
+   `apply_fsdp2`).
 
 """
 
@@ -27,6 +30,7 @@ from torch import nn
 
 from megalith.core.compile import apply_compile
 from megalith.core.config import ModelConfig, RuntimeConfig
+from megalith.core.context_parallel import apply_context_parallel
 from megalith.core.fp8 import Fp8Config, apply_fp8
 from megalith.core.models.init import init_weights
 from megalith.core.models.ops import apply_kernels
@@ -42,9 +46,9 @@ __all__ = ["apply_dropout", "build_model_chunks"]
 class _Alone:
     """The coordinates of a process that holds the whole model by itself (no groups are ever used)."""
 
-    tp = pp = dp = 1
-    tp_rank = pp_rank = dp_rank = 0
-    tp_group = pp_group = dp_group = None
+    tp = cp = pp = dp = 1
+    tp_rank = cp_rank = pp_rank = dp_rank = 0
+    tp_group = cp_group = pp_group = dp_group = None
 
 
 _ALONE = _Alone()
@@ -79,7 +83,8 @@ def build_model_chunks(
         config: the architecture.
         dims: the topology (tp for tensor parallelism; pp, pp_rank for the stages; dp rank for the RNG streams);
             None builds the whole model for this process alone (also inside a distributed job).
-        parallel: sequence parallelism and the pipeline split (virtual stages, layers per stage).
+        parallel: sequence parallelism, the context-parallel exchange (`cp_comm`) and the pipeline split
+            (virtual stages, layers per stage).
         runtime: kernels, recomputation, dropout, compilation.
         fp8: fp8 linears (None: none).
         seed: weights depend only on it and each parameter's canonical name; dropout streams start from it.
@@ -93,7 +98,17 @@ def build_model_chunks(
         (model,) = build_model_chunks(config, _ALONE, runtime=runtime, fp8=fp8, seed=seed, device=device,
                                       dtype=dtype, empty=empty)  # fmt: skip
         return [model]
-    parallel = parallel or ParallelConfig(tp=dims.tp, pp=dims.pp)
+    parallel = parallel or ParallelConfig(tp=dims.tp, cp=dims.cp, pp=dims.pp)
+    if dims.cp > 1 and runtime.attention_dropout > 0:
+        raise ValueError(
+            f"runtime.attention_dropout ({runtime.attention_dropout}) must be 0 under context parallelism "
+            f"(cp={dims.cp}): the attention kernel has no dropout"
+        )
+    if dims.cp > 1 and runtime.compile:
+        raise ValueError(
+            f"runtime.compile with context parallelism (cp={dims.cp}) is not supported: the ring and all-gather "
+            "exchanges are not traceable inside a fullgraph block; set runtime.compile to false"
+        )
     with torch.device("meta"):
         model = Transformer(config)
     num_stages = dims.pp * parallel.virtual_stages
@@ -103,13 +118,15 @@ def build_model_chunks(
         stage = chunk * dims.pp + dims.pp_rank
         part = keep_stage(copy.deepcopy(model), layers[stage], first=stage == 0, last=stage == num_stages - 1)
         apply_tensor_parallel(part, dims, sequence_parallel=parallel.sequence_parallel)
+        apply_context_parallel(part, dims, comm=parallel.cp_comm)
         apply_kernels(part, runtime.kernels)
         apply_dropout(part, runtime.hidden_dropout, runtime.attention_dropout)
         apply_recompute(part, runtime.recompute, runtime.recompute_every)
         apply_fp8(part, fp8, dims, device=device)
         if runtime.compile:
             apply_compile(part)
-        part.rng.reset(seed, tp_rank=dims.tp_rank, pp_rank=dims.pp_rank, dp_rank=dims.dp_rank,
+        # cp ranks hold different tokens, so their dropout streams differ like those of dp ranks.
+        part.rng.reset(seed, tp_rank=dims.tp_rank, pp_rank=dims.pp_rank, dp_rank=dims.dp_rank * dims.cp + dims.cp_rank,
                        device=device or "cpu")  # fmt: skip
         chunks.append(init_weights(part, seed, device=device, dtype=dtype, empty=empty))
     if dims.pp > 1:

@@ -3,7 +3,8 @@
 Every gradient element of the full model must be counted exactly once (read from each parameter's placement).
 Parameters replicated over tp (norm weights, row-parallel biases) are counted on tp rank 0 only; the tied
 embedding held by both the first and the last pipeline stage on the first stage only. Squares
-are summed over tp and pp, and over dp too when each dp rank holds only a shard of the gradients (ZeRO-1).
+are summed over tp and pp, and over dp x cp too when each of those ranks holds only a shard of the gradients
+(ZeRO-1 shards over dp x cp).
 FSDP2 gradients are DTensors sharded over the dp group: their local shards' squares are always summed over dp,
 and clipping scales the local shards.
 """
@@ -43,12 +44,12 @@ def _local_dp_shard(p: torch.Tensor, grad, dims: ParallelDims) -> torch.Tensor:
 
 
 def _sum_over(value: torch.Tensor, dims: ParallelDims, dp_sharded: bool, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    # Reducing over tp, then pp, then dp covers the whole tp x pp x dp grid (the groups are orthogonal).
+    # Reducing over tp, then pp, then dp x cp covers the whole grid (the groups are orthogonal).
     for size, group in ((dims.tp, dims.tp_group), (dims.pp, dims.pp_group)):
         if size > 1:
             dist.all_reduce(value, op=op, group=group)
-    if dp_sharded and dims.dp > 1:
-        dist.all_reduce(value, op=op, group=dims.dp_group)
+    if dp_sharded and dims.dp_cp > 1:
+        dist.all_reduce(value, op=op, group=dims.dp_cp_group)
     return value
 
 
@@ -67,7 +68,8 @@ def clip_grad_norm_(
         modules: this rank's model chunks (their parameters' placements say what to count).
         max_norm: clipping threshold; None or <= 0 only measures.
         dims: the topology (tp/pp/dp groups and ranks).
-        dp_sharded: the gradients differ across dp ranks and their norms must be summed over dp too.
+        dp_sharded: the gradients are sharded over dp x cp (ZeRO-1) and their norms must be summed over those
+            ranks too.
 
     Returns:
         The global norm before clipping (identical on every rank).

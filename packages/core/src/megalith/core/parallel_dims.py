@@ -4,8 +4,11 @@ Rank order (fastest-varying first): tp, cp, ep, dp, pp. A rank's coordinates are
 
     rank = tp_rank + tp * (cp_rank + cp * (ep_rank + ep * (dp_rank + dp * pp_rank)))
 
-so the ranks of one tensor-parallel group are consecutive (on one node when tp <= GPUs per node) and pipeline
-stages are the slowest-varying dimension (they talk least). Expert parallelism is a data-like dimension: ranks
+so the ranks of one tensor-parallel group are consecutive (on one node when tp <= GPUs per node), the ranks of one
+context-parallel ring are close to each other, and pipeline stages are the slowest-varying dimension (they talk
+least). Context parallelism is a data-like dimension for the weights: every cp rank holds the same parameters
+and sees a different part of the same sequences, so gradients are summed over `group("cp", "dp")` (ZeRO-1 shards
+over it too). Expert parallelism is a data-like dimension: ranks
 that differ only in ep_rank hold the same dense (non-expert) parameters and see different data, so dense
 gradients are reduced over `group("ep", "dp")` (and `"cp"` too under context parallelism), expert gradients
 over `group("dp")`.
@@ -14,8 +17,8 @@ Groups are created once, when the object is built, and passed explicitly to what
 here is stored at module level. `ParallelConfig` is the layout as a user writes it (megalith-train's `parallel`
 section); `ParallelDims.from_config` turns it into the topology of the running world.
 
-Context parallelism and expert parallelism are not implemented yet: cp > 1 and ep > 1 are refused, since
-replicas along them would never average their gradients.
+Expert parallelism is not implemented yet: ep > 1 is refused, since replicas along it would never average their
+gradients.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from megalith.core.world import init_distributed
 
 DIM_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
 """Dimension names, fastest-varying first (the rank order)."""
-_NOT_YET = {"cp": "context parallelism", "ep": "expert parallelism"}
+_NOT_YET = {"ep": "expert parallelism"}
+CP_COMMS = ("ring", "allgather")
+"""How context-parallel attention exchanges keys and values (`ParallelConfig.cp_comm`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,8 +43,14 @@ class ParallelConfig:
     """The parallel layout: degrees (dp is what the world size leaves), pipeline chunks, sequence parallelism."""
 
     tp: int = option(1, help="Tensor-parallel degree.")
+    cp: int = option(1, help="Context-parallel degree: the sequence of each sample is split over this many ranks.")
+    cp_comm: str = option(
+        "ring",
+        help="Context-parallel attention: ring (key/value blocks passed around the cp ring, overlapped with "
+        "compute) or allgather (keys/values all-gathered, Llama-3 style).",
+    )
     pp: int = option(1, help="Pipeline-parallel degree.")
-    dp: int | None = option(None, help="Data-parallel degree; None: world_size / (tp * pp). Checked when set.")
+    dp: int | None = option(None, help="Data-parallel degree; None: world_size / (tp * cp * pp). Checked when set.")
     virtual_stages: int = option(1, help="Model chunks per pipeline rank (> 1: interleaved 1F1B).")
     layers_per_stage: list[int] | None = option(None, help="Layers of each virtual stage (default: even split).")
     sequence_parallel: bool = option(False, help="Shard activations along the sequence between layers (tp > 1).")
@@ -47,7 +58,7 @@ class ParallelConfig:
     device: str = option("auto", help="Where to train: auto (a GPU when present), cuda or cpu.")
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "virtual_stages"):
+        for name in ("tp", "cp", "pp", "virtual_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         checks = [
@@ -57,6 +68,7 @@ class ParallelConfig:
                 f"virtual_stages ({self.virtual_stages}) > 1 needs pp > 1 (pp={self.pp})",
             ),
             (not self.sequence_parallel or self.tp > 1, "sequence_parallel needs tp > 1"),
+            (self.cp_comm in CP_COMMS, f"cp_comm must be one of {', '.join(CP_COMMS)}, got {self.cp_comm!r}"),
             (self.backend in ("auto", "nccl", "gloo"), f"backend must be auto, nccl or gloo, got {self.backend!r}"),
             (self.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got {self.device!r}"),
         ]
@@ -66,14 +78,15 @@ class ParallelConfig:
 
     def data_parallel(self, world_size: int) -> int:
         """dp for `world_size` ranks; raises naming the degrees when they do not fit."""
-        other = self.tp * self.pp
+        other = self.tp * self.cp * self.pp
+        degrees = (
+            f"tp ({self.tp}) * cp ({self.cp}) * pp ({self.pp})" if self.cp > 1 else f"tp ({self.tp}) * pp ({self.pp})"
+        )
         if world_size % other:
-            raise ValueError(f"parallel: world size {world_size} is not divisible by tp ({self.tp}) * pp ({self.pp})")
+            raise ValueError(f"parallel: world size {world_size} is not divisible by {degrees}")
         dp = world_size // other
         if self.dp is not None and self.dp != dp:
-            raise ValueError(
-                f"parallel.dp ({self.dp}) does not match world size {world_size} / (tp {self.tp} * pp {self.pp}) = {dp}"
-            )
+            raise ValueError(f"parallel.dp ({self.dp}) does not match world size {world_size} / {degrees} = {dp}")
         return dp
 
 
@@ -126,27 +139,29 @@ class ParallelDims:
         return cls()
 
     @classmethod
-    def from_env(cls, *, tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None) -> ParallelDims:
+    def from_env(
+        cls, *, tp: int = 1, cp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None
+    ) -> ParallelDims:
         """Joins the torchrun world (`megalith.core.world.init_distributed`) and builds the dims over it.
 
         Args:
-            tp, pp: degrees of those dimensions.
+            tp, cp, pp: degrees of those dimensions.
             dp: data-parallel degree; None means whatever the world size leaves.
             backend: process-group backend override (default: NCCL when CUDA is available, else gloo).
         """
         world_size = init_distributed(backend).world_size
         if dp is None:
-            if world_size % (tp * pp):
+            if world_size % (tp * cp * pp):
                 raise ValueError(
-                    f"ParallelDims.from_env: world size {world_size} is not divisible by tp({tp}) * pp({pp})"
+                    f"ParallelDims.from_env: world size {world_size} is not divisible by tp({tp}) * cp({cp}) * pp({pp})"
                 )
-            dp = world_size // (tp * pp)
-        return cls(tp=tp, pp=pp, dp=dp)
+            dp = world_size // (tp * cp * pp)
+        return cls(tp=tp, cp=cp, pp=pp, dp=dp)
 
     @classmethod
     def from_config(cls, config: ParallelConfig, world_size: int) -> ParallelDims:
         """The topology `config` describes in a world of `world_size` ranks (torch.distributed initialised)."""
-        return cls(tp=config.tp, pp=config.pp, dp=config.data_parallel(world_size))
+        return cls(tp=config.tp, cp=config.cp, pp=config.pp, dp=config.data_parallel(world_size))
 
     def coordinate(self, name: str, rank: int | None = None) -> int:
         """This rank's (or `rank`'s) index along dimension `name`."""
@@ -209,6 +224,21 @@ class ParallelDims:
     @property
     def pp_group(self) -> dist.ProcessGroup | None:
         return self.group("pp")
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that hold the same weights and see different tokens: the gradient-reduction (and ZeRO-1) degree."""
+        return self.dp * self.cp
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's index in `dp_cp_group` (cp varies fastest)."""
+        return self.cp_rank + self.cp * self.dp_rank
+
+    @property
+    def dp_cp_group(self) -> dist.ProcessGroup | None:
+        """The group over which weights' gradients are summed and ZeRO-1 shards the optimizer state."""
+        return self.group("cp", "dp")
 
     def group_ranks(self, *names: str) -> list[int]:
         """Global ranks of this rank's group along `names`, in group-rank order."""

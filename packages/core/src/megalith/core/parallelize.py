@@ -30,10 +30,12 @@ class SequenceShardedEmbedding(nn.Module):
         super().__init__()
         self.weight, self.group = embedding.weight, group
 
-    def forward(self, positions_S: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [S] (shared by every row) or [B, S] (each row its own) -> this rank's [S/tp, H] or
+        [B, S/tp, H]."""
         # The backward all-gathers the gradient, so every rank gets the full, identical weight gradient.
-        out_SH = nn.functional.embedding(positions_S, self.weight)
-        return scatter_to_sequence_parallel_region(out_SH, self.group, seq_dim=0)
+        out = nn.functional.embedding(positions, self.weight)
+        return scatter_to_sequence_parallel_region(out, self.group, seq_dim=positions.dim() - 1)
 
 
 def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = False) -> nn.Module:

@@ -41,6 +41,9 @@ class GPTDatasetConfig:
     """Mask the loss at positions whose input is EOD (do not predict across documents)."""
     reset_position_ids: bool = False
     """Restart position ids at 0 after every EOD."""
+    reset_attention_mask: bool = False
+    """Add `cu_seqlens` to every item: the documents of the sample (a new one starts after every EOD), so that
+    attention can be kept inside each document (Megatron-LM's reset_attention_mask, without an S x S mask)."""
     add_extra_token: bool = True
     """Read one token more than seq_length per sample so labels are the shifted inputs."""
     drop_last_partial_validation: bool = True
@@ -53,8 +56,8 @@ class GPTDatasetConfig:
     def __post_init__(self) -> None:
         if self.seq_length < 1:
             raise ValueError(f"seq_length must be positive, got {self.seq_length}")
-        if (self.eod_mask_loss or self.reset_position_ids) and self.eod is None:
-            raise ValueError("eod_mask_loss and reset_position_ids need the eod id (eod=None)")
+        if (self.eod_mask_loss or self.reset_position_ids or self.reset_attention_mask) and self.eod is None:
+            raise ValueError("eod_mask_loss, reset_position_ids and reset_attention_mask need the eod id (eod=None)")
 
 
 def num_epochs_for(tokens_per_epoch: int, num_samples: int | None, seq_length: int, extra: int) -> int:
@@ -125,7 +128,9 @@ class GPTDataset:
     """Samples of `seq_length` tokens from an IndexedDataset split.
 
     `ds[i]` is a dict of numpy arrays: `input_ids` (also under `tokens`) int64[S], `labels` int64[S] (-100
-    where the loss is masked), `loss_mask` float32[S], `position_ids` int64[S].
+    where the loss is masked), `loss_mask` float32[S], `position_ids` int64[S], and with reset_attention_mask
+    `cu_seqlens` int32[S + 1]: where each document of the sample starts (0 first; a document starts after each
+    EOD input), then S, padded by repeating S so that items stack.
 
     Args:
         dataset: the IndexedDataset (or its prefix).
@@ -231,17 +236,24 @@ class GPTDataset:
         if cfg.eod_mask_loss:
             loss_mask[tokens == cfg.eod] = 0.0
         position_ids = np.arange(seq, dtype=np.int64)
+        # A document starts right after each EOD input (one in the last position starts nothing here).
+        starts = np.flatnonzero(tokens[:-1] == cfg.eod) + 1 if cfg.eod is not None else np.zeros(0, np.int64)
         if cfg.reset_position_ids:
-            # Each position's distance from the most recent EOD before it (exclusive) restarts the count.
+            # Each position's distance from the most recent document start restarts the count.
             after_eod = np.zeros(seq, np.int64)
-            eod_positions = np.flatnonzero(tokens[:-1] == cfg.eod) + 1
-            after_eod[eod_positions] = eod_positions
+            after_eod[starts] = starts
             position_ids -= np.maximum.accumulate(after_eod)
         labels[loss_mask == 0.0] = -100
-        return {
+        item = {
             "input_ids": tokens,
             "tokens": tokens,
             "labels": labels,
             "loss_mask": loss_mask,
             "position_ids": position_ids,
         }
+        if cfg.reset_attention_mask:
+            bounds = np.full(seq + 1, seq, np.int32)
+            bounds[0] = 0
+            bounds[1 : 1 + len(starts)] = starts
+            item["cu_seqlens"] = bounds
+        return item

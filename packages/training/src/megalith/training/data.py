@@ -1,8 +1,9 @@
 """Training and validation batches for a run: datasets from the data section, per-rank resumable loaders.
 
-Every rank of a data-parallel replica (all tp and pp ranks) reads the same micro-batches; the sampler shards
-global batches over dp and restarts from the checkpoint's consumed-sample count, so a resumed run sees exactly
-the batches the uninterrupted one would have seen.
+Every rank of a data-parallel replica (all tp, cp and pp ranks) reads the same micro-batches of full sequences
+(the pipeline schedule cuts them for context parallelism); the sampler shards global batches over dp and
+restarts from the checkpoint's consumed-sample count, so a resumed run sees exactly the batches the
+uninterrupted one would have seen. Packed documents travel as `position_ids` and `cu_seqlens` entries.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megalith.core.models.packing import join_row_bounds
 from megalith.data import GPTDatasetConfig, PretrainingSampler, build_gpt_datasets, check_vocabulary, collate
 from megalith.training.run_config import DataConfig
 
@@ -73,6 +75,8 @@ def build_datasets(
         eod=eod,
         pad=0 if pad is None else pad,
         eod_mask_loss=data.eod_mask_loss,
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
         cache_dir=data.cache_dir,
         tokenizer=f"{data.tokenizer_type}:{data.tokenizer_model}",
     )
@@ -104,8 +108,12 @@ def micro_batches(
     dp: int,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
+    position_ids: bool = False,
+    documents: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches (input_ids, labels as int64 tensors on `device`) from `consumed_samples` on."""
+    """This rank's micro-batches from `consumed_samples` on: input_ids and labels (int64 [B, S] on `device`),
+    with `position_ids` the samples' positions (int64 [B, S]), with `documents` their `cu_seqlens` (int32, the
+    documents of the whole micro-batch, `megalith.core.models.packing`)."""
     total = min(total_samples, (len(dataset) // global_batch_size) * global_batch_size)
     sampler = PretrainingSampler(total, consumed_samples, micro_batch_size, global_batch_size, dp_rank, dp)
     if num_workers > 0:
@@ -115,10 +123,15 @@ def micro_batches(
     else:
         loader = (collate([dataset[i] for i in indices]) for indices in sampler)
     for batch in loader:
-        yield {
-            "input_ids": torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long).to(device),
-            "labels": torch.as_tensor(np.asarray(batch["labels"]), dtype=torch.long).to(device),
+        out = {
+            key: torch.as_tensor(np.asarray(batch[key]), dtype=torch.long).to(device) for key in ("input_ids", "labels")
         }
+        if position_ids:
+            out["position_ids"] = torch.as_tensor(np.asarray(batch["position_ids"]), dtype=torch.long).to(device)
+        if documents:
+            bounds = torch.as_tensor(np.asarray(batch["cu_seqlens"]), dtype=torch.int32)
+            out["cu_seqlens"] = join_row_bounds(bounds, out["input_ids"].shape[1]).to(device)
+        yield out
 
 
 def samples_needed(total_steps: int, global_batch_size: int, eval_iters: int) -> tuple[int, int]:

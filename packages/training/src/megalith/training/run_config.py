@@ -54,6 +54,14 @@ class DataConfig:
     seq_len: int = option(128, help="Tokens per training sample.")
     num_workers: int = option(0, help="DataLoader worker processes per rank (0: load in the training process).")
     eod_mask_loss: bool = option(False, help="Do not compute loss on end-of-document tokens.")
+    reset_position_ids: bool = option(
+        False, help="Positions restart at 0 at every document of a packed sample (a document starts after each EOD)."
+    )
+    reset_attention_mask: bool = option(
+        False,
+        help="Attention never crosses a document boundary inside a packed sample (varlen attention over the "
+        "documents' cu_seqlens, no S x S mask).",
+    )
     cache_dir: str | None = option(None, help="Where dataset index caches go (default: next to the data).")
 
     @property
@@ -87,6 +95,12 @@ class DataConfig:
             else f"data.vocab_size ({self.vocab_size}) is for tokenizer_type NullTokenizer only",
         )
         _check(self.vocab_size is None or self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}")
+        for name in ("reset_position_ids", "reset_attention_mask"):
+            _check(
+                not (getattr(self, name) and self.use_synthetic),
+                f"data.{name} needs documents separated by end-of-document tokens: set data.blend or "
+                "data.train_blend (synthetic data has none)",
+            )
 
 
 def _moved(new: str) -> str:
@@ -154,8 +168,22 @@ class RunConfig:
                 f"model.num_layers ({model.num_layers})",
             )
         _check(
-            not p.sequence_parallel or self.data.seq_len % p.tp == 0,
-            f"data.seq_len ({self.data.seq_len}) is not divisible by parallel.tp ({p.tp}) (sequence_parallel)",
+            self.data.seq_len % (2 * p.cp) == 0,
+            f"data.seq_len ({self.data.seq_len}) is not divisible by 2 * parallel.cp = {2 * p.cp} (context "
+            f"parallelism cuts every sequence into 2 * cp chunks)",
+        )
+        local = self.data.seq_len // p.cp
+        _check(
+            not p.sequence_parallel or local % p.tp == 0,
+            f"data.seq_len ({self.data.seq_len}) / parallel.cp ({p.cp}) is not divisible by parallel.tp ({p.tp}) "
+            "(sequence_parallel)"
+            if p.cp > 1
+            else f"data.seq_len ({self.data.seq_len}) is not divisible by parallel.tp ({p.tp}) (sequence_parallel)",
+        )
+        _check(
+            p.cp == 1 or self.runtime.attention_dropout == 0,
+            f"runtime.attention_dropout ({self.runtime.attention_dropout}) must be 0 under context parallelism "
+            f"(parallel.cp={p.cp}): the attention kernel has no dropout",
         )
         if t.eval_interval is not None:
             _check(

@@ -216,7 +216,8 @@ class Trainer:
         return (
             f"model: {m.family}, {count_parameters(m) / 1e6:,.1f}M parameters, {m.num_layers} layers, "
             f"hidden {m.hidden_size}, vocab {m.vocab_size}\n"
-            f"layout: tp {d.tp} x pp {d.pp} (x{self.cfg.parallel.virtual_stages} virtual) x dp {d.dp} = "
+            f"layout: tp {d.tp} x cp {d.cp}{f' ({self.cfg.parallel.cp_comm})' if d.cp > 1 else ''} x pp {d.pp} "
+            f"(x{self.cfg.parallel.virtual_stages} virtual) x dp {d.dp} = "
             f"{self.env.world_size} ranks, {self.env.backend} on {self.device.type}, {self.precision.dtype}"
             f"{self._fp8_banner()}\n"
             f"batch: {t.global_batch_size} x {self.seq_len} tokens per step ({self.num_microbatches} micro-batches "
@@ -239,7 +240,8 @@ class Trainer:
 
     @property
     def hidden_shape(self) -> tuple[int, int, int]:
-        seq = self.seq_len // self.dims.tp if self.cfg.parallel.sequence_parallel else self.seq_len
+        seq = self.seq_len // self.dims.cp  # a context-parallel rank's tokens
+        seq = seq // self.dims.tp if self.cfg.parallel.sequence_parallel else seq
         return (self.cfg.training.micro_batch_size, seq, self.model_config.hidden_size)
 
     def forward_backward(self, batches: list[dict], *, forward_only: bool = False) -> float:
@@ -263,7 +265,7 @@ class Trainer:
                 derive_seed(self.cfg.training.seed, "step", step),
                 tp_rank=self.dims.tp_rank,
                 pp_rank=self.dims.pp_rank,
-                dp_rank=self.dims.dp_rank,
+                dp_rank=self.dims.dp_rank * self.dims.cp + self.dims.cp_rank,  # cp ranks hold different tokens
             )
         lr, scale = self.optimizer.lr, self.loss_scaler.scale
         with self._out_of_memory_guard(f"in training step {step}"):
@@ -317,6 +319,8 @@ class Trainer:
             dp=self.dims.dp,
             num_workers=self.cfg.data.num_workers,
             device=self.device,
+            position_ids=self.cfg.data.reset_position_ids,
+            documents=self.cfg.data.reset_attention_mask,
         )
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -490,7 +494,7 @@ class Trainer:
     def _extra_state(self) -> dict[str, Any]:
         extra = {name: obj.state_dict() for name, obj in self._stateful().items()}
         extra["info"] = {  # for people reading megalith.json; not restored
-            "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
+            "layout": {"tp": self.dims.tp, "cp": self.dims.cp, "pp": self.dims.pp, "dp": self.dims.dp},
             "tokenizer": {"type": self.cfg.data.tokenizer_type, "model": self.cfg.data.tokenizer_model},
             "seq_len": self.seq_len,
         }

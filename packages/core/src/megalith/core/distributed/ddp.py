@@ -1,16 +1,19 @@
 """Data parallelism: contiguous fp32 main-gradient buffers reduced per bucket while backward is still running.
 
-Each parameter gets `p.main_grad`, a view into one flat fp32 buffer; a post-accumulate hook moves `p.grad` into
-it (a copy scaled by 1/dp for the step's first micro-batch, an add after that, so the buffer is never zeroed) and
-frees `p.grad`, so low-precision gradients are accumulated in fp32 across micro-batches. Parameters are grouped
-into buckets (in reverse registration order, roughly the order backward produces them). While gradient sync is
-enabled (the schedule enables it only for the last micro-batch's backward), a bucket's collective is launched
-asynchronously as soon as every parameter in it has its gradient: an all-reduce, or a reduce-scatter when a
-distributed optimizer owns 1/dp of each bucket. The 1/dp factor the hook applied makes the summing collective
-yield the dp average. Earlier micro-batches trigger no communication at all.
+Gradients are reduced over the ranks that hold the same weights and see different tokens: the dp group, times
+the cp group under context parallelism (`dims.dp_cp_group`, dp * cp ranks). Each parameter gets `p.main_grad`, a
+view into one flat fp32 buffer; a post-accumulate hook moves `p.grad` into it (a copy scaled by 1/dp for the
+step's first micro-batch, an add after that, so the buffer is never zeroed) and frees `p.grad`, so low-precision
+gradients are accumulated in fp32 across micro-batches. Parameters are grouped into buckets (in reverse
+registration order, roughly the order backward produces them). While gradient sync is enabled (the schedule
+enables it only for the last micro-batch's backward), a bucket's collective is launched asynchronously as soon as
+every parameter in it has its gradient: an all-reduce over dp x cp, or a reduce-scatter when a distributed
+optimizer owns 1/(dp * cp) of each bucket. The collective sums: the 1/dp factor the hook applied makes the sum the
+dp average, while the cp ranks' gradients are parts of one micro-batch's gradient and are meant to be added.
+Earlier micro-batches trigger no communication at all.
 
-A layout with nothing to reduce and nothing to upcast (dp == 1, fp32 parameters, no distributed optimizer) needs
-none of this: the wrapper then keeps no buffers and no hooks, autograd accumulates `p.grad` itself, and the
+A layout with nothing to reduce and nothing to upcast (dp == cp == 1, fp32 parameters, no distributed optimizer)
+needs none of this: the wrapper then keeps no buffers and no hooks, autograd accumulates `p.grad` itself, and the
 optimizer reads `p.grad` (`grad_of`).
 """
 
@@ -89,11 +92,11 @@ class Bucket:
 
 
 class DistributedDataParallel(nn.Module):
-    """Wraps one model chunk; its gradients land in `p.main_grad` (fp32) and are averaged over dp.
+    """Wraps one model chunk; its gradients land in `p.main_grad` (fp32), averaged over dp and summed over cp.
 
     Args:
         module: the model chunk (all its trainable parameters must share one dtype and device).
-        dims: the topology; only `dp_group`, `dp` and `dp_rank` are used here.
+        dims: the topology; only dp, cp and their joint group (`dp_cp_group`, `dp_cp_rank`) are used here.
         config: bucket size and reduction mode.
 
     Usage per optimizer step: `zero_grad_buffer()`, then the schedule runs micro-batches with
@@ -104,7 +107,9 @@ class DistributedDataParallel(nn.Module):
         super().__init__()
         self.module = module
         self.config = config or DDPConfig()
-        self.dp_group, self.dp, self.dp_rank = dims.dp_group, dims.dp, dims.dp_rank
+        self.dp = dims.dp  # gradients are scaled by 1/dp: the dp sum becomes an average
+        # The reduction (and ZeRO-1 sharding) group: every rank holding these weights, dp x cp of them.
+        self.reduce_group, self.reduce_size, self.reduce_rank = dims.dp_cp_group, dims.dp_cp, dims.dp_cp_rank
         params = [p for p in dict.fromkeys(module.parameters()) if p.requires_grad]
         if not params:
             raise ValueError("DistributedDataParallel: the module has no trainable parameters")
@@ -115,7 +120,9 @@ class DistributedDataParallel(nn.Module):
         self.param_dtype = params[0].dtype
         self.params = params
         # Nothing to reduce and nothing to upcast: autograd's own accumulation into p.grad is all that is needed.
-        self.native = self.dp == 1 and self.param_dtype == torch.float32 and not self.config.use_distributed_optimizer
+        self.native = (
+            self.reduce_size == 1 and self.param_dtype == torch.float32 and not self.config.use_distributed_optimizer
+        )
         self.grad_buffer = self.param_buffer = None
         self.buckets: list[Bucket] = []
         self.param_index: dict[nn.Parameter, tuple[int, Bucket]] = {}
@@ -149,7 +156,7 @@ class DistributedDataParallel(nn.Module):
     def _make_buckets(self, params: list[nn.Parameter], shared: set[int]) -> list[Bucket]:
         # Shared (tied) embeddings get a bucket of their own: then their layout, and so their reduce-scatter
         # shards, are the same on the first and the last pipeline stage, whose gradients are summed elementwise.
-        align = self.dp if self.config.use_distributed_optimizer else 1
+        align = self.reduce_size if self.config.use_distributed_optimizer else 1
         limit = self.config.bucket_size
         buckets: list[Bucket] = []
         current: list[nn.Parameter] = []
@@ -217,23 +224,23 @@ class DistributedDataParallel(nn.Module):
             if id(p) not in self._written:
                 p.main_grad.zero_()
                 self._written.add(id(p))
-        if self.dp == 1:
+        if self.reduce_size == 1:
             bucket.handle = _Done()
             return
         if self.config.use_distributed_optimizer:
             # A separate output tensor: not every backend accepts an output that aliases the input.
-            bucket.scatter_out = torch.empty(bucket.numel // self.dp, dtype=data.dtype, device=data.device)
-            bucket.handle = reduce_scatter_into(bucket.scatter_out, data, self.dp_group, async_op=async_op)
+            bucket.scatter_out = torch.empty(bucket.numel // self.reduce_size, dtype=data.dtype, device=data.device)
+            bucket.handle = reduce_scatter_into(bucket.scatter_out, data, self.reduce_group, async_op=async_op)
         else:
-            bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=async_op)
+            bucket.handle = dist.all_reduce(data, group=self.reduce_group, async_op=async_op)
         if bucket.handle is None:
             bucket.handle = _Done()
 
     def finish_grad_sync(self) -> None:
         """Waits for every bucket's collective, launching those backward did not (unused params, no overlap).
 
-        Afterwards `main_grad` holds the dp-averaged gradient (all of it, or this rank's shard of each
-        bucket under the distributed optimizer: see `local_range`). Calling it again before
+        Afterwards `main_grad` holds the reduced gradient (all of it, or this rank's shard of each bucket under
+        the distributed optimizer: see `local_range`). Calling it again before
         `zero_grad_buffer` does nothing (the schedule finishes the sync; the optimizer step makes sure).
         """
         if self._synced:
@@ -257,8 +264,8 @@ class DistributedDataParallel(nn.Module):
         """The [lo, hi) buffer range whose reduced gradient this rank holds (and whose optimizer state it owns)."""
         if not self.config.use_distributed_optimizer:
             return bucket.start, bucket.end
-        shard = bucket.numel // self.dp
-        lo = bucket.start + self.dp_rank * shard
+        shard = bucket.numel // self.reduce_size
+        lo = bucket.start + self.reduce_rank * shard
         return lo, lo + shard
 
     def zero_grad_buffer(self) -> None:
@@ -275,7 +282,7 @@ class DistributedDataParallel(nn.Module):
 
 
 class _Done:
-    """A finished work handle (dp == 1, or a backend that returned None for a synchronous call)."""
+    """A finished work handle (nothing to reduce, or a backend that returned None for a synchronous call)."""
 
     def wait(self) -> bool:
         return True

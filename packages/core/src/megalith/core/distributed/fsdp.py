@@ -49,6 +49,11 @@ def apply_fsdp2(
 
     if dims.dp < 2 or dims.dp_group is None:
         raise ValueError(f"apply_fsdp2 needs dp > 1 and a dp_group (dp={dims.dp})")
+    if dims.cp > 1:  # FSDP2 would average over dp only, never summing the cp ranks' gradients
+        raise ValueError(
+            f"apply_fsdp2 does not support context parallelism (cp={dims.cp}); use DistributedDataParallel, "
+            "with use_distributed_optimizer for ZeRO-1 over dp x cp"
+        )
     bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if bad:
         raise ValueError(f"apply_fsdp2: parameters must be fp32 masters before sharding, found {bad}")

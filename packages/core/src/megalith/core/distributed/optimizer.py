@@ -5,8 +5,9 @@ kernel) applied to this rank's *masters*, each with the gradient the DDP wrapper
 
 - fp32 parameters, replicated optimizer: the masters are the parameters themselves (no copy, no write-back);
 - bf16/fp16 parameters: fp32 copies of the parameters, written back into them after each update;
-- with `use_distributed_optimizer` (ZeRO-1): this rank's 1/dp shard of every bucket, as one view per parameter
-  piece, of the parameter buffer itself (fp32) or of an fp32 copy of it; updated shards are all-gathered.
+- with `use_distributed_optimizer` (ZeRO-1): this rank's 1/(dp * cp) shard of every bucket, as one view per
+  parameter piece, of the parameter buffer itself (fp32) or of an fp32 copy of it; updated shards are all-gathered
+  over dp x cp.
 
 A step unscales the gradients (fp16), takes the global gradient norm (which also tells whether any gradient is
 inf/NaN: the step is then skipped), clips, and updates. Nothing else touches every parameter per step.
@@ -271,7 +272,7 @@ class AdamW:
                     g.mul_(1.0 / scale)
             counted = [g for piece, g in zip(self.pieces, grads, strict=True) if piece.counted and g is not None]
             local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
-            # Non-sharded, the gradients (and so the squares) are the same on every dp rank: do not sum over dp.
+            # Non-sharded, the gradients (and so the squares) are the same on every dp and cp rank: no sum over them.
             norm = float(global_norm(local.double() ** 2, self.dims, dp_sharded=self.sharded))
             found_inf = not math.isfinite(norm)  # an inf/NaN anywhere makes the global norm inf/NaN everywhere
             self.loss_scaler.update(found_inf)
@@ -307,7 +308,7 @@ class AdamW:
                 shard.ddp.param_buffer[shard.lo : shard.hi].copy_(shard.master)
         for shard in self.shards:
             ddp = shard.ddp
-            if ddp.dp > 1:
+            if ddp.reduce_size > 1:
                 bucket = ddp.buckets[shard.bucket_index]
                 full = ddp.param_buffer[bucket.start : bucket.end]
-                all_gather_into(full, ddp.param_buffer[shard.lo : shard.hi].clone(), ddp.dp_group)
+                all_gather_into(full, ddp.param_buffer[shard.lo : shard.hi].clone(), ddp.reduce_group)

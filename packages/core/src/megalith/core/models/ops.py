@@ -3,6 +3,11 @@
 The model is built with the torch op set; `apply_kernels(model, name)` swaps the op set of every module that
 has one, from outside the model code. Shapes: x_BSND is [batch, sequence, heads, head_dim]; RoPE tables cos/sin
 are [S, R] (positions shared by every row) or [B, S, R] (per-row positions, as when decoding), R = D/2.
+
+Attention within packed documents (`documents`, see `megalith.core.models.packing`): the torch set gives SDPA a
+block-diagonal causal mask (one [B, 1, S, S] boolean tensor: simple, but S x S); the fused set runs Megalith's
+varlen kernel on the flattened batch (`attention_with_lse` with `cu_seqlens`), which never builds an S x S
+tensor.
 """
 
 from __future__ import annotations
@@ -18,12 +23,20 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def attention(q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None):
+    def attention(
+        q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None, documents=None
+    ):
         """Softmax attention of S queries over T keys; `mask_B1ST` (True = visible) replaces the causal mask.
 
         Grouped-query attention (q head h reads kv head h // (N / K)) goes to SDPA as it is (`enable_gqa`), so
-        the key/value heads are never copied N / K times.
+        the key/value heads are never copied N / K times. With `documents` (S == T), a query sees the keys of
+        its own document only (a block-diagonal mask, causal within each block).
         """
+        if documents is not None:
+            ids_BS = documents.ids
+            mask_B1ST = ids_BS[:, None, :, None] == ids_BS[:, None, None, :]
+            if causal:
+                mask_B1ST = mask_B1ST.tril()
         out_BNSD = F.scaled_dot_product_attention(
             q_BSND.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2),
             attn_mask=mask_B1ST, is_causal=causal and mask_B1ST is None, dropout_p=dropout_p,
@@ -82,12 +95,21 @@ class FusedOps:
     def _ops(self):
         return _kernel_ops()
 
-    def attention(self, q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None):
+    def attention(
+        self, q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None, documents=None
+    ):
         if dropout_p:
             raise ValueError("kernels='fused' attention has no dropout; set runtime.attention_dropout to 0")
         if mask_B1ST is not None:  # an arbitrary mask (decoding over a padded cache): the fused kernel has none
             return TorchOps.attention(q_BSND, k_BTKD, v_BTKD, causal=causal, mask_B1ST=mask_B1ST)
-        return self._ops.attention(q_BSND, k_BTKD, v_BTKD, causal=causal)
+        if documents is None:
+            return self._ops.attention(q_BSND, k_BTKD, v_BTKD, causal=causal)
+        b, s, n, d = q_BSND.shape
+        out, _ = self._ops.attention_with_lse(
+            q_BSND.reshape(b * s, n, d), k_BTKD.flatten(0, 1), v_BTKD.flatten(0, 1), causal,
+            cu_seqlens_q=documents.cu_seqlens, max_seqlen_q=documents.max_seqlen, max_seqlen_k=documents.max_seqlen,
+        )  # fmt: skip
+        return out.view(b, s, n, d)
 
     def rms_norm(self, x, weight, eps: float):
         return self._ops.rms_norm(x, weight, eps)

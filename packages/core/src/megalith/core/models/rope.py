@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from megalith.core._torch_compat import version_counter
+
 __all__ = ["RotaryTables", "rope_inv_freq", "rope_tables_at"]
 
 
@@ -38,21 +40,31 @@ class RotaryTables:
     """The tables a model's attention layers share, computed once per sequence length and device.
 
     Every layer of one forward asks for the same length, so the tables are computed by the first layer and
-    reused by the others (and by later steps). Explicit positions (decoding, packed documents) are not cached.
+    reused by the others (and by later steps). Explicit positions (decoding, packed documents, a context-parallel
+    rank's tokens) are shared the same way within one forward: every layer passes the same tensor, so tables are
+    kept for the last positions tensor seen, as long as it was not modified in place.
     """
 
     def __init__(self, config) -> None:
         self.config = config
         self._key: tuple[int, torch.device] | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._positions: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __call__(self, seq_len: int, device, positions: torch.Tensor | None = None):
-        if positions is not None:
-            return rope_tables_at(positions, self.config)
         if torch.compiler.is_compiling():
-            # Inside a compiled block the tables are part of the graph (a few thousand elements): filling the
-            # cache there would make the first block's graph differ from the others' and compile twice.
-            return rope_tables_at(torch.arange(seq_len, device=device), self.config)
+            # Inside a compiled block the tables are part of the graph (a few thousand elements): filling a cache
+            # there would make the first block's graph differ from the others' and compile twice.
+            if positions is None:
+                positions = torch.arange(seq_len, device=device)
+            return rope_tables_at(positions, self.config)
+        if positions is not None:
+            if positions.is_inference():  # no version counter to tell whether it changed
+                return rope_tables_at(positions, self.config)
+            last = self._positions
+            if last is None or last[0] is not positions or last[1] != version_counter(positions):
+                last = self._positions = (positions, version_counter(positions), rope_tables_at(positions, self.config))
+            return last[2]
         key = (seq_len, torch.device(device))
         if self._key != key:
             self._tables = rope_tables_at(torch.arange(seq_len, device=device), self.config)

@@ -6,6 +6,11 @@ for their parallel versions, `apply_recompute` and `apply_kernels` change how mo
 removes the modules a stage does not hold (set to None: `forward` passes over what is absent), and the data
 parallel wrapper goes around the result. The loss is `megalith.core.loss`, outside the model.
 
+Packed documents travel with the input, not in the model: `forward` optionally takes each token's position
+(`position_ids`, restarting at each document) and the documents' bounds (`cu_seqlens`, see
+`megalith.core.models.packing`); attention then never crosses a document boundary. Context parallelism swaps
+`AttentionCore` (`megalith.core.context_parallel`), which receives the same documents.
+
 Shape legend: B batch, S sequence (S/tp between layers under sequence parallelism), H hidden, N query heads,
 K key/value heads (both per tp rank), D head dim, V vocabulary (this rank's shard under tp).
 """
@@ -19,6 +24,7 @@ from torch import nn
 from megalith.core.config import ModelConfig
 from megalith.core.models.kv_cache import KVCache, LayerKVCache
 from megalith.core.models.ops import TorchOps
+from megalith.core.models.packing import Documents
 from megalith.core.models.rope import RotaryTables
 from megalith.core.parallel.random import REPLICATED, TENSOR_PARALLEL, RNGTracker
 
@@ -68,18 +74,25 @@ class Embedding(nn.Embedding):
 
 
 class AttentionCore(nn.Module):
-    """softmax(q k^T / sqrt(D)) v with causal masking and grouped-query heads (what selective recompute wraps)."""
+    """softmax(q k^T / sqrt(D)) v with causal masking and grouped-query heads (what selective recompute wraps).
+
+    With `documents`, each query sees only the earlier keys of its own document.
+    """
 
     def __init__(self, rng: RNGTracker):
         super().__init__()
         self.ops, self.rng, self.dropout_p = TorchOps(), rng, 0.0
 
-    def forward(self, q_BSND, k_BTKD, v_BTKD, mask_B1ST=None):
+    def forward(self, q_BSND, k_BTKD, v_BTKD, mask_B1ST=None, documents: Documents | None = None):
+        if documents is not None:
+            documents.check_tokens(q_BSND.shape[0], q_BSND.shape[1], "attention")
         p = self.dropout_p if self.training else 0.0
         if p == 0.0:
-            return self.ops.attention(q_BSND, k_BTKD, v_BTKD, causal=True, mask_B1ST=mask_B1ST)
+            return self.ops.attention(q_BSND, k_BTKD, v_BTKD, causal=True, mask_B1ST=mask_B1ST, documents=documents)
         with self.rng.fork(TENSOR_PARALLEL):  # heads are sharded over tp: independent masks per rank
-            return self.ops.attention(q_BSND, k_BTKD, v_BTKD, causal=True, dropout_p=p, mask_B1ST=mask_B1ST)
+            return self.ops.attention(
+                q_BSND, k_BTKD, v_BTKD, causal=True, dropout_p=p, mask_B1ST=mask_B1ST, documents=documents
+            )
 
 
 class Attention(nn.Module):
@@ -94,18 +107,25 @@ class Attention(nn.Module):
         self.core = AttentionCore(rng)
         self.proj = nn.Linear(self.num_heads * d, config.hidden_size, bias=config.bias)
 
-    def forward(self, x_BSH: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
-        """Self-attention over positions 0..S-1, or, with `cache`, over the cached slots plus the new ones."""
+    def forward(
+        self,
+        x_BSH: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        positions_BS: torch.Tensor | None = None,
+        documents: Documents | None = None,
+    ) -> torch.Tensor:
+        """Self-attention over positions 0..S-1 (or `positions_BS`), within `documents` when given; with `cache`,
+        over the cached slots plus the new ones."""
         qkv = self.qkv(x_BSH)  # [B, S, (N + 2K) D]: under SP the sequence was gathered to full length here
         b, s, _ = qkv.shape
         n, k, d = self.num_heads, self.num_kv_heads, self.head_dim
         q_BSND, k_BSKD, v_BSKD = qkv.split([n * d, k * d, k * d], dim=-1)
         q_BSND, k_BSKD, v_BSKD = q_BSND.view(b, s, n, d), k_BSKD.view(b, s, k, d), v_BSKD.view(b, s, k, d)
         if self.rope is not None:
-            cos, sin = self.rope(s, x_BSH.device, None if cache is None else cache.positions_BS)
+            cos, sin = self.rope(s, x_BSH.device, positions_BS if cache is None else cache.positions_BS)
             q_BSND, k_BSKD = self.ops.rope(q_BSND, cos, sin), self.ops.rope(k_BSKD, cos, sin)
         if cache is None:
-            out_BSND = self.core(q_BSND, k_BSKD, v_BSKD)
+            out_BSND = self.core(q_BSND, k_BSKD, v_BSKD, documents=documents)
         else:  # incremental decoding: store the new keys/values, attend over every visible slot
             k_BTKD, v_BTKD = cache.extend(k_BSKD, v_BSKD)
             out_BSND = self.core(q_BSND, k_BTKD, v_BTKD, cache.mask_B1ST)
@@ -142,10 +162,16 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config)
         self.dropout = Dropout(rng)
 
-    def forward(self, x_BSH: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSH: torch.Tensor,
+        cache: KVCache | None = None,
+        positions_BS: torch.Tensor | None = None,
+        documents: Documents | None = None,
+    ) -> torch.Tensor:
         """One block; with `cache` (an open KVCache step), attention reads and extends the cache."""
         layer_cache = None if cache is None else cache.layer(self.layer_id)
-        x_BSH = x_BSH + self.dropout(self.attn(self.attn_norm(x_BSH), layer_cache))
+        x_BSH = x_BSH + self.dropout(self.attn(self.attn_norm(x_BSH), layer_cache, positions_BS, documents))
         return x_BSH + self.dropout(self.mlp(self.mlp_norm(x_BSH)))
 
 
@@ -199,19 +225,32 @@ class Transformer(nn.Module):
         return self.output(h_BSH) if self.output is not None else self.embed.attend(h_BSH)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, *, select_B: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        select_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids [B, S] (or a previous stage's hidden states [B, S, H]) -> logits (or hidden states).
 
-        With `cache` (inference), the tokens are appended to the KV cache at the positions it assigns.
-        `select_B` (one position per row) returns only those positions' logits, [B, 1, V].
+        Args:
+            x: token ids, or hidden states on a later pipeline stage.
+            cache: inference: the tokens are appended to the KV cache at the positions it assigns.
+            position_ids: int64 [B, S], each token's position (RoPE or learned positions); default 0..S-1.
+                Packed documents restart them at each document; context parallelism gives each rank's own.
+            cu_seqlens: int32 [num_docs + 1], the packed documents (`megalith.core.models.packing`): attention
+                stays inside each document. Under context parallelism it describes the full sequence.
+            select_B: one position per row: only those positions' logits are returned, [B, 1, V].
         """
-        if x.is_floating_point():
-            h_BSH = x
-        else:
-            h_BSH = self.embed_tokens(x, None if cache is None else cache.positions_BS)
+        if cache is not None and (position_ids is not None or cu_seqlens is not None):
+            raise ValueError("position_ids and cu_seqlens are for training and scoring, not for decoding with a cache")
+        positions_BS = position_ids if cache is None else cache.positions_BS
+        documents = None if cu_seqlens is None else Documents.from_cu_seqlens(cu_seqlens, x.shape[0])
+        h_BSH = x if x.is_floating_point() else self.embed_tokens(x, positions_BS)
         for layer in self.layers.values():
-            h_BSH = layer(h_BSH, cache)
+            h_BSH = layer(h_BSH, cache, positions_BS, documents)
         if self.final_norm is None:
             return h_BSH
         if select_B is not None:

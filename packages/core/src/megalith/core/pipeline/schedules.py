@@ -7,8 +7,13 @@ frees an output's storage once it is sent (its autograd graph stays), scales eac
 backward, and finally finishes the data-parallel reduction and sums the tied-embedding gradients.
 
 Micro-batches are dicts with `input_ids` [B, S] (read on the first stage) and `labels` [B, S] (read on the
-last; -100 marks ignored tokens). A micro-batch's loss is the mean, over its non-ignored tokens, of the per-token
+last; -100 marks ignored tokens), and optionally `position_ids` [B, S] and `cu_seqlens` (packed documents), which
+every stage's forward receives. A micro-batch's loss is the mean, over its non-ignored tokens, of the per-token
 loss `loss_fn(logits, labels)` (`megalith.core.loss`), which lives outside the model.
+
+Under context parallelism every rank of a cp group is given the same full micro-batches and keeps its own tokens
+(`shard_microbatch`). Its loss is its tokens' loss sum over the micro-batch's whole count of non-ignored tokens,
+so the cp ranks' losses (and their gradients, which DDP sums over dp x cp) add up to the micro-batch's mean.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from megalith.core._torch_compat import is_view
+from megalith.core.context_parallel import shard_microbatch
 from megalith.core.distributed.ddp import DistributedDataParallel
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.parallelize import reduce_sequence_parallel_grads
@@ -93,11 +99,16 @@ def schedule_order(pp: int, pp_rank: int, num_microbatches: int, virtual_stages:
     return _interleaved(pp, pp_rank, m, vp)
 
 
-def microbatch_loss(loss_fn: LossFn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean per-token loss over the tokens whose label is not -100 (fp32 scalar)."""
+def microbatch_loss(
+    loss_fn: LossFn, logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token loss summed over the tokens whose label is not -100, divided by their count (fp32 scalar).
+
+    `num_tokens` replaces the count when these labels are only part of the micro-batch (a cp rank's tokens).
+    """
     per_token = loss_fn(logits, labels).float()
-    count = (labels != -100).sum().clamp(min=1)
-    return per_token.sum() / count
+    count = (labels != -100).sum() if num_tokens is None else num_tokens
+    return per_token.sum() / count.clamp(min=1)
 
 
 def _release(t: torch.Tensor) -> None:
@@ -145,11 +156,12 @@ def forward_backward(
 
     Args:
         chunks: this rank's model chunks in virtual-stage order (DDP-wrapped or plain modules).
-        microbatches: the step's micro-batches (every pipeline rank passes the same list).
-        dims: the topology (pp, pp_rank, pp_group, dp, dp_group).
+        microbatches: the step's micro-batches of full sequences (every pipeline and cp rank passes the same
+            list).
+        dims: the topology (pp, pp_rank, pp_group, cp, cp_rank, cp_group, dp, dp_group).
         loss_fn: per-token loss of the last stage's logits (`megalith.core.loss.build_loss_fn`).
-        hidden_shape: shape of the activation passed between stages, e.g. (B, S, H) ((B, S/tp, H) with
-            sequence parallelism).
+        hidden_shape: shape of the activation passed between stages, e.g. (B, S, H): (B, S/cp, H) under context
+            parallelism, divided by tp again with sequence parallelism.
         dtype: dtype of that activation (the parameter dtype).
         loss_scale: multiplies each loss before backward (fp16 dynamic loss scale).
         forward_only: run forwards only, without gradients (evaluation).
@@ -180,7 +192,8 @@ class _Executor:
     backward. Virtual stage `chunk * pp + pp_rank` receives from the stage before it and sends to the next."""
 
     def __init__(self, chunks, microbatches, dims, loss_fn, hidden_shape, dtype, loss_scale, forward_only, release):
-        self.chunks, self.microbatches, self.dims, self.loss_fn = chunks, microbatches, dims, loss_fn
+        self.chunks, self.dims, self.loss_fn = chunks, dims, loss_fn
+        self.microbatches = [shard_microbatch(batch, dims.cp, dims.cp_rank) for batch in microbatches]
         self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
         self.loss_scale, self.forward_only, self.release = loss_scale, forward_only, release
         self.num_stages = dims.pp * len(chunks)
@@ -210,10 +223,12 @@ class _Executor:
         else:
             x = self._receive(stage, mb, backward=False).requires_grad_(not self.forward_only)
         batch = self.microbatches[mb]
+        inputs = {key: batch[key] for key in ("position_ids", "cu_seqlens") if key in batch}
         with torch.set_grad_enabled(not self.forward_only), record_function("megalith.forward"):
-            y = unwrap(self.chunks[chunk])(batch["input_ids"] if first else x)
+            y = unwrap(self.chunks[chunk])(batch["input_ids"] if first else x, **inputs)
             if last:
-                loss = microbatch_loss(self.loss_fn, y, batch["labels"]) / len(self.microbatches)
+                count = batch.get("num_loss_tokens")
+                loss = microbatch_loss(self.loss_fn, y, batch["labels"], count) / len(self.microbatches)
                 self.losses.append(loss.detach())
                 y = loss * self.loss_scale if self.loss_scale != 1.0 else loss
         if not last:
@@ -240,12 +255,15 @@ class _Executor:
 
 
 def _reduce_loss(losses: list[torch.Tensor], dims: ParallelDims, device: torch.device) -> float:
-    # Only the last stage has losses; summing over pp hands its value to every stage, the dp sum averages.
+    # Only the last stage has losses; summing over pp hands its value to every stage, summing over cp adds the
+    # ranks' parts of each micro-batch, the dp sum averages.
     total = (
         torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64, device=device)
     )
     if dims.pp > 1:
         dist.all_reduce(total, group=dims.pp_group)
+    if dims.cp > 1:
+        dist.all_reduce(total, group=dims.cp_group)
     if dims.dp > 1:
         dist.all_reduce(total, group=dims.dp_group)
         total /= dims.dp
