@@ -153,7 +153,7 @@ def test_parallel_dims_groups_and_rank_order():
     run_distributed(_dims_groups, 8)
 
 
-@pytest.mark.parametrize(("name", "what"), [("cp", "context parallelism"), ("ep", "expert parallelism")])
+@pytest.mark.parametrize(("name", "what"), [("cp", "context parallelism")])
 def test_degrees_without_an_implementation_are_refused(name, what):
     with pytest.raises(ValueError, match=rf"ParallelDims.{name}=2: {what} is not implemented yet; use {name}=1"):
         ParallelDims(**{name: 2})

@@ -5,17 +5,18 @@ Rank order (fastest-varying first): tp, cp, ep, dp, pp. A rank's coordinates are
     rank = tp_rank + tp * (cp_rank + cp * (ep_rank + ep * (dp_rank + dp * pp_rank)))
 
 so the ranks of one tensor-parallel group are consecutive (on one node when tp <= GPUs per node) and pipeline
-stages are the slowest-varying dimension (they talk least). Expert parallelism is a data-like dimension: ranks
-that differ only in ep_rank hold the same dense (non-expert) parameters and see different data, so dense
-gradients are reduced over `group("ep", "dp")` (and `"cp"` too under context parallelism), expert gradients
-over `group("dp")`.
+stages are the slowest-varying dimension (they talk least). Expert parallelism is a data-like dimension carved
+out of data parallelism (as Megatron does): ranks that differ only in ep_rank hold the same dense (non-expert)
+parameters and see different data, so dense gradients are reduced over `group("ep", "dp")` (`data_group`, and
+`"cp"` too under context parallelism), expert gradients over `group("dp")`. The data-parallel size a user
+writes (`ParallelConfig.dp`) is `ep * dp` here: `data_parallel_size`, with this rank's data shard `data_rank`.
 
 Groups are created once, when the object is built, and passed explicitly to whatever needs them; nothing
 here is stored at module level. `ParallelConfig` is the layout as a user writes it (megalith-train's `parallel`
 section); `ParallelDims.from_config` turns it into the topology of the running world.
 
-Context parallelism and expert parallelism are not implemented yet: cp > 1 and ep > 1 are refused, since
-replicas along them would never average their gradients.
+Context parallelism is not implemented yet: cp > 1 is refused, since replicas along it would never average their
+gradients.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from megalith.core.world import init_distributed
 
 DIM_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
 """Dimension names, fastest-varying first (the rank order)."""
-_NOT_YET = {"cp": "context parallelism", "ep": "expert parallelism"}
+_NOT_YET = {"cp": "context parallelism"}
+DISPATCHERS = ("alltoall", "allgather")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +42,17 @@ class ParallelConfig:
     tp: int = option(1, help="Tensor-parallel degree.")
     pp: int = option(1, help="Pipeline-parallel degree.")
     dp: int | None = option(None, help="Data-parallel degree; None: world_size / (tp * pp). Checked when set.")
+    ep: int = option(
+        1, help="Expert-parallel degree: the routed experts are split over ep ranks carved out of the dp ranks."
+    )
+    expert_tp: int | None = option(
+        None, help="Tensor parallelism inside each expert: tp (split every expert) or 1 (whole experts); None: tp."
+    )
+    moe_dispatcher: str = option(
+        "alltoall",
+        help="How tokens reach their experts over ep: 'alltoall' (uneven all-to-all) or 'allgather' (every rank "
+        "gathers all tokens; simpler, for small ep).",
+    )
     virtual_stages: int = option(1, help="Model chunks per pipeline rank (> 1: interleaved 1F1B).")
     layers_per_stage: list[int] | None = option(None, help="Layers of each virtual stage (default: even split).")
     sequence_parallel: bool = option(False, help="Shard activations along the sequence between layers (tp > 1).")
@@ -47,7 +60,7 @@ class ParallelConfig:
     device: str = option("auto", help="Where to train: auto (a GPU when present), cuda or cpu.")
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "virtual_stages"):
+        for name in ("tp", "pp", "ep", "virtual_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         checks = [
@@ -59,13 +72,26 @@ class ParallelConfig:
             (not self.sequence_parallel or self.tp > 1, "sequence_parallel needs tp > 1"),
             (self.backend in ("auto", "nccl", "gloo"), f"backend must be auto, nccl or gloo, got {self.backend!r}"),
             (self.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got {self.device!r}"),
+            (
+                self.expert_tp in (None, 1, self.tp),
+                f"expert_tp ({self.expert_tp}) must be 1 or tp ({self.tp}) (or None for tp)",
+            ),
+            (
+                self.moe_dispatcher in DISPATCHERS,
+                f"moe_dispatcher must be one of {DISPATCHERS}, got {self.moe_dispatcher!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
+    @property
+    def resolved_expert_tp(self) -> int:
+        """Tensor-parallel degree inside each expert (1 or tp)."""
+        return self.tp if self.expert_tp is None else self.expert_tp
+
     def data_parallel(self, world_size: int) -> int:
-        """dp for `world_size` ranks; raises naming the degrees when they do not fit."""
+        """dp for `world_size` ranks (expert parallelism included); raises naming the degrees when they do not fit."""
         other = self.tp * self.pp
         if world_size % other:
             raise ValueError(f"parallel: world size {world_size} is not divisible by tp ({self.tp}) * pp ({self.pp})")
@@ -73,6 +99,11 @@ class ParallelConfig:
         if self.dp is not None and self.dp != dp:
             raise ValueError(
                 f"parallel.dp ({self.dp}) does not match world size {world_size} / (tp {self.tp} * pp {self.pp}) = {dp}"
+            )
+        if dp % self.ep:
+            raise ValueError(
+                f"parallel.ep ({self.ep}) does not divide the data-parallel size {dp} "
+                f"(world size {world_size} / (tp {self.tp} * pp {self.pp}))"
             )
         return dp
 
@@ -126,27 +157,36 @@ class ParallelDims:
         return cls()
 
     @classmethod
-    def from_env(cls, *, tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None) -> ParallelDims:
+    def from_env(
+        cls, *, tp: int = 1, pp: int = 1, dp: int | None = None, ep: int = 1, backend: str | None = None
+    ) -> ParallelDims:
         """Joins the torchrun world (`megalith.core.world.init_distributed`) and builds the dims over it.
 
         Args:
             tp, pp: degrees of those dimensions.
-            dp: data-parallel degree; None means whatever the world size leaves.
+            dp: data-parallel degree, expert parallelism included (the dims get dp / ep); None means whatever
+                the world size leaves.
+            ep: expert-parallel degree, carved out of dp.
             backend: process-group backend override (default: NCCL when CUDA is available, else gloo).
         """
         world_size = init_distributed(backend).world_size
-        if dp is None:
-            if world_size % (tp * pp):
-                raise ValueError(
-                    f"ParallelDims.from_env: world size {world_size} is not divisible by tp({tp}) * pp({pp})"
-                )
-            dp = world_size // (tp * pp)
-        return cls(tp=tp, pp=pp, dp=dp)
+        if world_size % (tp * pp):
+            raise ValueError(f"ParallelDims.from_env: world size {world_size} is not divisible by tp({tp}) * pp({pp})")
+        config = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep)
+        try:
+            return cls.from_config(config, world_size)
+        except ValueError as exc:
+            raise ValueError(f"ParallelDims.from_env: {exc}") from None
 
     @classmethod
     def from_config(cls, config: ParallelConfig, world_size: int) -> ParallelDims:
-        """The topology `config` describes in a world of `world_size` ranks (torch.distributed initialised)."""
-        return cls(tp=config.tp, pp=config.pp, dp=config.data_parallel(world_size))
+        """The topology `config` describes in a world of `world_size` ranks (torch.distributed initialised).
+
+        `config.dp` counts every data-parallel rank; `ep` of them form the expert-parallel dimension, so the
+        dims get `dp = config.dp / ep` (the expert-data-parallel degree).
+        """
+        dp = config.data_parallel(world_size)
+        return cls(tp=config.tp, pp=config.pp, ep=config.ep, dp=dp // config.ep)
 
     def coordinate(self, name: str, rank: int | None = None) -> int:
         """This rank's (or `rank`'s) index along dimension `name`."""
@@ -176,6 +216,21 @@ class ParallelDims:
     @property
     def pp_rank(self) -> int:
         return self.coordinate("pp")
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks holding the same dense parameters and reading different data: ep * dp."""
+        return self.ep * self.dp
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data shard among `data_parallel_size` (its index in `data_group`)."""
+        return self.ep_rank + self.ep * self.dp_rank
+
+    @property
+    def data_group(self) -> dist.ProcessGroup | None:
+        """The ranks dense gradients are averaged over (and the loss): `group("ep", "dp")`."""
+        return self.group("ep", "dp")
 
     def group(self, *names: str) -> dist.ProcessGroup | None:
         """The process group of ranks that differ only along `names` (e.g. `group("ep", "dp")`).

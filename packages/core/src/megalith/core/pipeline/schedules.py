@@ -8,7 +8,11 @@ backward, and finally finishes the data-parallel reduction and sums the tied-emb
 
 Micro-batches are dicts with `input_ids` [B, S] (read on the first stage) and `labels` [B, S] (read on the
 last; -100 marks ignored tokens). A micro-batch's loss is the mean, over its non-ignored tokens, of the per-token
-loss `loss_fn(logits, labels)` (`megalith.core.loss`), which lives outside the model.
+loss `loss_fn(logits, labels)` (`megalith.core.loss`), which lives outside the model. The auxiliary terms the
+chunk's layers record in each forward (`take_aux_losses`: MoE load balancing and z-loss) are added to the
+objective with the same 1 / num_microbatches and loss scale, on whichever stage holds those layers: the last
+stage adds them to its loss, earlier stages backpropagate them together with the received gradient. The loss
+returned (and reported) is the language-model loss alone.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from megalith.core.distributed.ddp import DistributedDataParallel
+from megalith.core.loss import take_aux_losses
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.parallelize import reduce_sequence_parallel_grads
 from megalith.core.pipeline.p2p import PipeComm
@@ -106,14 +111,19 @@ def _release(t: torch.Tensor) -> None:
         t.data = torch.empty((1,), dtype=t.dtype, device=t.device)
 
 
-def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+def _backward(output: torch.Tensor, grad: torch.Tensor | None, aux: torch.Tensor | None = None) -> None:
+    """Backward from `output` (a loss when `grad` is None) and from an auxiliary loss `aux` with its scale folded
+    in (gradient 1)."""
     if grad is None:
         torch.autograd.backward(output)
         return
+    tensors, grads = (output,), (grad,)
+    if aux is not None:
+        tensors, grads = (output, aux), (grad, torch.ones_like(aux))
     # The engine call skips the shape check torch.autograd.backward does, which a released output would fail.
     torch.autograd.Variable._execution_engine.run_backward(
-        tensors=(output,),
-        grad_tensors=(grad,),
+        tensors=tensors,
+        grad_tensors=grads,
         keep_graph=False,
         create_graph=False,
         inputs=(),
@@ -159,7 +169,7 @@ def forward_backward(
     Args:
         chunks: this rank's model chunks in virtual-stage order (DDP-wrapped or plain modules).
         microbatches: the step's micro-batches (every pipeline rank passes the same list).
-        dims: the topology (pp, pp_rank, pp_group, dp, dp_group).
+        dims: the topology (pp, pp_rank, pp_group, and the data-parallel ranks the loss is averaged over).
         loss_fn: per-token loss of the last stage's logits (`megalith.core.loss.build_loss_fn`).
         hidden_shape: shape of the activation passed between stages, e.g. (B, S, H) ((B, S/tp, H) with
             sequence parallelism).
@@ -199,7 +209,7 @@ class _Executor:
         self.num_stages = dims.pp * len(chunks)
         self.device = next(unwrap(chunks[0]).parameters()).device
         self.comm = PipeComm(dims)
-        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = {}
         self.losses: list[torch.Tensor] = []
 
     def _stage(self, chunk: int) -> tuple[int, bool, bool]:
@@ -224,16 +234,22 @@ class _Executor:
             x = self._receive(stage, mb, backward=False).requires_grad_(not self.forward_only)
         batch = self.microbatches[mb]
         with torch.set_grad_enabled(not self.forward_only), record_function("megalith.forward"):
-            y = unwrap(self.chunks[chunk])(batch["input_ids"] if first else x)
+            model = unwrap(self.chunks[chunk])
+            y = model(batch["input_ids"] if first else x)
+            aux = take_aux_losses(model)  # this chunk's layers' share of the objective
+            if aux is not None:
+                aux = aux * (self.loss_scale / len(self.microbatches))
             if last:
                 loss = microbatch_loss(self.loss_fn, y, batch["labels"]) / len(self.microbatches)
                 self.losses.append(loss.detach())
                 y = loss * self.loss_scale if self.loss_scale != 1.0 else loss
+                if aux is not None:
+                    y, aux = y + aux, None
         if not last:
             on_sent = functools.partial(_release, y) if self.release and not self.forward_only else None
             self.comm.send(y.detach(), True, self._tag(stage + 1, mb, False), on_sent=on_sent)
         if not self.forward_only:
-            self.saved[(chunk, mb)] = (x, y)
+            self.saved[(chunk, mb)] = (x, y, aux)
 
     def backward(self, chunk: int, mb: int, sync_grads: bool) -> None:
         stage, first, last = self._stage(chunk)
@@ -244,22 +260,23 @@ class _Executor:
             grad = self._receive(stage, mb, backward=True)
         if isinstance(self.chunks[chunk], DistributedDataParallel):
             self.chunks[chunk].set_grad_sync(sync_grads)  # reduce only during the chunk's last backward
-        x, y = self.saved.pop((chunk, mb))
+        x, y, aux = self.saved.pop((chunk, mb))
         with record_function("megalith.backward"):
-            _backward(y, grad)
-        del y
+            _backward(y, grad, aux)
+        del y, aux
         if not first:
             self.comm.send(x.grad, False, self._tag(stage - 1, mb, True))
 
 
 def _reduce_loss(losses: list[torch.Tensor], dims: ParallelDims, device: torch.device) -> float:
-    # Only the last stage has losses; summing over pp hands its value to every stage, the dp sum averages.
+    # Only the last stage has losses; summing over pp hands its value to every stage, the sum over the data
+    # ranks (ep x dp) averages.
     total = (
         torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64, device=device)
     )
     if dims.pp > 1:
         dist.all_reduce(total, group=dims.pp_group)
-    if dims.dp > 1:
-        dist.all_reduce(total, group=dims.dp_group)
-        total /= dims.dp
+    if dims.data_parallel_size > 1:
+        dist.all_reduce(total, group=dims.data_group)
+        total /= dims.data_parallel_size
     return float(total.item())
