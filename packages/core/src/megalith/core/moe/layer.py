@@ -87,10 +87,11 @@ class MoE(nn.Module):
         x_TH = x_BSH.reshape(-1, h)
         routing = self.router(x_TH)
         tp, sp = group_size(self.tp_group), self.sequence_parallel and group_size(self.tp_group) > 1
-        recording = self.training and torch.is_grad_enabled() and not self.rng.replaying
         keep_Tk, keep_e = self._capacity(routing, b, s, sp)
-        if recording:
-            self._record(routing, keep_Tk, b, s, sp)
+        if self.training and torch.is_grad_enabled():
+            # A recomputation must save the same tensors as the forward, so it computes the losses too, but
+            # only the forward records them.
+            self._aux_losses(routing, keep_Tk, b, s, sp, record=not self.rng.replaying)
         x_e, w_e, experts_e = x_TH, routing.weights_Tk, routing.experts_Tk
         if self.expert_tp > 1:  # every tp rank computes the same tokens with its slice of each expert
             if sp:
@@ -137,8 +138,9 @@ class MoE(nn.Module):
         mine = keep.view(b, -1, self.top_k)[:, rank * s : (rank + 1) * s].reshape(-1, self.top_k)
         return mine, (keep if self.expert_tp > 1 else mine)
 
-    def _record(self, routing: Routing, keep_Tk, b: int, s: int, sp: bool) -> None:
-        """Adds this micro-batch's statistics and keeps its weighted auxiliary losses for `take_aux_loss`."""
+    def _aux_losses(self, routing: Routing, keep_Tk, b: int, s: int, sp: bool, record: bool) -> None:
+        """The weighted auxiliary losses; when `record`, kept for `take_aux_loss` with this micro-batch's
+        statistics."""
         c, experts_Tk = self.config, routing.experts_Tk
         counts_E = torch.bincount(experts_Tk.reshape(-1), minlength=self.num_experts)
         num_tokens = b * s * (group_size(self.tp_group) if sp else 1)  # the micro-batch's tokens
@@ -156,6 +158,8 @@ class MoE(nn.Module):
             aux = aux + c.moe_aux_loss_coeff * balance
         zl = c.moe_z_loss_coeff * z_loss(routing.logits_TE, num_tokens) if c.moe_z_loss_coeff > 0 else None
         total = aux if zl is None else aux + zl
+        if not record:
+            return
         self._pending_aux = total if total.requires_grad else None
         if self.stats is None:
             self.stats = MoEStepStats(self.num_experts, experts_Tk.device)
