@@ -204,7 +204,11 @@ class ModelConfig:
 
     @property
     def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+        if self.num_experts == 0:
+            return 0
+        if isinstance(self.moe_layer_freq, int):
+            return -(-self.num_layers // self.moe_layer_freq)  # layers 0, k, 2k, ... below num_layers
+        return sum(self.moe_layer_freq)
 
     @classmethod
     def config_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
