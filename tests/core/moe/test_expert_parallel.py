@@ -87,3 +87,20 @@ def test_bf16_expert_parallel_tracks_fp32():
     params = assemble([out["params"] for out in results])
     for name, want in ref["params"].items():
         torch.testing.assert_close(params[name], want, rtol=5e-2, atol=5e-2, msg=name)
+
+
+def _fsdp_refusal(rank, world):
+    from megalith.core import ParallelDims, build_model_chunks
+    from megalith.core.distributed import apply_fsdp2
+
+    (model,) = build_model_chunks(moe_config(), ParallelDims(dp=world))
+    try:
+        apply_fsdp2(model, ParallelDims(dp=world))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_fsdp2_refuses_moe_models():
+    for message in run_distributed(_fsdp_refusal, 2, timeout=300):
+        assert message is not None and "does not shard mixture-of-experts models" in message

@@ -122,7 +122,7 @@ class AllGatherDispatcher:
         t, k = experts_Tk.shape
         x_all = gather_from_sequence_parallel_region(x_TH, self.group, seq_dim=0)  # [ep * T, H]
         experts_all = _gather_rows(experts_Tk, self.group)
-        keep_all = None if keep_Tk is None else _gather_rows(keep_Tk, self.group)
+        keep_all = None if keep_Tk is None else _gather_rows(keep_Tk.to(torch.uint8), self.group).bool()
         slots, counts = sort_by_expert(experts_all, keep_all, self.num_local, first=self.rank * self.num_local)
         y_NH = experts(x_all[slots // k], counts)
         y_all = scatter_slots(y_NH, slots, self.ep * t * k)
