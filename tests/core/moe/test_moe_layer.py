@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ def _per_token(moe: MoE, x_BSH: torch.Tensor) -> torch.Tensor:
         weights = weights / weights.sum(-1, keepdim=True)
     keep = torch.ones_like(experts, dtype=torch.bool)
     if c.moe_capacity_factor is not None:
-        cap = -(-int(c.moe_capacity_factor * x.shape[0] * c.moe_top_k) // c.num_experts)
+        cap = math.ceil(c.moe_capacity_factor * x.shape[0] * c.moe_top_k / c.num_experts)
         keep = _keep_by_rule(experts, weights.detach(), c.num_experts, cap, c.moe_token_drop_policy)
     rows = []
     for t in range(x.shape[0]):
@@ -86,6 +88,19 @@ def test_moe_layer_matches_a_per_token_loop(overrides):
     for name, p in moe.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(mine[name], p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_capacity_drops_only_in_training():
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(6))
+    outputs = {}
+    for factor in (None, 0.5):
+        (model,) = build_model_chunks(moe_config(moe_capacity_factor=factor), seed=3)
+        moe = model.layers["0"].mlp
+        with torch.no_grad():
+            outputs[factor, "train"] = moe(x)
+            outputs[factor, "eval"] = moe.eval()(x)
+    assert not torch.allclose(outputs[0.5, "train"], outputs[None, "train"])
+    torch.testing.assert_close(outputs[0.5, "eval"], outputs[None, "eval"])
 
 
 def _step(cfg: ModelConfig, runtime: RuntimeConfig):

@@ -125,8 +125,9 @@ class ModelConfig:
     )
     moe_capacity_factor: float | None = option(
         None,
-        help="None: no token is dropped. Else each expert takes at most ceil(factor * T * top_k / num_experts) of "
-        "the T tokens of a (data-parallel rank's) micro-batch; moe_token_drop_policy says which are dropped.",
+        help="None: no token is dropped. Else, in training, each expert takes at most ceil(factor * T * top_k / "
+        "num_experts) of the T tokens of a (data-parallel rank's) micro-batch; moe_token_drop_policy says which are "
+        "dropped. Evaluation and decoding drop nothing.",
     )
     moe_token_drop_policy: Literal["probs", "position"] = option(
         "probs",

@@ -120,11 +120,11 @@ class MoE(nn.Module):
     def _capacity(self, routing: Routing, b: int, s: int, sp: bool):
         """(keep mask of this rank's tokens, keep mask of the tokens the experts compute here), or (None, None).
 
-        Capacity is per micro-batch, so under sequence parallelism the decision is taken on the whole
-        sequence (gathered over tp) and each rank keeps its part.
+        Capacity is per micro-batch of a training forward, so under sequence parallelism the decision is taken on
+        the whole sequence (gathered over tp) and each rank keeps its part.
         """
         factor = self.config.moe_capacity_factor
-        if factor is None:
+        if factor is None or not self.training:  # evaluation and decoding drop nothing
             return None, None
         experts_Tk, weights_Tk = routing.experts_Tk, routing.weights_Tk.detach()
         if sp:
