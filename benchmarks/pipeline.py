@@ -133,7 +133,8 @@ def zero_table() -> None:
                 continue
             # Rank 0 of a dp-rank world, described without one: only sizes are measured, nothing is reduced.
             dims = SimpleNamespace(dp=dp, dp_rank=0, dp_group=None, tp=1, tp_rank=0, pp=1, pp_rank=0, cp=1, cp_rank=0,
-                                   dp_cp=dp, dp_cp_rank=0, dp_cp_group=None)  # fmt: skip
+                                   ep=1, ep_rank=0, data_parallel_size=dp, data_rank=0,
+                                   grad_reduction=lambda expert=False, dp=dp: (None, dp, 0))  # fmt: skip
             model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).to(torch.bfloat16)
             ddp = DistributedDataParallel(model, dims, DDPConfig(use_distributed_optimizer=zero))
             state = AdamW([ddp], dims).state_bytes()

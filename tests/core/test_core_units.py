@@ -153,12 +153,6 @@ def test_parallel_dims_groups_and_rank_order():
     run_distributed(_dims_groups, 8)
 
 
-@pytest.mark.parametrize(("name", "what"), [("ep", "expert parallelism")])
-def test_degrees_without_an_implementation_are_refused(name, what):
-    with pytest.raises(ValueError, match=rf"ParallelDims.{name}=2: {what} is not implemented yet; use {name}=1"):
-        ParallelDims(**{name: 2})
-
-
 def test_rng_tracker_streams():
     a, b = RNGTracker(5, tp_rank=0), RNGTracker(5, tp_rank=1)
     torch.manual_seed(0)

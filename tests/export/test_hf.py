@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megalith.core import ModelConfig
 from megalith.export.hf import HFModelSource, export_hf
 from megalith.export.spec import ConversionError
 from tests.export.common import CONFIGS, DictSource, random_tensors, reference_logits
@@ -38,7 +39,8 @@ def test_transformers_logits_match_reference_and_import_round_trips(name, tmp_pa
     assert err < 1e-4 * expected.abs().max().item(), f"max |logit error| {err}"
 
     source = HFModelSource(out)
-    assert source.model_config == {k: cfg[k] for k in source.model_config}
+    assert {k: source.model_config[k] for k in cfg} == cfg
+    assert ModelConfig.from_dict(source.model_config) == ModelConfig(**cfg)  # every other field at its default
     assert sorted(source.tensor_names()) == sorted(tensors)
     for tensor_name, original in tensors.items():
         back = source.read(tensor_name)
@@ -184,8 +186,8 @@ def test_export_rejects_what_hf_cannot_express_and_bad_sources(tmp_path):
     tensors["layers.7.attn_norm.weight"] = torch.ones(64)
     with pytest.raises(ConversionError, match=r"missing \['final_norm\.weight'\].*\['layers\.7\.attn_norm\.weight'\]"):
         export_hf(DictSource(cfg, tensors), tmp_path / "c", progress=False)
-    with pytest.raises(ConversionError, match="'family' = 'mixtral'"):
-        export_hf(DictSource(dict(cfg, family="mixtral"), tensors), tmp_path / "d", progress=False)
+    with pytest.raises(ConversionError, match="'family' = 'mamba'"):
+        export_hf(DictSource(dict(cfg, family="mamba"), tensors), tmp_path / "d", progress=False)
 
 
 def _save_transformers_model(model, path):

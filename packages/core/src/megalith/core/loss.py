@@ -1,4 +1,5 @@
-"""The language-model loss, outside the model: per-token cross-entropy of (possibly vocabulary-parallel) logits."""
+"""The training loss, outside the model: per-token cross-entropy of (possibly vocabulary-parallel) logits, plus
+the auxiliary terms some layers record during a training forward (the MoE load-balancing and z-losses)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from megalith.core.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalith.core.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megalith.core.parallel.mappings import group_size
 
-__all__ = ["LossConfig", "build_loss_fn"]
+__all__ = ["LossConfig", "build_loss_fn", "take_aux_losses"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,3 +58,14 @@ def build_loss_fn(
         return ops.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
 
     return local_loss
+
+
+def take_aux_losses(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the auxiliary loss terms `model`'s layers recorded in its last training forward, cleared.
+
+    Layers that add terms to the objective (the MoE layers: weighted load-balancing and z-losses) keep them
+    for the caller, which adds them to the loss it backpropagates with the same scale (the pipeline schedule
+    does). None when no layer recorded any (dense models, evaluation, no gradient).
+    """
+    terms = [t for m in model.modules() if hasattr(m, "take_aux_loss") for t in [m.take_aux_loss()] if t is not None]
+    return torch.stack(terms).sum() if terms else None

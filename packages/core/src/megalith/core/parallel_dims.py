@@ -6,19 +6,20 @@ Rank order (fastest-varying first): tp, cp, ep, dp, pp. A rank's coordinates are
 
 so the ranks of one tensor-parallel group are consecutive (on one node when tp <= GPUs per node), the ranks of one
 context-parallel ring are close to each other, and pipeline stages are the slowest-varying dimension (they talk
-least). Context parallelism is a data-like dimension for the weights: every cp rank holds the same parameters
-and sees a different part of the same sequences, so gradients are summed over `group("cp", "dp")` (ZeRO-1 shards
-over it too). Expert parallelism is a data-like dimension: ranks
-that differ only in ep_rank hold the same dense (non-expert) parameters and see different data, so dense
-gradients are reduced over `group("ep", "dp")` (and `"cp"` too under context parallelism), expert gradients
-over `group("dp")`.
+least).
+
+Context and expert parallelism are data-like dimensions for the dense weights: ranks that differ only in cp_rank,
+ep_rank or dp_rank hold the same dense parameters and see different tokens (cp ranks other parts of the same
+sequences, ep and dp ranks other samples). Expert parallelism is carved out of data parallelism (as Megatron does):
+the data-parallel size a user writes (`ParallelConfig.dp`) is `ep * dp` here (`data_parallel_size`, with this
+rank's data shard `data_rank` in `data_group`). Gradients are summed over `grad_reduction()`: `group("cp", "ep",
+"dp")` for dense parameters, `group("cp", "dp")` for routed experts (the other ep ranks hold other experts, whose
+tokens reached them through the dispatch); ZeRO-1 shards over the same groups. Every gradient is scaled by
+1/(ep * dp) first, so the sums average over the data shards and add up the cp ranks' parts of one sequence.
 
 Groups are created once, when the object is built, and passed explicitly to whatever needs them; nothing
 here is stored at module level. `ParallelConfig` is the layout as a user writes it (megalith-train's `parallel`
 section); `ParallelDims.from_config` turns it into the topology of the running world.
-
-Expert parallelism is not implemented yet: ep > 1 is refused, since replicas along it would never average their
-gradients.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from megalith.core.world import init_distributed
 
 DIM_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
 """Dimension names, fastest-varying first (the rank order)."""
-_NOT_YET = {"ep": "expert parallelism"}
 CP_COMMS = ("ring", "allgather")
 """How context-parallel attention exchanges keys and values (`ParallelConfig.cp_comm`)."""
+DISPATCHERS = ("alltoall", "allgather")
+"""How tokens reach their experts over ep (`ParallelConfig.moe_dispatcher`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +52,20 @@ class ParallelConfig:
         "compute) or allgather (keys/values all-gathered, Llama-3 style).",
     )
     pp: int = option(1, help="Pipeline-parallel degree.")
-    dp: int | None = option(None, help="Data-parallel degree; None: world_size / (tp * cp * pp). Checked when set.")
+    dp: int | None = option(
+        None, help="Data-parallel degree, ep included; None: world_size / (tp * cp * pp). Checked when set."
+    )
+    ep: int = option(
+        1, help="Expert-parallel degree: the routed experts are split over ep ranks carved out of the dp ranks."
+    )
+    expert_tp: int | None = option(
+        None, help="Tensor parallelism inside each expert: tp (split every expert) or 1 (whole experts); None: tp."
+    )
+    moe_dispatcher: str = option(
+        "alltoall",
+        help="How tokens reach their experts over ep: 'alltoall' (uneven all-to-all) or 'allgather' (every rank "
+        "gathers all tokens; simpler, for small ep).",
+    )
     virtual_stages: int = option(1, help="Model chunks per pipeline rank (> 1: interleaved 1F1B).")
     layers_per_stage: list[int] | None = option(None, help="Layers of each virtual stage (default: even split).")
     sequence_parallel: bool = option(False, help="Shard activations along the sequence between layers (tp > 1).")
@@ -58,7 +73,7 @@ class ParallelConfig:
     device: str = option("auto", help="Where to train: auto (a GPU when present), cuda or cpu.")
 
     def __post_init__(self) -> None:
-        for name in ("tp", "cp", "pp", "virtual_stages"):
+        for name in ("tp", "cp", "pp", "ep", "virtual_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         checks = [
@@ -71,13 +86,26 @@ class ParallelConfig:
             (self.cp_comm in CP_COMMS, f"cp_comm must be one of {', '.join(CP_COMMS)}, got {self.cp_comm!r}"),
             (self.backend in ("auto", "nccl", "gloo"), f"backend must be auto, nccl or gloo, got {self.backend!r}"),
             (self.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got {self.device!r}"),
+            (
+                self.expert_tp in (None, 1, self.tp),
+                f"expert_tp ({self.expert_tp}) must be 1 or tp ({self.tp}) (or None for tp)",
+            ),
+            (
+                self.moe_dispatcher in DISPATCHERS,
+                f"moe_dispatcher must be one of {DISPATCHERS}, got {self.moe_dispatcher!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
+    @property
+    def resolved_expert_tp(self) -> int:
+        """Tensor-parallel degree inside each expert (1 or tp)."""
+        return self.tp if self.expert_tp is None else self.expert_tp
+
     def data_parallel(self, world_size: int) -> int:
-        """dp for `world_size` ranks; raises naming the degrees when they do not fit."""
+        """dp for `world_size` ranks (expert parallelism included); raises naming the degrees when they do not fit."""
         other = self.tp * self.cp * self.pp
         degrees = (
             f"tp ({self.tp}) * cp ({self.cp}) * pp ({self.pp})" if self.cp > 1 else f"tp ({self.tp}) * pp ({self.pp})"
@@ -87,6 +115,11 @@ class ParallelConfig:
         dp = world_size // other
         if self.dp is not None and self.dp != dp:
             raise ValueError(f"parallel.dp ({self.dp}) does not match world size {world_size} / {degrees} = {dp}")
+        if dp % self.ep:
+            raise ValueError(
+                f"parallel.ep ({self.ep}) does not divide the data-parallel size {dp} "
+                f"(world size {world_size} / {degrees})"
+            )
         return dp
 
 
@@ -118,11 +151,6 @@ class ParallelDims:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ParallelDims.{name} must be a positive integer, got {value!r}")
-        for name, what in _NOT_YET.items():
-            if getattr(self, name) > 1:
-                raise ValueError(
-                    f"ParallelDims.{name}={getattr(self, name)}: {what} is not implemented yet; use {name}=1"
-                )
         initialized = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if initialized else 1
         product = self.tp * self.cp * self.ep * self.dp * self.pp
@@ -140,28 +168,33 @@ class ParallelDims:
 
     @classmethod
     def from_env(
-        cls, *, tp: int = 1, cp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None
+        cls, *, tp: int = 1, cp: int = 1, pp: int = 1, dp: int | None = None, ep: int = 1, backend: str | None = None
     ) -> ParallelDims:
         """Joins the torchrun world (`megalith.core.world.init_distributed`) and builds the dims over it.
 
         Args:
             tp, cp, pp: degrees of those dimensions.
-            dp: data-parallel degree; None means whatever the world size leaves.
+            dp: data-parallel degree, expert parallelism included (the dims get dp / ep); None means whatever
+                the world size leaves.
+            ep: expert-parallel degree, carved out of dp.
             backend: process-group backend override (default: NCCL when CUDA is available, else gloo).
         """
         world_size = init_distributed(backend).world_size
-        if dp is None:
-            if world_size % (tp * cp * pp):
-                raise ValueError(
-                    f"ParallelDims.from_env: world size {world_size} is not divisible by tp({tp}) * cp({cp}) * pp({pp})"
-                )
-            dp = world_size // (tp * cp * pp)
-        return cls(tp=tp, cp=cp, pp=pp, dp=dp)
+        config = ParallelConfig(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep)
+        try:
+            return cls.from_config(config, world_size)
+        except ValueError as exc:
+            raise ValueError(f"ParallelDims.from_env: {exc}") from None
 
     @classmethod
     def from_config(cls, config: ParallelConfig, world_size: int) -> ParallelDims:
-        """The topology `config` describes in a world of `world_size` ranks (torch.distributed initialised)."""
-        return cls(tp=config.tp, cp=config.cp, pp=config.pp, dp=config.data_parallel(world_size))
+        """The topology `config` describes in a world of `world_size` ranks (torch.distributed initialised).
+
+        `config.dp` counts every data-parallel rank; `ep` of them form the expert-parallel dimension, so the
+        dims get `dp = config.dp / ep` (the expert-data-parallel degree).
+        """
+        dp = config.data_parallel(world_size)
+        return cls(tp=config.tp, cp=config.cp, pp=config.pp, ep=config.ep, dp=dp // config.ep)
 
     def coordinate(self, name: str, rank: int | None = None) -> int:
         """This rank's (or `rank`'s) index along dimension `name`."""
@@ -191,6 +224,21 @@ class ParallelDims:
     @property
     def pp_rank(self) -> int:
         return self.coordinate("pp")
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks holding the same dense parameters and reading different data: ep * dp."""
+        return self.ep * self.dp
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data shard among `data_parallel_size` (its index in `data_group`)."""
+        return self.ep_rank + self.ep * self.dp_rank
+
+    @property
+    def data_group(self) -> dist.ProcessGroup | None:
+        """The ranks dense gradients are averaged over (and the loss): `group("ep", "dp")`."""
+        return self.group("ep", "dp")
 
     def group(self, *names: str) -> dist.ProcessGroup | None:
         """The process group of ranks that differ only along `names` (e.g. `group("ep", "dp")`).
@@ -225,20 +273,16 @@ class ParallelDims:
     def pp_group(self) -> dist.ProcessGroup | None:
         return self.group("pp")
 
-    @property
-    def dp_cp(self) -> int:
-        """Ranks that hold the same weights and see different tokens: the gradient-reduction (and ZeRO-1) degree."""
-        return self.dp * self.cp
+    def grad_reduction(self, expert: bool = False) -> tuple[dist.ProcessGroup | None, int, int]:
+        """(group, size, this rank's index) of the ranks a parameter's gradients are summed over, which ZeRO-1
+        also shards its optimizer state over: every rank holding the same parameter and seeing other tokens.
 
-    @property
-    def dp_cp_rank(self) -> int:
-        """This rank's index in `dp_cp_group` (cp varies fastest)."""
-        return self.cp_rank + self.cp * self.dp_rank
-
-    @property
-    def dp_cp_group(self) -> dist.ProcessGroup | None:
-        """The group over which weights' gradients are summed and ZeRO-1 shards the optimizer state."""
-        return self.group("cp", "dp")
+        Dense parameters: `group("cp", "ep", "dp")`. Routed experts (`expert=True`): `group("cp", "dp")`, since
+        the other ep ranks hold other experts. The index has cp fastest, then ep, then dp (the group's order).
+        """
+        if expert:
+            return self.group("cp", "dp"), self.cp * self.dp, self.cp_rank + self.cp * self.dp_rank
+        return self.group("cp", "ep", "dp"), self.cp * self.data_parallel_size, self.cp_rank + self.cp * self.data_rank
 
     def group_ranks(self, *names: str) -> list[int]:
         """Global ranks of this rank's group along `names`, in group-rank order."""

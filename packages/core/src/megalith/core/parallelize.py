@@ -1,8 +1,9 @@
 """Applies tensor and sequence parallelism to a single-device Transformer, from outside the model code.
 
-Order: validate the layout against the config, swap each block's linears for column/row-parallel ones,
-swap the embedding and output projection for vocabulary-parallel ones, and record in the placement table the
-parameters whose gradients need a tp reduction under sequence parallelism.
+Order: validate the layout against the config, swap each block's linears for column/row-parallel ones (a
+mixture-of-experts layer's shared expert too; its routed experts are `apply_expert_parallel`'s), swap the
+embedding and output projection for vocabulary-parallel ones, and record in the placement table the parameters
+whose gradients need a tp reduction (under sequence parallelism, and the per-head qk-norm weights).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from megalith.core.config import ModelConfig, check_tensor_parallel
+from megalith.core.moe.layer import MoE
 from megalith.core.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -65,13 +67,26 @@ def apply_tensor_parallel_layer(layer: nn.Module, config: ModelConfig, group, se
     )
     attn.proj = RowParallelLinear.from_module(attn.proj, group=group, sequence_parallel=sequence_parallel)
     attn.num_heads, attn.num_kv_heads = config.num_attention_heads // tp, config.num_kv_heads // tp
-    f = config.ffn_hidden_size
-    parts = [f, f] if config.activation == "swiglu" else [f]
-    mlp.fc1 = ColumnParallelLinear.from_module(mlp.fc1, group=group, parts=parts, sequence_parallel=sequence_parallel)
-    mlp.fc2 = RowParallelLinear.from_module(mlp.fc2, group=group, sequence_parallel=sequence_parallel)
+    if attn.q_norm is not None:  # one weight for all heads, each tp rank holds some heads: partial gradients
+        _mark_sequence_parallel(attn.q_norm, attn.k_norm)
+    if isinstance(mlp, MoE):
+        if mlp.shared_expert is not None:
+            _parallel_mlp(mlp.shared_expert, group, sequence_parallel)
+        if sequence_parallel and mlp.shared_expert_gate is not None:
+            _mark_sequence_parallel(mlp.shared_expert_gate)
+    else:
+        _parallel_mlp(mlp, group, sequence_parallel)
     if sequence_parallel:
         _mark_sequence_parallel(layer.attn_norm, layer.mlp_norm)
         layer.dropout.stream = "tp"  # the residual stream is sharded: each rank draws its own mask
+
+
+def _parallel_mlp(mlp: nn.Module, group, sequence_parallel: bool) -> None:
+    """fc1 column-parallel (gate and up rows split separately), fc2 row-parallel."""
+    f = mlp.ffn_hidden_size
+    parts = [f, f] if mlp.swiglu else [f]
+    mlp.fc1 = ColumnParallelLinear.from_module(mlp.fc1, group=group, parts=parts, sequence_parallel=sequence_parallel)
+    mlp.fc2 = RowParallelLinear.from_module(mlp.fc2, group=group, sequence_parallel=sequence_parallel)
 
 
 def apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> None:
@@ -96,7 +111,8 @@ def apply_vocab_parallel(model: nn.Module, group, sequence_parallel: bool) -> No
 
 
 def _mark_sequence_parallel(*norms: nn.Module) -> None:
-    # Each rank sees only its sequence chunk, so these replicated parameters' gradients are partial sums.
+    # Each rank sees only its sequence chunk (or its heads), so these replicated parameters' gradients are
+    # partial sums.
     for norm in norms:
         for name, p in norm.named_parameters(recurse=False):
             if p is not None:

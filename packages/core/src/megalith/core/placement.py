@@ -2,8 +2,8 @@
 
 This is the one record of parameter placement. Each module keeps a small table for its own direct parameters
 (keyed by the local name, e.g. "weight"), written by whatever applied a parallelism (the tensor-parallel layers,
-sequence parallelism, the pipeline's tied embedding). The table belongs to the module, not to the Parameter
-object, so it survives anything that re-creates parameters (initialisation, FSDP2's `fully_shard`).
+sequence parallelism, the pipeline's tied embedding, expert parallelism). The table belongs to the module, not to
+the Parameter object, so it survives anything that re-creates parameters (initialisation, FSDP2's `fully_shard`).
 Checkpoints, the optimizer, gradient clipping and the gradient reductions read it through `named_placements`.
 """
 
@@ -12,9 +12,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
-__all__ = ["REPLICATED", "Placement", "ShardSpec", "named_placements", "placement", "set_placement"]
+__all__ = [
+    "REPLICATED",
+    "ExpertSpec",
+    "Placement",
+    "ShardSpec",
+    "canonical_pieces",
+    "expert_name",
+    "named_placements",
+    "placement",
+    "set_placement",
+]
 
 _TABLE = "_megalith_placements"
 
@@ -35,6 +46,18 @@ class ShardSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+    """A parameter that stacks routed experts along dimension 0: local index e is global expert `first + e`.
+
+    Each expert is its own canonical tensor, named by `expert_name`; the placement's `shard` describes one
+    expert's slice (its tensor-parallel split), and the parameter's shape is [local experts, *slice shape].
+    """
+
+    num_experts: int
+    first: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Placement:
     """How one parameter is laid out across ranks.
 
@@ -44,14 +67,21 @@ class Placement:
             that is not is replicated over tp, and only tp rank 0 counts it in global norms.
         sequence_parallel: replicated over tp, but each tp rank saw only its part of the sequence, so its
             gradient is a partial sum that must be summed over tp.
+        sequence_parallel: replicated over tp, but each tp rank saw only its part of the sequence (or of the
+            attention heads, for the per-head qk-norm weights), so its gradient is a partial sum that must be
+            summed over tp.
         shared_embedding: the tied embedding as held by the first and the last pipeline stage; both copies get
             the sum of both gradients, and only the first stage counts it in global norms.
+        experts: routed experts stacked along dim 0 (see `ExpertSpec`). Each expert lives on one ep rank, so
+            its gradient is averaged over the expert-data-parallel ranks only (`ParallelDims.dp_group`) and
+            global norms sum it over ep.
     """
 
     shard: ShardSpec | None = None
     tp_sharded: bool = False
     sequence_parallel: bool = False
     shared_embedding: bool = False
+    experts: ExpertSpec | None = None
 
 
 REPLICATED = Placement()
@@ -70,6 +100,25 @@ def set_placement(module: nn.Module, name: str, value: Placement | None = None, 
     table = module.__dict__.setdefault(_TABLE, {})
     table[name] = new
     return new
+
+
+def expert_name(stacked: str, expert: int) -> str:
+    """The canonical name of global expert `expert` of the stacked parameter `stacked`.
+
+    "layers.3.mlp.experts.fc1" (a [local experts, ...] parameter) -> "layers.3.mlp.experts.7.fc1.weight".
+    """
+    module, _, local = stacked.rpartition(".")
+    return f"{module}.{expert}.{local}.weight"
+
+
+def canonical_pieces(name: str, tensor: torch.Tensor, where: Placement) -> Iterator[tuple[str, torch.Tensor]]:
+    """(canonical name, local view) of each canonical tensor a parameter named `name` holds a part of: the
+    parameter itself, or, for stacked experts, one view per local expert (whose slice `where.shard` describes)."""
+    if where.experts is None:
+        yield name, tensor
+        return
+    for e in range(tensor.shape[0]):
+        yield expert_name(name, where.experts.first + e), tensor[e]
 
 
 def named_placements(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Placement]]:

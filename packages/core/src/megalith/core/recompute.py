@@ -46,12 +46,14 @@ def checkpoint(fn, *args, rng: RNGTracker | None = None, **kwargs):
 
     @contextlib.contextmanager
     def recompute_context():
-        current = rng.get_states()
+        current, replaying = rng.get_states(), rng.replaying
         rng.set_states(snapshot)
+        rng.replaying = True
         try:
             yield
         finally:
             rng.set_states(current)
+            rng.replaying = replaying
 
     return torch_checkpoint.checkpoint(
         fn, *args, use_reentrant=False, context_fn=lambda: (forward_context(), recompute_context()), **kwargs

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megalith.core.config import ModelConfig
+from megalith.core.config import ModelConfig, check_expert_parallel
 from megalith.export.hf import DEFAULT_MAX_SHARD_BYTES, HFModelSource, export_hf
 from megalith.export.io import (
     atomic_output_dir,
@@ -66,7 +66,10 @@ def _export_parser() -> argparse.ArgumentParser:
             help="check each file of a training checkpoint: size and CRC32 (checksum) or the size only (faster)",
         )  # fmt: skip
 
-    hf = sub.add_parser("hf", help="Hugging Face GPT2LMHeadModel / LlamaForCausalLM directory")
+    hf = sub.add_parser(
+        "hf", help="Hugging Face GPT2LMHeadModel / LlamaForCausalLM / MixtralForCausalLM / Qwen3ForCausalLM / "
+        "Qwen3MoeForCausalLM directory",
+    )  # fmt: skip
     common(hf)
     hf.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, help="e.g. 5GB")
     hf.add_argument("--bos-token-id", type=int)
@@ -75,6 +78,10 @@ def _export_parser() -> argparse.ArgumentParser:
     common(trt)
     trt.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the engine")
     trt.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages of the engine")
+    trt.add_argument(
+        "--ep", type=int, default=1,
+        help="expert-parallel groups of the engine's tp ranks (moe_ep_size; moe_tp_size = tp / ep), MoE models only",
+    )  # fmt: skip
     verify = sub.add_parser("verify", help="check an HF or TensorRT-LLM export against its config.json")
     verify.add_argument("dir")
     return parser
@@ -97,7 +104,7 @@ def export_main(argv: list[str] | None = None) -> int:
             export_hf(source, args.out, dtype=dtype, max_shard_bytes=args.max_shard_size, force=args.force,
                       progress=not args.quiet, token_ids=ids)  # fmt: skip
         else:
-            export_trtllm(source, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
+            export_trtllm(source, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=dtype, force=args.force,
                           progress=not args.quiet)  # fmt: skip
     except (ConversionError, OSError) as exc:  # OSError: the output could not be written (disk full, ...)
         return _fail("megalith-export", exc)
@@ -108,11 +115,12 @@ def export_main(argv: list[str] | None = None) -> int:
 def _import_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megalith-import", description="Import a model into Megalith.")
     sub = parser.add_subparsers(dest="command", required=True)
-    hf = sub.add_parser("hf", help="a Hugging Face GPT-2 or Llama directory (safetensors)")
+    hf = sub.add_parser("hf", help="a Hugging Face GPT-2, Llama, Mixtral, Qwen3 or Qwen3-MoE directory (safetensors)")
     hf.add_argument("--hf", required=True, help="Hugging Face model directory")
     hf.add_argument("--out", required=True, help="Megalith checkpoint root to write")
     hf.add_argument("--tp", type=int, default=1, help="check the model splits over this many tensor-parallel ranks")
     hf.add_argument("--pp", type=int, default=1, help="check the model splits over this many pipeline stages")
+    hf.add_argument("--ep", type=int, default=1, help="check the experts split over this many expert-parallel ranks")
     hf.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="stored dtype")
     formats = "checkpoint: a Megalith training checkpoint; canonical: model.safetensors + megalith.json"
     hf.add_argument("--format", default="checkpoint", choices=["checkpoint", "canonical"], help=formats)
@@ -120,18 +128,25 @@ def _import_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_training_layout(spec: ModelConfig, tp: int, pp: int) -> None:
-    """Megalith training shards q, k and v over tp (no kv duplication) and needs a layer per pipeline stage."""
+def check_training_layout(spec: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
+    """Megalith training shards q, k and v over tp (no kv duplication), needs a layer per pipeline stage and
+    the same number of experts on every expert-parallel rank."""
     check_parallel(spec, tp, 1, allow_kv_duplication=False)
     if pp < 1 or spec.num_layers < pp:
         raise ConversionError(f"pp ({pp}) must be between 1 and num_layers ({spec.num_layers})")
+    if ep < 1:
+        raise ConversionError(f"ep ({ep}) must be at least 1")
+    try:
+        check_expert_parallel(spec, ep)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def import_main(argv: list[str] | None = None) -> int:
     args = _import_parser().parse_args(argv)
     try:
         source = HFModelSource(args.hf, dtype=parse_dtype(args.dtype))
-        check_training_layout(source.spec, args.tp, args.pp)
+        check_training_layout(source.spec, args.tp, args.pp, args.ep)
         sink = write_canonical_dir if args.format == "canonical" else checkpoint_sink()
         output = atomic_output_dir(args.out, args.force, [source.path])
         with tempfile.TemporaryDirectory() as staging, output as tmp:

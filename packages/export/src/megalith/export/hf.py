@@ -1,4 +1,5 @@
-"""Hugging Face GPT2LMHeadModel / LlamaForCausalLM export and import, one tensor at a time through mapping tables."""
+"""Hugging Face GPT2LMHeadModel / LlamaForCausalLM / MixtralForCausalLM / Qwen3ForCausalLM / Qwen3MoeForCausalLM
+export and import, one tensor at a time through mapping tables."""
 
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def hf_config(spec: ModelConfig, dtype: torch.dtype, token_ids: dict) -> dict:
             "attn_pdrop": 0.0,
             "scale_attn_weights": True,
         }
+    if spec.family != "llama":
+        return _moe_family_config(spec, common)
     rope_scaling = None
     if spec.rope_scaling is not None:
         rope_scaling = {"rope_type": "llama3", **{k: spec.rope_scaling[k] for k in spec.rope_scaling}}
@@ -88,6 +91,47 @@ def hf_config(spec: ModelConfig, dtype: torch.dtype, token_ids: dict) -> dict:
         "mlp_bias": spec.bias,
         "pretraining_tp": 1,
     }
+
+
+def _moe_family_config(spec: ModelConfig, common: dict) -> dict:
+    """config.json of MixtralForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM (v4 keys, which v5 reads)."""
+    if spec.rope_scaling is not None:
+        raise ConversionError(f"{ARCHITECTURES[spec.family]} export: rope_scaling is not supported")
+    out = {
+        "model_type": spec.family,
+        **common,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_seq_len,
+        "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_base,
+        "rope_scaling": None,
+        "attention_dropout": 0.0,
+        "sliding_window": None,
+    }
+    if spec.family.startswith("qwen3"):
+        out.update(attention_bias=False, use_sliding_window=False, max_window_layers=spec.num_layers)
+    if spec.family == "mixtral":
+        out.update(
+            num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.moe_top_k,
+            router_aux_loss_coef=spec.moe_aux_loss_coeff,
+            output_router_logits=False,
+            router_jitter_noise=0.0,
+        )
+    elif spec.family == "qwen3_moe":
+        out.update(
+            num_experts=spec.num_experts, num_experts_per_tok=spec.moe_top_k,
+            moe_intermediate_size=spec.expert_ffn_hidden_size, norm_topk_prob=spec.moe_norm_topk_prob,
+            decoder_sparse_step=1, mlp_only_layers=[i for i in range(spec.num_layers) if not spec.is_moe_layer(i)],
+            router_aux_loss_coef=spec.moe_aux_loss_coeff, output_router_logits=False,
+        )  # fmt: skip
+    return out
 
 
 def hf_manifest(spec: ModelConfig) -> list[tuple[mapping.Entry, str, tuple[int, ...]]]:
@@ -265,9 +309,13 @@ def export_hf(source: ModelSource, out: str | os.PathLike, *, dtype: torch.dtype
 
 # ---------------------------------------------------------------- import
 
+_ROTARY_BUFFERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _IGNORED = {
     "gpt": re.compile(r"^transformer\.h\.\d+\.attn\.(masked_)?bias$"),  # causal-mask buffers of old checkpoints
-    "llama": re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+    "llama": _ROTARY_BUFFERS,
+    "mixtral": _ROTARY_BUFFERS,
+    "qwen3": _ROTARY_BUFFERS,
+    "qwen3_moe": _ROTARY_BUFFERS,
 }
 
 
@@ -295,7 +343,8 @@ def _weight_files(hf_dir: Path) -> dict[str, Path]:
 
 
 class HFModelSource:
-    """A Hugging Face GPT-2 or Llama directory seen as canonical tensors (a `ModelSource`)."""
+    """A Hugging Face GPT-2, Llama, Mixtral, Qwen3 or Qwen3-MoE directory seen as canonical tensors (a
+    `ModelSource`)."""
 
     def __init__(self, hf_dir: str | os.PathLike, dtype: torch.dtype | None = None):
         self.path = Path(hf_dir)

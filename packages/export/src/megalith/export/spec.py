@@ -8,7 +8,7 @@ import torch
 
 from megalith.core.config import ModelConfig, check_tensor_parallel
 
-FAMILIES = ("gpt", "llama")
+FAMILIES = ("gpt", "llama", "mixtral", "qwen3", "qwen3_moe")
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -102,11 +102,37 @@ def model_config_from_dict(config: object) -> ModelConfig:
         "bias": _field(config, "bias", bool),
         "tie_embeddings": _field(config, "tie_embeddings", bool),
         "init_std": _field(config, "init_std", float, default=0.02),
+        "kv_channels": _field(config, "kv_channels", int, required=False),
+        "qk_norm": _field(config, "qk_norm", bool, required=False, default=False),
+        **_moe_fields(config),
     }
     try:
         return ModelConfig(**values)
     except ValueError as exc:
         raise ConversionError(f"model config: {exc}") from None
+
+
+# Mixture-of-experts fields of a saved config: (kind, default); absent ones take ModelConfig's defaults.
+_MOE_FIELDS = {
+    "num_experts": (int, 0), "moe_top_k": (int, 2), "moe_ffn_hidden_size": (int, None),
+    "moe_shared_expert_ffn_hidden_size": (int, None), "moe_shared_expert_gate": (bool, False),
+    "moe_score_function": (str, "softmax"), "moe_norm_topk_prob": (bool, True), "moe_aux_loss_coeff": (float, 0.0),
+    "moe_aux_loss_type": (str, "micro_batch"), "moe_z_loss_coeff": (float, 0.0), "moe_expert_bias": (bool, False),
+    "moe_expert_bias_rate": (float, 1e-3), "moe_capacity_factor": (float, None),
+    "moe_token_drop_policy": (str, "probs"),
+}  # fmt: skip
+
+
+def _moe_fields(config: dict) -> dict:
+    out = {}
+    for key, (kind, default) in _MOE_FIELDS.items():
+        out[key] = _field(config, key, kind, required=False, default=default)
+    freq = config.get("moe_layer_freq", 1)
+    ok_list = isinstance(freq, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in freq)
+    if not ok_list and (isinstance(freq, bool) or not isinstance(freq, int)):
+        raise ConversionError(f"model config field 'moe_layer_freq' = {freq!r} is not an integer or a list of 0/1")
+    out["moe_layer_freq"] = list(freq) if isinstance(freq, list) else freq
+    return out
 
 
 def check_parallel(config: ModelConfig, tp: int, pp: int, *, allow_kv_duplication: bool) -> None:

@@ -6,6 +6,14 @@ repeated tp / num_kv_heads times first when there are fewer kv heads than ranks;
 becomes `mlp.fc` and its up half `mlp.gate`, each split separately; lm_head rows are zero-padded to a multiple of
 tp. Layers are renumbered from 0 within each pipeline stage; embeddings live on the first stage, the final norm
 and lm_head on the last.
+
+Mixtral (TensorRT-LLM's LLaMA class with MoE; the layout, with the sources it was read from, is in
+`reference/trtllm-moe.md` next to this package's README): the tp ranks of a stage are split into moe_ep expert
+groups of moe_tp = tp / moe_ep ranks, tp rank t holding experts [moe_ep_rank * E/moe_ep, ...) with
+moe_ep_rank = t % moe_ep, and slice moe_tp_rank = t // moe_ep of each expert's inner dimension. `mlp.fc` stacks
+the rank's experts as [E/moe_ep, 2 I/moe_tp, H], each expert's rows being [up slice; gate slice] (the linear
+half first, the activated half second); `mlp.proj` is [E/moe_ep, H, I/moe_tp]; `mlp.router` [E, H] is whole on
+every rank and float32.
 """
 
 from __future__ import annotations
@@ -21,14 +29,31 @@ from megalith.core.config import ModelConfig
 from megalith.export import mapping
 from megalith.export.hf import check_source, read_checked, row_stream
 from megalith.export.io import ModelSource, Progress, atomic_output_dir, source_paths
+from megalith.export.mapping import check_family_fits_hf
 from megalith.export.safetensors_io import SafetensorsWriter
 from megalith.export.spec import DTYPE_NAMES, ConversionError, check_parallel, model_config_from_dict
 
-ARCHITECTURES = {"gpt": "GPTForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"gpt": "GPTForCausalLM", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+_EXPERT_OPS = ("expert_fc1", "expert_fc2")
+RENORMALIZE = 1  # MoeConfig.ExpertScaleNormalizationMode.RENORMALIZE: softmax over the chosen top-k
 
 
 def check_trt_family(spec: ModelConfig) -> None:
-    if spec.family == "llama":
+    if spec.family not in ARCHITECTURES:
+        raise ConversionError(
+            f"TensorRT-LLM export writes {sorted(ARCHITECTURES.values())}; a {spec.family!r} model is not one of "
+            "them (megalith-export hf writes it for current TensorRT-LLM, which reads Hugging Face directories)"
+        )
+    if spec.family != "gpt" and spec.head_dim * spec.num_attention_heads != spec.hidden_size:
+        raise ConversionError(
+            f"TensorRT-LLM export needs head_dim = hidden_size / num_attention_heads, the model config has "
+            f"kv_channels {spec.kv_channels}"
+        )
+    if spec.family == "mixtral":
+        check_family_fits_hf(spec)  # the same architecture as Hugging Face's Mixtral
+    elif spec.num_experts or spec.qk_norm:
+        raise ConversionError(f"TensorRT-LLM {ARCHITECTURES[spec.family]} has no experts and no qk-norm")
+    if spec.family in ("llama", "mixtral"):
         wanted = {"norm": "rmsnorm", "activation": "swiglu", "position_embedding": "rope"}
     else:
         wanted = {"norm": "layernorm"}  # TensorRT-LLM's GPT class always uses LayerNorm with a bias
@@ -40,7 +65,22 @@ def check_trt_family(spec: ModelConfig) -> None:
             )
 
 
-def trt_config(spec: ModelConfig, dtype: torch.dtype, tp: int, pp: int) -> dict:
+def check_trt_experts(spec: ModelConfig, tp: int, ep: int) -> None:
+    """Raises when the experts cannot be split over moe_ep = `ep` groups of moe_tp = tp / ep ranks."""
+    if ep < 1 or tp % ep:
+        raise ConversionError(f"--ep ({ep}) must divide --tp ({tp}): moe_tp_size * moe_ep_size = tp_size")
+    if ep > 1 and not spec.num_experts:
+        raise ConversionError(f"--ep ({ep}) > 1 needs a mixture-of-experts model (num_experts is 0)")
+    if spec.num_experts and spec.num_experts % ep:
+        raise ConversionError(f"num_experts ({spec.num_experts}) is not divisible by --ep ({ep})")
+    if spec.num_experts and spec.expert_ffn_hidden_size % (tp // ep):
+        raise ConversionError(
+            f"the experts' intermediate size ({spec.expert_ffn_hidden_size}) is not divisible by moe_tp_size "
+            f"({tp // ep} = --tp {tp} / --ep {ep})"
+        )
+
+
+def trt_config(spec: ModelConfig, dtype: torch.dtype, tp: int, pp: int, ep: int = 1) -> dict:
     rotary_scaling = None
     if spec.rope_scaling is not None:
         # Releases differ in which key names the scaling kind; both are written (extra keys are ignored).
@@ -70,6 +110,12 @@ def trt_config(spec: ModelConfig, dtype: torch.dtype, tp: int, pp: int) -> dict:
     }
     if spec.family == "llama":
         config.update(hidden_act="silu", attn_bias=spec.bias, mlp_bias=spec.bias)
+    elif spec.family == "mixtral":
+        # The MoE layer needs the gated activation named explicitly; intermediate_size is per expert.
+        config.update(hidden_act="swiglu", attn_bias=False, mlp_bias=False,
+                      moe={"num_experts": spec.num_experts, "top_k": spec.moe_top_k,
+                           "normalization_mode": RENORMALIZE})  # fmt: skip
+        config["mapping"].update(moe_tp_size=tp // ep, moe_ep_size=ep)
     else:
         # The GPT class builds a gated MLP only when hidden_act names a gated activation.
         config.update(
@@ -94,12 +140,16 @@ def kv_heads_per_rank(spec: ModelConfig, tp: int) -> int:
     return math.ceil(spec.num_kv_heads / tp)
 
 
-def rank_shapes(entry: mapping.Entry, spec: ModelConfig, tp: int) -> list[tuple[int, ...]]:
-    """Per-rank shape of each TensorRT-LLM tensor an entry becomes."""
+def rank_shapes(entry: mapping.Entry, spec: ModelConfig, tp: int, ep: int = 1) -> list[tuple[int, ...]]:
+    """Per-rank shape of each TensorRT-LLM tensor an entry becomes (a rank's stack of experts for expert rows)."""
     shape = mapping.canonical_shape(entry, spec)
     op = entry.param.trt_op
-    if op == "replicate":
+    if op in ("replicate", "router"):
         return [shape]
+    if op in _EXPERT_OPS:
+        local, inner = spec.num_experts // ep, spec.expert_ffn_hidden_size // (tp // ep)
+        h = spec.hidden_size
+        return [(local, 2 * inner, h) if op == "expert_fc1" else (local, h, inner)]
     if op == "row":
         return [(shape[0], shape[1] // tp)]
     if op == "qkv":
@@ -116,7 +166,7 @@ def rank_shapes(entry: mapping.Entry, spec: ModelConfig, tp: int) -> list[tuple[
 def shard(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelConfig, tp: int) -> list[list[torch.Tensor]]:
     """[tp_rank][k]: the k-th TensorRT-LLM tensor of `entry` on each tensor-parallel rank."""
     op = entry.param.trt_op
-    if op == "replicate":
+    if op in ("replicate", "router"):
         return [[tensor] for _ in range(tp)]
     if op == "row":
         return [[t.contiguous()] for t in torch.chunk(tensor, tp, dim=1)]
@@ -172,14 +222,37 @@ def _stage_entries(spec: ModelConfig, pp: int) -> list[tuple[mapping.Entry, int,
     return out
 
 
-def trt_manifest(spec: ModelConfig, dtype: torch.dtype, tp: int, pp: int) -> dict[int, list]:
-    """rank -> [(name, dtype, shape)] of every rank file."""
+def trt_manifest(spec: ModelConfig, dtype: torch.dtype, tp: int, pp: int, ep: int = 1) -> dict[int, list]:
+    """rank -> [(name, dtype, shape)] of every rank file (the router is float32, as TensorRT-LLM stores it)."""
     manifest: dict[int, list] = {r: [] for r in range(tp * pp)}
     for entry, pp_rank, local in _stage_entries(spec, pp):
+        if entry.expert not in (None, 0):  # a rank's experts share one stacked tensor, listed once
+            continue
+        kind = torch.float32 if entry.param.trt_op == "router" else dtype
         for tp_rank in range(tp):
-            names, shapes = trt_names(entry, spec, local), rank_shapes(entry, spec, tp)
-            manifest[pp_rank * tp + tp_rank] += [(n, dtype, s) for n, s in zip(names, shapes, strict=True)]
+            names, shapes = trt_names(entry, spec, local), rank_shapes(entry, spec, tp, ep)
+            manifest[pp_rank * tp + tp_rank] += [(n, kind, s) for n, s in zip(names, shapes, strict=True)]
     return manifest
+
+
+def expert_pieces(entry: mapping.Entry, tensor: torch.Tensor, spec: ModelConfig, tp: int, ep: int):
+    """(tp rank, slot in its stack, piece) for every tp rank holding a part of routed expert `entry.expert`.
+
+    Expert e lives on the tp ranks t with t % ep == e // (E / ep), at slot e % (E / ep); rank t holds slice
+    t // ep of the inner dimension: fc as [up slice; gate slice], proj as columns.
+    """
+    local = spec.num_experts // ep
+    inner = spec.expert_ffn_hidden_size // (tp // ep)
+    for tp_rank in range(tp):
+        if tp_rank % ep != entry.expert // local:
+            continue
+        part = slice((tp_rank // ep) * inner, (tp_rank // ep + 1) * inner)
+        if entry.param.trt_op == "expert_fc1":
+            gate, up = torch.split(tensor, mapping.split_sizes(entry, spec), dim=0)
+            piece = _concat_rows([up[part], gate[part]])
+        else:
+            piece = tensor[:, part].contiguous()
+        yield tp_rank, entry.expert % local, piece
 
 
 _ROW_OPS = ("replicate", "lm_head")
@@ -207,14 +280,15 @@ def _write_row_blocks(op: str, stream, files: list[SafetensorsWriter], name: str
     return nbytes
 
 
-def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, pp: int = 1,
+def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, ep: int = 1,
                   dtype: torch.dtype = torch.bfloat16, force: bool = False, progress: bool = True) -> Path:  # fmt: skip
-    """Writes `source` as a TensorRT-LLM checkpoint for tp x pp ranks in `out`; returns its path."""
+    """Writes `source` as a TensorRT-LLM checkpoint for tp x pp ranks (experts over `ep` groups) in `out`."""
     spec = model_config_from_dict(source.model_config)
     check_trt_family(spec)
     check_parallel(spec, tp, pp, allow_kv_duplication=True)
+    check_trt_experts(spec, tp, ep)
     check_source(source, spec)
-    manifest = trt_manifest(spec, dtype, tp, pp)
+    manifest = trt_manifest(spec, dtype, tp, pp, ep)
     bar = Progress(spec.num_layers + 2, enabled=progress)
     with atomic_output_dir(out, force, source_paths(source)) as tmp:
         writers = {r: SafetensorsWriter(tmp / f"rank{r}.safetensors", m) for r, m in manifest.items()}
@@ -227,7 +301,15 @@ def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, p
                     nbytes = _write_row_blocks(entry.param.trt_op, stream, files, name, spec, tp)
                     bar.tensor(mapping.group_name(entry), name, nbytes)
                     continue
-                tensor = read_checked(source, entry, spec, dtype)
+                if entry.param.trt_op in _EXPERT_OPS:
+                    tensor = read_checked(source, entry, spec, dtype)
+                    (name,) = trt_names(entry, spec, local)
+                    for tp_rank, slot, piece in expert_pieces(entry, tensor, spec, tp, ep):
+                        writers[pp_rank * tp + tp_rank].write_rows(name, slot, piece.unsqueeze(0))
+                        bar.tensor(mapping.group_name(entry), name, piece.numel() * piece.element_size())
+                    continue
+                kind = torch.float32 if entry.param.trt_op == "router" else dtype
+                tensor = read_checked(source, entry, spec, kind)
                 for tp_rank, pieces in enumerate(shard(entry, tensor, spec, tp)):
                     for name, piece in zip(trt_names(entry, spec, local), pieces, strict=True):
                         writers[pp_rank * tp + tp_rank].write(name, piece)
@@ -240,5 +322,5 @@ def export_trtllm(source: ModelSource, out: str | os.PathLike, *, tp: int = 1, p
                 writer.abort()
             raise
         bar.close()
-        (tmp / "config.json").write_text(json.dumps(trt_config(spec, dtype, tp, pp), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(trt_config(spec, dtype, tp, pp, ep), indent=2) + "\n")
     return Path(out)

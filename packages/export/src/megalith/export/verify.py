@@ -21,7 +21,7 @@ from megalith.export.paths import file_in_folder, read_json
 from megalith.export.safetensors_io import DTYPE_TO_TAG, SafetensorsReader
 from megalith.export.spec import NAME_TO_DTYPE, ConversionError, check_parallel, model_config_from_dict
 from megalith.export.trtllm import ARCHITECTURES as TRT_ARCHITECTURES
-from megalith.export.trtllm import check_trt_family, trt_manifest
+from megalith.export.trtllm import check_trt_experts, check_trt_family, trt_manifest
 
 
 def verify_dir(path: str | os.PathLike) -> list[str]:
@@ -92,8 +92,8 @@ def _verify_hf(path: Path, config: dict) -> list[str]:
     return problems
 
 
-def spec_from_trt_config(config: object, path: Path) -> tuple[ModelConfig, torch.dtype, int, int]:
-    """Model, dtype, tp and pp a TensorRT-LLM config.json describes, every field it uses type-checked."""
+def spec_from_trt_config(config: object, path: Path) -> tuple[ModelConfig, torch.dtype, int, int, int]:
+    """Model, dtype, tp, pp and moe_ep a TensorRT-LLM config.json describes, every field it uses type-checked."""
     fields = Fields(config, path)
     families = {a: f for f, a in TRT_ARCHITECTURES.items()}
     arch = fields.string("architecture")
@@ -107,11 +107,17 @@ def spec_from_trt_config(config: object, path: Path) -> tuple[ModelConfig, torch
     head_size = fields.integer("head_size", hidden // heads or 1)
     if head_size * heads != hidden:
         raise ConversionError(f"{path}: head_size {head_size} * {heads} heads != hidden_size {hidden}")
-    if family == "llama":
+    moe = {}
+    if family in ("llama", "mixtral"):
         bias = fields.boolean("attn_bias", False)
         if bias != fields.boolean("mlp_bias", False):
             raise ConversionError(f"{path}: attn_bias != mlp_bias is not a layout Megalith writes")
         gated, norm = True, "rmsnorm"
+        if family == "mixtral":
+            moe_fields = fields.nested("moe")
+            if moe_fields is None:
+                raise ConversionError(f"{path}: lacks the field 'moe'")
+            moe = {"num_experts": moe_fields.integer("num_experts"), "moe_top_k": moe_fields.integer("top_k")}
     else:
         bias, gated, norm = fields.boolean("bias", True), fields.string("hidden_act", "gelu") == "swiglu", "layernorm"
     learned = fields.string("position_embedding_type", "learned_absolute") == "learned_absolute"
@@ -130,6 +136,7 @@ def spec_from_trt_config(config: object, path: Path) -> tuple[ModelConfig, torch
         "position_embedding": "learned" if learned else "rope",
         "bias": bias,
         "tie_embeddings": False,  # lm_head is a tensor of its own in every TensorRT-LLM checkpoint
+        **moe,
     }
     try:
         spec = model_config_from_dict(canonical)
@@ -143,13 +150,18 @@ def spec_from_trt_config(config: object, path: Path) -> tuple[ModelConfig, torch
     world_size = mapping_fields.integer("world_size", tp * pp)
     if world_size != tp * pp:
         raise ConversionError(f"{path}: mapping world_size {world_size} != tp {tp} * pp {pp}")
+    ep = mapping_fields.integer("moe_ep_size", 1)
+    moe_tp = mapping_fields.integer("moe_tp_size", max(1, tp // ep))
+    if moe_tp * ep != tp:
+        raise ConversionError(f"{path}: mapping moe_tp_size {moe_tp} * moe_ep_size {ep} != tp_size {tp}")
     check_parallel(spec, tp, pp, allow_kv_duplication=True)
-    return spec, NAME_TO_DTYPE[dtype], tp, pp
+    check_trt_experts(spec, tp, ep)
+    return spec, NAME_TO_DTYPE[dtype], tp, pp, ep
 
 
 def _verify_trtllm(path: Path, config: dict) -> list[str]:
     problems: list[str] = []
-    spec, dtype, tp, pp = spec_from_trt_config(config, path / "config.json")
+    spec, dtype, tp, pp, ep = spec_from_trt_config(config, path / "config.json")
     present: dict[int, dict] = {}
     for file in sorted(path.glob("rank*.safetensors")):
         match = re.fullmatch(r"rank(\d+)\.safetensors", file.name)
@@ -159,8 +171,8 @@ def _verify_trtllm(path: Path, config: dict) -> list[str]:
         file_in_folder(path, file.name)
         present[int(match.group(1))] = _header_entries(file, problems)[0]
     stored = sum(len(entries) for entries in present.values())
-    check_tensor_count(spec, stored, path / "config.json", tp=tp)  # bounds the lists below
-    for rank, manifest in trt_manifest(spec, dtype, tp, pp).items():
+    check_tensor_count(spec, stored, path / "config.json", side="trt", tp=tp)  # bounds the lists below
+    for rank, manifest in trt_manifest(spec, dtype, tp, pp, ep).items():
         if rank not in present:
             problems.append(f"rank{rank}.safetensors: missing (world_size {tp * pp})")
             continue

@@ -157,6 +157,10 @@ class MetricsLogger:
         parts = [f"step {step}/{self.total_steps}"]
         fmt = {
             "loss": "loss {:.4f}",
+            "moe_aux_loss": "aux {:.4f}",
+            "moe_z_loss": "z-loss {:.4f}",
+            "moe_load_cv_max": "load cv {:.2f}",
+            "moe_dropped_fraction": "dropped {:.2%}",
             "lr": "lr {:.3e}",
             "grad_norm": "grad norm {:.3f}",
             "tokens_per_s": "{:,.0f} tok/s",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from megalith.core.config import PRESETS, ModelConfig, RuntimeConfig, check_tensor_parallel
+from megalith.core.config import PRESETS, ModelConfig, RuntimeConfig, check_expert_parallel, check_tensor_parallel
 from megalith.core.distributed import DDPConfig, OptimizerConfig
 from megalith.core.fields import option
 from megalith.core.fp8 import Fp8Config
@@ -155,6 +155,7 @@ class RunConfig:
             f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})",
         )
         check_tensor_parallel(model, p.tp)
+        check_expert_parallel(model, p.ep, p.resolved_expert_tp)
         stages = p.pp * p.virtual_stages
         if p.layers_per_stage is None:
             _check(

@@ -1,10 +1,10 @@
 """What a training checkpoint holds, in canonical form: model tensors and the AdamW state per parameter piece.
 
-Model tensors are `model/NAME` with each parameter's placement. The optimizer's fp32 master
-weights and both moments are `optim/NAME/{master,exp_avg,exp_avg_sq}`: under ZeRO-1 a rank owns a flat range
-of each of its (tp-local) parameters, described by `LocalShard(flat_range=...)`, so the state reshards to any
-(tp, pp, dp) on load. Scalars (step, Adam step count, scheduler, loss scaler, data position) go into the
-checkpoint's JSON `extra`.
+Model tensors are `model/NAME` with each parameter's placement (stacked routed experts as one tensor per expert).
+The optimizer's fp32 master weights and both moments are `optim/NAME/{master,exp_avg,exp_avg_sq}`: under ZeRO-1 a
+rank owns a flat range of each of its (tp-local) parameters, described by `LocalShard(flat_range=...)`, so the
+state reshards to any (tp, pp, ep, dp) on load. Scalars (step, Adam step count, scheduler, loss scaler, data
+position) go into the checkpoint's JSON `extra`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from megalith.core.checkpoint import OPTIM_PREFIX, LocalShard, model_sharded_state
+from megalith.core.checkpoint.state import flat_local_shards
 from megalith.core.config import ARCHITECTURE_FIELDS
 from megalith.core.distributed import AdamW
 from megalith.core.pipeline import unwrap
@@ -58,12 +59,11 @@ def optimizer_state(optimizer: AdamW) -> dict[str, LocalShard]:
     """`optim/NAME/KEY` -> the flat piece of the fp32 state this rank's optimizer owns for parameter NAME."""
     placed = {id(p): where for ddp in optimizer.chunks for _, p, where in named_placements(unwrap(ddp))}
     state: dict[str, LocalShard] = {}
-    for name, param, start, length, views in optimizer.param_segments():
-        spec = placed[id(param)].shard
-        for key in OPTIMIZER_KEYS:
-            state[f"{OPTIM_PREFIX}{name}/{key}"] = LocalShard(
-                views[key], spec, flat_range=(start, start + length), local_shape=tuple(param.shape)
-            )
+    for name, param, start, _length, views in optimizer.param_segments():
+        where = placed[id(param)]
+        for key in OPTIMIZER_KEYS:  # one entry per canonical tensor (each routed expert its own)
+            for canonical, shard in flat_local_shards(name, views[key], start, tuple(param.shape), where).items():
+                state[f"{OPTIM_PREFIX}{canonical}/{key}"] = shard
     return state
 
 

@@ -32,6 +32,7 @@ from megalith.core.checkpoint.storage import probe_writable
 from megalith.core.config import PRESETS
 from megalith.core.distributed import AdamW, DistributedDataParallel
 from megalith.core.fp8 import Fp8Training
+from megalith.core.moe.stats import MoEStepReport, finish_moe_step
 from megalith.core.parallel.random import derive_seed
 from megalith.core.pipeline import forward_backward, unwrap
 from megalith.core.precision import make_loss_scaler
@@ -57,7 +58,7 @@ from megalith.training.train_state import (
     optimizer_state,
 )
 
-__all__ = ["StepOutput", "Trainer", "no_weight_decay"]
+__all__ = ["StepOutput", "Trainer", "moe_metrics", "no_weight_decay"]
 
 # Resume state a checkpoint may lack (written before the feature existed, or by a run without it): the loaded
 # run then starts that part afresh.
@@ -87,6 +88,25 @@ class StepOutput:
     grad_norm: float
     lr: float
     loss_scale: float
+    moe: dict[str, float] | None = None
+    """MoE layers: aux and z-loss, dropped fraction, tokens per expert per layer (`moe_metrics`); None if dense."""
+
+
+def moe_metrics(report: MoEStepReport | None) -> dict[str, float] | None:
+    """The flat metrics of one step's MoE report: `moe_aux_loss`, `moe_z_loss`, `moe_dropped_fraction` (with a
+    capacity factor), and per layer i `moe_load_min/layer{i}`, `moe_load_max/layer{i}`, `moe_load_cv/layer{i}`
+    (tokens per expert), with `moe_load_cv_max` the largest CV over the layers."""
+    if report is None:
+        return None
+    out = {"moe_aux_loss": report.aux_loss, "moe_z_loss": report.z_loss}
+    if report.dropped_fraction is not None:
+        out["moe_dropped_fraction"] = report.dropped_fraction
+    summary = report.load_summary()
+    for layer, (low, high, cv) in summary.items():
+        out.update({f"moe_load_min/layer{layer}": low, f"moe_load_max/layer{layer}": high,
+                    f"moe_load_cv/layer{layer}": cv})  # fmt: skip
+    out["moe_load_cv_max"] = max(cv for _, _, cv in summary.values())
+    return out
 
 
 class Trainer:
@@ -110,7 +130,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data)
         self.model_config = self._resolve_model_config()
         self.precision = cfg.precision
-        self.num_microbatches = t.grad_accumulation(self.dims.dp)
+        self.num_microbatches = t.grad_accumulation(self.dims.data_parallel_size)
         self.total_steps = t.total_steps
         self.seq_len = cfg.data.seq_len
         with self._out_of_memory_guard("while building the model and optimizer"):
@@ -189,6 +209,7 @@ class Trainer:
         peak = self.cfg.logging.peak_tflops
         if peak is None and self.device.type == "cuda":
             peak = peak_tflops(torch.cuda.get_device_name(self.device), self.precision.dtype)
+        # MoE models: the FLOPs of the experts a token runs through (active parameters only).
         return ThroughputMeter(flops_per_token(self.model_config, self.seq_len), self.env.world_size, peak)
 
     def _build_logger(self, stream) -> MetricsLogger:
@@ -213,11 +234,16 @@ class Trainer:
     def _banner(self) -> str:
         m, d, t = self.model_config, self.dims, self.cfg.training
         data = "synthetic tokens" if self.cfg.data.use_synthetic else (self.cfg.data.blend or self.cfg.data.train_blend)
+        moe = ""
+        if m.num_experts:
+            moe = (f" ({count_parameters(m, active=True) / 1e6:,.1f}M active; {m.num_experts} experts, top "
+                   f"{m.moe_top_k}, in {m.num_moe_layers} layers)")  # fmt: skip
+        experts = f" (ep {d.ep} x dp {d.dp})" if d.ep > 1 else ""
         return (
-            f"model: {m.family}, {count_parameters(m) / 1e6:,.1f}M parameters, {m.num_layers} layers, "
+            f"model: {m.family}, {count_parameters(m) / 1e6:,.1f}M parameters{moe}, {m.num_layers} layers, "
             f"hidden {m.hidden_size}, vocab {m.vocab_size}\n"
             f"layout: tp {d.tp} x cp {d.cp}{f' ({self.cfg.parallel.cp_comm})' if d.cp > 1 else ''} x pp {d.pp} "
-            f"(x{self.cfg.parallel.virtual_stages} virtual) x dp {d.dp} = "
+            f"(x{self.cfg.parallel.virtual_stages} virtual) x dp {d.data_parallel_size}{experts} = "
             f"{self.env.world_size} ranks, {self.env.backend} on {self.device.type}, {self.precision.dtype}"
             f"{self._fp8_banner()}\n"
             f"batch: {t.global_batch_size} x {self.seq_len} tokens per step ({self.num_microbatches} micro-batches "
@@ -265,7 +291,7 @@ class Trainer:
                 derive_seed(self.cfg.training.seed, "step", step),
                 tp_rank=self.dims.tp_rank,
                 pp_rank=self.dims.pp_rank,
-                dp_rank=self.dims.dp_rank * self.dims.cp + self.dims.cp_rank,  # cp ranks hold different tokens
+                dp_rank=self.dims.data_rank * self.dims.cp + self.dims.cp_rank,  # cp ranks hold different tokens
             )
         lr, scale = self.optimizer.lr, self.loss_scaler.scale
         with self._out_of_memory_guard(f"in training step {step}"):
@@ -274,16 +300,18 @@ class Trainer:
             loss = self.forward_backward(batches)
             self.fp8.step()  # delayed scaling: this step's amaxes into the histories (also for a skipped step)
             applied, grad_norm = False, float("nan")
-            if self.nonfinite.check(step, loss):
+            if self.nonfinite.check(step, loss):  # a router producing NaN makes the loss NaN too
                 result = self.optimizer.step()
                 applied, grad_norm = result.applied, result.grad_norm
         if applied:
             self.scheduler.step()
         else:
             self.skipped_steps += 1
+        # MoE statistics of the step, and the expert-bias update (only after an applied step)
+        moe = moe_metrics(finish_moe_step(self.chunks, self.dims, update_bias=applied))
         self.step = step
         self.consumed_samples += self.cfg.training.global_batch_size
-        return StepOutput(step, loss, applied, grad_norm, lr, scale)
+        return StepOutput(step, loss, applied, grad_norm, lr, scale, moe)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -315,8 +343,8 @@ class Trainer:
             total_samples=total,
             micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size,
-            dp_rank=self.dims.dp_rank,
-            dp=self.dims.dp,
+            dp_rank=self.dims.data_rank,
+            dp=self.dims.data_parallel_size,
             num_workers=self.cfg.data.num_workers,
             device=self.device,
             position_ids=self.cfg.data.reset_position_ids,
@@ -379,6 +407,9 @@ class Trainer:
             metrics["loss_scale"] = out.loss_scale
         if self.cfg.fp8.enabled:
             metrics.update(self.fp8.metrics())  # collective: every rank records every step
+        moe = [o.moe for o in self._window if o.moe is not None]
+        for key in moe[0] if moe else ():  # averaged over the logging interval
+            metrics[key] = sum(m[key] for m in moe) / len(moe)
         self._window = []
         self.logger.log(self.step, metrics)
 
@@ -494,7 +525,13 @@ class Trainer:
     def _extra_state(self) -> dict[str, Any]:
         extra = {name: obj.state_dict() for name, obj in self._stateful().items()}
         extra["info"] = {  # for people reading megalith.json; not restored
-            "layout": {"tp": self.dims.tp, "cp": self.dims.cp, "pp": self.dims.pp, "dp": self.dims.dp},
+            "layout": {
+                "tp": self.dims.tp,
+                "cp": self.dims.cp,
+                "pp": self.dims.pp,
+                "ep": self.dims.ep,
+                "dp": self.dims.data_parallel_size,
+            },
             "tokenizer": {"type": self.cfg.data.tokenizer_type, "model": self.cfg.data.tokenizer_model},
             "seq_len": self.seq_len,
         }

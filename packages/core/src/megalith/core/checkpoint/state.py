@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -10,19 +11,46 @@ from torch import nn
 
 from megalith.core.checkpoint.layout import MODEL_PREFIX, OPTIM_PREFIX
 from megalith.core.checkpoint.sharded import LocalShard, read_tensor_metadata
-from megalith.core.placement import named_placements
+from megalith.core.placement import Placement, canonical_pieces, expert_name, named_placements
 
-__all__ = ["model_sharded_state", "optimizer_sharded_state", "prepare_optimizer_state"]
+__all__ = ["flat_local_shards", "model_sharded_state", "optimizer_sharded_state", "prepare_optimizer_state"]
 
 
 def model_sharded_state(model: nn.Module) -> dict[str, LocalShard]:
     """ "model/NAME" -> LocalShard for every parameter of an (unwrapped) model.
 
     Parameter names must be canonical (global layer indices); each parameter's placement gives its slice of
-    the canonical tensor. Tensors shared by several stages (a tied embedding) appear on each of them and are
-    written once.
+    the canonical tensor. Stacked routed experts become one entry per expert (`placement.expert_name`). Tensors
+    shared by several stages (a tied embedding) appear on each of them and are written once.
     """
-    return {MODEL_PREFIX + name: LocalShard(p.data, pl.shard) for name, p, pl in named_placements(model)}
+    return {
+        MODEL_PREFIX + canonical: LocalShard(view, pl.shard)
+        for name, p, pl in named_placements(model)
+        for canonical, view in canonical_pieces(name, p.data, pl)
+    }
+
+
+def flat_local_shards(
+    name: str, flat: torch.Tensor, start: int, local_shape: tuple[int, ...], where: Placement
+) -> dict[str, LocalShard]:
+    """Canonical name -> LocalShard for elements `start : start + len(flat)` of a flattened local parameter.
+
+    A plain parameter gives one flat-range shard; a stack of routed experts gives one per expert the range
+    touches, each a flat range of that expert's own (local) tensor.
+    """
+    end = start + flat.numel()
+    if where.experts is None:
+        return {name: LocalShard(flat, where.shard, flat_range=(start, end), local_shape=local_shape)}
+    per_expert = math.prod(local_shape[1:])
+    out = {}
+    for e in range(start // per_expert, -(-end // per_expert)):
+        lo, hi = max(start, e * per_expert), min(end, (e + 1) * per_expert)
+        if lo < hi:
+            out[expert_name(name, where.experts.first + e)] = LocalShard(
+                flat[lo - start : hi - start], where.shard,
+                flat_range=(lo - e * per_expert, hi - e * per_expert), local_shape=tuple(local_shape[1:]),
+            )  # fmt: skip
+    return out
 
 
 def optimizer_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, LocalShard]:
@@ -38,9 +66,11 @@ def optimizer_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) 
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"optimizer state {full} is a {type(value).__name__}, not a tensor")
             if value.shape == p.shape:
-                out[full] = LocalShard(value, pl.shard)
+                for canonical, view in canonical_pieces(name, value, pl):
+                    out[f"{OPTIM_PREFIX}{canonical}/{key}"] = LocalShard(view, pl.shard)
             elif value.numel() == 1:
-                out[full] = LocalShard(value)
+                for canonical, _ in canonical_pieces(name, p, pl):
+                    out[f"{OPTIM_PREFIX}{canonical}/{key}"] = LocalShard(value)
             else:
                 raise ValueError(f"optimizer state {full} has shape {tuple(value.shape)}, parameter {tuple(p.shape)}")
     return out
@@ -60,9 +90,10 @@ def prepare_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, 
             by_param.setdefault(name, {})[state_key] = info
     fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     created = 0
-    for name, p in model.named_parameters():
+    for name, p, pl in named_placements(model):
         state = optimizer.state[p]
-        for state_key, info in by_param.get(name, {}).items():
+        names = [canonical for canonical, _ in canonical_pieces(name, p, pl)]
+        for state_key, info in next((by_param[n] for n in names if n in by_param), {}).items():
             if state_key in state:
                 continue
             if len(info.shape) == 0 or info.shape == (1,):

@@ -1,19 +1,23 @@
 """Data parallelism: contiguous fp32 main-gradient buffers reduced per bucket while backward is still running.
 
-Gradients are reduced over the ranks that hold the same weights and see different tokens: the dp group, times
-the cp group under context parallelism (`dims.dp_cp_group`, dp * cp ranks). Each parameter gets `p.main_grad`, a
-view into one flat fp32 buffer; a post-accumulate hook moves `p.grad` into it (a copy scaled by 1/dp for the
-step's first micro-batch, an add after that, so the buffer is never zeroed) and frees `p.grad`, so low-precision
-gradients are accumulated in fp32 across micro-batches. Parameters are grouped into buckets (in reverse
-registration order, roughly the order backward produces them). While gradient sync is enabled (the schedule
-enables it only for the last micro-batch's backward), a bucket's collective is launched asynchronously as soon as
-every parameter in it has its gradient: an all-reduce over dp x cp, or a reduce-scatter when a distributed
-optimizer owns 1/(dp * cp) of each bucket. The collective sums: the 1/dp factor the hook applied makes the sum the
-dp average, while the cp ranks' gradients are parts of one micro-batch's gradient and are meant to be added.
-Earlier micro-batches trigger no communication at all.
+Gradients are reduced over the ranks that hold the same weights and see different tokens
+(`ParallelDims.grad_reduction`): for dense parameters the data ranks (ep * dp of them, `data_parallel_size`) times
+the cp ranks under context parallelism; for routed experts the expert-data-parallel ranks (dp) times cp, since the
+other ep ranks hold other experts, whose tokens reached them through the dispatch (so their gradients already sum
+every data rank's contribution). Each parameter gets `p.main_grad`, a view into one flat fp32 buffer; a
+post-accumulate hook moves `p.grad` into it (a copy scaled by 1/D for the step's first micro-batch, D = ep * dp,
+an add after that, so the buffer is never zeroed) and frees `p.grad`, so low-precision gradients are accumulated
+in fp32 across micro-batches. Parameters are grouped into buckets (in reverse registration order, roughly the order
+backward produces them); a bucket holds either dense parameters or routed experts. While gradient sync is enabled
+(the schedule enables it only for the last micro-batch's backward), a bucket's collective is launched
+asynchronously as soon as every parameter in it has its gradient: an all-reduce over its group, or a
+reduce-scatter when a distributed optimizer owns 1/(group size) of each bucket. The collective sums: the 1/D
+factor the hook applied makes the sum the average over the data ranks, while the cp ranks' gradients are parts of
+one micro-batch's gradient and are meant to be added. Earlier micro-batches trigger no communication at all.
 
-A layout with nothing to reduce and nothing to upcast (dp == cp == 1, fp32 parameters, no distributed optimizer)
-needs none of this: the wrapper then keeps no buffers and no hooks, autograd accumulates `p.grad` itself, and the
+A layout with nothing to reduce and nothing to upcast (one rank per reduction group, fp32 parameters, no
+distributed optimizer) needs none of this: the wrapper then keeps no buffers and no hooks, autograd accumulates
+`p.grad` itself, and the
 optimizer reads `p.grad` (`grad_of`).
 """
 
@@ -76,12 +80,18 @@ def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group, async_op: 
 
 @dataclass(eq=False)
 class Bucket:
-    """A contiguous range [start, end) of the flat buffers and the parameters that live in it."""
+    """A contiguous range [start, end) of the flat buffers and the parameters that live in it, reduced over
+    `group` (`size` ranks, this one at `rank`): all data ranks for dense parameters, the expert-data-parallel
+    ranks for routed experts (`expert`)."""
 
     index: int
     start: int
     end: int
     params: list[nn.Parameter]
+    expert: bool = False
+    group: object = None
+    size: int = 1
+    rank: int = 0
     ready: set[int] = field(default_factory=set)
     handle: object | None = None
     scatter_out: torch.Tensor | None = None
@@ -96,7 +106,8 @@ class DistributedDataParallel(nn.Module):
 
     Args:
         module: the model chunk (all its trainable parameters must share one dtype and device).
-        dims: the topology; only dp, cp and their joint group (`dp_cp_group`, `dp_cp_rank`) are used here.
+        dims: the topology: `grad_reduction()` gives the groups dense and expert gradients are summed over, and
+            `data_parallel_size` (ep * dp) the 1/D scale.
         config: bucket size and reduction mode.
 
     Usage per optimizer step: `zero_grad_buffer()`, then the schedule runs micro-batches with
@@ -107,9 +118,10 @@ class DistributedDataParallel(nn.Module):
         super().__init__()
         self.module = module
         self.config = config or DDPConfig()
-        self.dp = dims.dp  # gradients are scaled by 1/dp: the dp sum becomes an average
-        # The reduction (and ZeRO-1 sharding) group: every rank holding these weights, dp x cp of them.
-        self.reduce_group, self.reduce_size, self.reduce_rank = dims.dp_cp_group, dims.dp_cp, dims.dp_cp_rank
+        self.dp = dims.data_parallel_size  # the 1/D scale of every gradient: the sums become data averages
+        # (group, size, rank) of dense and of expert buckets
+        self._groups = {False: dims.grad_reduction(expert=False), True: dims.grad_reduction(expert=True)}
+        self.reduce_size = max(size for _, size, _ in self._groups.values())
         params = [p for p in dict.fromkeys(module.parameters()) if p.requires_grad]
         if not params:
             raise ValueError("DistributedDataParallel: the module has no trainable parameters")
@@ -132,8 +144,10 @@ class DistributedDataParallel(nn.Module):
         self._hooks = []
         if self.native:
             return
-        shared = {id(p) for _, p, where in named_placements(module) if where.shared_embedding}
-        self.buckets = self._make_buckets(list(reversed(params)), shared)
+        placed = {id(p): where for _, p, where in named_placements(module)}
+        shared = {i for i, where in placed.items() if where.shared_embedding}
+        experts = {i for i, where in placed.items() if where.experts is not None}
+        self.buckets = self._make_buckets(list(reversed(params)), shared, experts)
         total = self.buckets[-1].end
         device = params[0].device
         self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
@@ -153,30 +167,35 @@ class DistributedDataParallel(nn.Module):
                 offset += n
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
 
-    def _make_buckets(self, params: list[nn.Parameter], shared: set[int]) -> list[Bucket]:
+    def _make_buckets(self, params: list[nn.Parameter], shared: set[int], experts: set[int]) -> list[Bucket]:
         # Shared (tied) embeddings get a bucket of their own: then their layout, and so their reduce-scatter
         # shards, are the same on the first and the last pipeline stage, whose gradients are summed elementwise.
-        align = self.reduce_size if self.config.use_distributed_optimizer else 1
+        # A bucket never mixes dense parameters and routed experts (they are reduced over different groups).
         limit = self.config.bucket_size
         buckets: list[Bucket] = []
         current: list[nn.Parameter] = []
-        start = 0
+        start, kind = 0, False
 
         def close() -> None:
             nonlocal start, current
             if current:
+                group, size, rank = self._groups[kind]
+                align = size if self.config.use_distributed_optimizer else 1
                 numel = sum(p.numel() for p in current)
                 padded = -(-numel // align) * align
-                buckets.append(Bucket(len(buckets), start, start + padded, current))
+                buckets.append(Bucket(len(buckets), start, start + padded, current, kind, group, size, rank))
                 start += padded
                 current = []
 
         for p in params:
             if id(p) in shared:
                 close()
-                current = [p]
+                current, kind = [p], False
                 close()
                 continue
+            if (id(p) in experts) != kind:
+                close()
+                kind = id(p) in experts
             current.append(p)
             if limit is not None and sum(q.numel() for q in current) >= limit:
                 close()
@@ -224,15 +243,15 @@ class DistributedDataParallel(nn.Module):
             if id(p) not in self._written:
                 p.main_grad.zero_()
                 self._written.add(id(p))
-        if self.reduce_size == 1:
+        if bucket.size == 1:
             bucket.handle = _Done()
             return
         if self.config.use_distributed_optimizer:
             # A separate output tensor: not every backend accepts an output that aliases the input.
-            bucket.scatter_out = torch.empty(bucket.numel // self.reduce_size, dtype=data.dtype, device=data.device)
-            bucket.handle = reduce_scatter_into(bucket.scatter_out, data, self.reduce_group, async_op=async_op)
+            bucket.scatter_out = torch.empty(bucket.numel // bucket.size, dtype=data.dtype, device=data.device)
+            bucket.handle = reduce_scatter_into(bucket.scatter_out, data, bucket.group, async_op=async_op)
         else:
-            bucket.handle = dist.all_reduce(data, group=self.reduce_group, async_op=async_op)
+            bucket.handle = dist.all_reduce(data, group=bucket.group, async_op=async_op)
         if bucket.handle is None:
             bucket.handle = _Done()
 
@@ -264,8 +283,8 @@ class DistributedDataParallel(nn.Module):
         """The [lo, hi) buffer range whose reduced gradient this rank holds (and whose optimizer state it owns)."""
         if not self.config.use_distributed_optimizer:
             return bucket.start, bucket.end
-        shard = bucket.numel // self.reduce_size
-        lo = bucket.start + self.reduce_rank * shard
+        shard = bucket.numel // bucket.size
+        lo = bucket.start + bucket.rank * shard
         return lo, lo + shard
 
     def zero_grad_buffer(self) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.parallelize import reduce_sequence_parallel_grads
+from megalith.core.placement import named_placements
 from megalith.core.precision import PrecisionConfig
 
 __all__ = ["apply_fsdp2", "finalize_fsdp2_grads"]
@@ -53,6 +54,11 @@ def apply_fsdp2(
         raise ValueError(
             f"apply_fsdp2 does not support context parallelism (cp={dims.cp}); use DistributedDataParallel, "
             "with use_distributed_optimizer for ZeRO-1 over dp x cp"
+        )
+    if dims.ep > 1 or any(where.experts is not None for _, _, where in named_placements(model)):
+        raise ValueError(
+            "apply_fsdp2 does not shard mixture-of-experts models (their experts are reduced over other ranks "
+            "than the dense weights); use DistributedDataParallel with use_distributed_optimizer (ZeRO-1)"
         )
     bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if bad:

@@ -5,9 +5,10 @@ kernel) applied to this rank's *masters*, each with the gradient the DDP wrapper
 
 - fp32 parameters, replicated optimizer: the masters are the parameters themselves (no copy, no write-back);
 - bf16/fp16 parameters: fp32 copies of the parameters, written back into them after each update;
-- with `use_distributed_optimizer` (ZeRO-1): this rank's 1/(dp * cp) shard of every bucket, as one view per
-  parameter piece, of the parameter buffer itself (fp32) or of an fp32 copy of it; updated shards are all-gathered
-  over dp x cp.
+- with `use_distributed_optimizer` (ZeRO-1): this rank's shard of every bucket (1/(cp * ep * dp) of a dense
+  bucket, 1/(cp * dp) of a routed-expert bucket: each over the ranks that hold the same values,
+  `ParallelDims.grad_reduction`), as one view per parameter piece, of the parameter buffer itself (fp32) or of an
+  fp32 copy of it; updated shards are all-gathered.
 
 A step unscales the gradients (fp16), takes the global gradient norm (which also tells whether any gradient is
 inf/NaN: the step is then skipped), clips, and updates. Nothing else touches every parameter per step.
@@ -96,6 +97,7 @@ class _Piece:
     master: torch.Tensor
     counted: bool
     via_main_grad: bool = False
+    expert: bool = False
 
 
 @dataclass(eq=False)
@@ -175,13 +177,15 @@ class AdamW:
         if not self.sharded:
             for p in ddp.params:
                 name, where = placed[p]
-                counted = is_counted(where, self.dims)
+                counted, expert = is_counted(where, self.dims), where.experts is not None
                 if p.dtype == torch.float32:  # the parameter is its own master
-                    self.pieces.append(_Piece(name, p, 0, p.numel(), p, counted, via_main_grad=not ddp.native))
+                    self.pieces.append(
+                        _Piece(name, p, 0, p.numel(), p, counted, via_main_grad=not ddp.native, expert=expert)
+                    )
                     continue
                 master = p.detach().float().clone()
                 master.grad = p.main_grad
-                self.pieces.append(_Piece(name, p, 0, p.numel(), master, counted))
+                self.pieces.append(_Piece(name, p, 0, p.numel(), master, counted, expert=expert))
             return
         for bucket in ddp.buckets:
             lo, hi = ddp.local_range(bucket)
@@ -196,7 +200,9 @@ class AdamW:
                     name, where = placed[p]
                     view = master[a - lo : b - lo]
                     view.grad = ddp.grad_buffer[a:b]
-                    self.pieces.append(_Piece(name, p, a - start, b - a, view, is_counted(where, self.dims)))
+                    self.pieces.append(
+                        _Piece(name, p, a - start, b - a, view, is_counted(where, self.dims), expert=bucket.expert)
+                    )
 
     @property
     def lr(self) -> float:
@@ -270,10 +276,14 @@ class AdamW:
             if scale != 1.0:
                 for g in self._unique_grads(grads):
                     g.mul_(1.0 / scale)
-            counted = [g for piece, g in zip(self.pieces, grads, strict=True) if piece.counted and g is not None]
-            local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
+            squares = []
+            for expert in (False, True):  # dense parameters, then routed experts (summed over ep too)
+                counted = [g for piece, g in zip(self.pieces, grads, strict=True)
+                           if piece.counted and piece.expert == expert and g is not None]  # fmt: skip
+                local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
+                squares.append(local.double() ** 2)
             # Non-sharded, the gradients (and so the squares) are the same on every dp and cp rank: no sum over them.
-            norm = float(global_norm(local.double() ** 2, self.dims, dp_sharded=self.sharded))
+            norm = float(global_norm(squares[0], self.dims, dp_sharded=self.sharded, expert_squares=squares[1]))
             found_inf = not math.isfinite(norm)  # an inf/NaN anywhere makes the global norm inf/NaN everywhere
             self.loss_scaler.update(found_inf)
             if found_inf:
@@ -308,7 +318,7 @@ class AdamW:
                 shard.ddp.param_buffer[shard.lo : shard.hi].copy_(shard.master)
         for shard in self.shards:
             ddp = shard.ddp
-            if ddp.reduce_size > 1:
-                bucket = ddp.buckets[shard.bucket_index]
+            bucket = ddp.buckets[shard.bucket_index]
+            if bucket.size > 1:
                 full = ddp.param_buffer[bucket.start : bucket.end]
-                all_gather_into(full, ddp.param_buffer[shard.lo : shard.hi].clone(), ddp.reduce_group)
+                all_gather_into(full, ddp.param_buffer[shard.lo : shard.hi].clone(), bucket.group)

@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from megalith.core import _torch_compat
+
 __all__ = ["emulated_mm", "fp8_mm", "padded_scaled_mm", "scaled_mm_unsupported"]
 
 _MULTIPLE = 16
@@ -52,14 +54,14 @@ def padded_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype: torch.dtype, *, fast
     inv_a, inv_b = a_scale.reciprocal(), b_scale.reciprocal()
     if inv_a.dim():  # rowwise: padding rows get scale 1 (their products are zero anyway)
         inv_a, inv_b = _pad(inv_a, mp, 1, 1.0), _pad(inv_b, np_, 1, 1.0).t()
-    out = torch._scaled_mm(a, b.t(), scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    out = _torch_compat.scaled_mm(a, b.t(), inv_a, inv_b, out_dtype, use_fast_accum=fast_accum)
     return out[:m, :n] if (mp, np_) != (m, n) else out
 
 
 @functools.cache
 def scaled_mm_unsupported(device: torch.device, a_dtype, b_dtype, rowwise: bool, out_dtype) -> str | None:
     """Why `torch._scaled_mm` cannot run this combination here (None when it can): tried once on tiny inputs."""
-    if not hasattr(torch, "_scaled_mm"):
+    if not _torch_compat.has_scaled_mm():
         return f"torch {torch.__version__} has no torch._scaled_mm"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

@@ -23,12 +23,23 @@ from torch import nn
 
 from megalith.core.config import ModelConfig
 from megalith.core.models.kv_cache import KVCache, LayerKVCache
+from megalith.core.models.mlp import MLP
 from megalith.core.models.ops import TorchOps
 from megalith.core.models.packing import Documents
 from megalith.core.models.rope import RotaryTables
+from megalith.core.moe.layer import MoE
 from megalith.core.parallel.random import REPLICATED, TENSOR_PARALLEL, RNGTracker
 
-__all__ = ["IGNORE_INDEX", "Attention", "AttentionCore", "Dropout", "Transformer", "TransformerLayer"]
+__all__ = [
+    "IGNORE_INDEX",
+    "MLP",
+    "Attention",
+    "AttentionCore",
+    "Dropout",
+    "HeadNorm",
+    "Transformer",
+    "TransformerLayer",
+]
 
 IGNORE_INDEX = -100
 
@@ -46,6 +57,19 @@ class Norm(nn.Module):
         if self.kind == "rmsnorm":
             return self.ops.rms_norm(x_BSH, self.weight, self.eps)
         return self.ops.layer_norm(x_BSH, self.weight, self.bias, self.eps)
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over the head dimension of every head ([..., heads, D]; one weight [D] shared by the heads)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps, self.ops = config.norm_eps, TorchOps()
+        self.weight = nn.Parameter(torch.empty(config.head_dim))
+
+    def forward(self, x_BSND: torch.Tensor) -> torch.Tensor:
+        shape = x_BSND.shape
+        return self.ops.rms_norm(x_BSND.reshape(-1, shape[-1]), self.weight, self.eps).view(shape)
 
 
 class Dropout(nn.Module):
@@ -96,7 +120,8 @@ class AttentionCore(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads and optional RoPE."""
+    """Causal self-attention with grouped-query heads, optional RoPE and optional qk-norm (RMSNorm per head of q
+    and k, before RoPE, as Qwen3 and OLMo do)."""
 
     def __init__(self, config: ModelConfig, rope: RotaryTables | None, rng: RNGTracker):
         super().__init__()
@@ -104,6 +129,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_kv_heads
         self.head_dim = d = config.head_dim
         self.qkv = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * d, bias=config.bias)
+        self.q_norm = HeadNorm(config) if config.qk_norm else None
+        self.k_norm = HeadNorm(config) if config.qk_norm else None
         self.core = AttentionCore(rng)
         self.proj = nn.Linear(self.num_heads * d, config.hidden_size, bias=config.bias)
 
@@ -121,6 +148,8 @@ class Attention(nn.Module):
         n, k, d = self.num_heads, self.num_kv_heads, self.head_dim
         q_BSND, k_BSKD, v_BSKD = qkv.split([n * d, k * d, k * d], dim=-1)
         q_BSND, k_BSKD, v_BSKD = q_BSND.view(b, s, n, d), k_BSKD.view(b, s, k, d), v_BSKD.view(b, s, k, d)
+        if self.q_norm is not None:
+            q_BSND, k_BSKD = self.q_norm(q_BSND), self.k_norm(k_BSKD)
         if self.rope is not None:
             cos, sin = self.rope(s, x_BSH.device, positions_BS if cache is None else cache.positions_BS)
             q_BSND, k_BSKD = self.ops.rope(q_BSND, cos, sin), self.ops.rope(k_BSKD, cos, sin)
@@ -132,26 +161,9 @@ class Attention(nn.Module):
         return self.proj(out_BSND.reshape(b, s, n * d))
 
 
-class MLP(nn.Module):
-    """GeLU MLP (fc1: [F, H]) or SwiGLU (fc1: [2F, H] = gate rows then up rows)."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.ops, self.swiglu = TorchOps(), config.activation == "swiglu"
-        width = 2 * config.ffn_hidden_size if self.swiglu else config.ffn_hidden_size
-        self.fc1 = nn.Linear(config.hidden_size, width, bias=config.bias)
-        self.fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.bias)
-
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
-        h_BSF = self.fc1(x_BSH)
-        if self.swiglu:
-            gate_BSF, up_BSF = h_BSF.chunk(2, dim=-1)  # under tp: this rank's [gate_r; up_r]
-            return self.fc2(self.ops.swiglu(gate_BSF, up_BSF))
-        return self.fc2(self.ops.gelu(h_BSF))
-
-
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)); the MLP is a mixture of experts (`MoE`) in the
+    layers `config.is_moe_layer` selects."""
 
     def __init__(self, config: ModelConfig, layer_id: int, rope: RotaryTables | None, rng: RNGTracker):
         super().__init__()
@@ -159,7 +171,7 @@ class TransformerLayer(nn.Module):
         self.attn_norm = Norm(config)
         self.attn = Attention(config, rope, rng)
         self.mlp_norm = Norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config, rng) if config.is_moe_layer(layer_id) else MLP(config)
         self.dropout = Dropout(rng)
 
     def forward(

@@ -1,9 +1,9 @@
 """Collectives that autograd sees: each is a forward op paired with the backward op its gradient needs.
 
-Every function takes the tensor-parallel process group explicitly (`ParallelDims.tp_group`); a group of one
-rank, or None (single process), makes each of them the identity. `seq_dim` / the last dimension are the
-dimensions being split or gathered; hidden states in Megalith are [batch, sequence, hidden], so sequence
-parallelism works on dim 1.
+Every function takes its process group explicitly (`ParallelDims.tp_group`, or `ep_group` for the expert
+dispatch); a group of one rank, or None (single process), makes each of them the identity. `seq_dim` / the last
+dimension are the dimensions being split or gathered; hidden states in Megalith are [batch, sequence, hidden], so
+sequence parallelism works on dim 1 (the expert dispatch gathers and scatters token rows, dim 0).
 
 | function                          | forward                          | backward                          |
 |-----------------------------------|----------------------------------|-----------------------------------|
@@ -14,6 +14,7 @@ parallelism works on dim 1.
 | scatter_to_sequence_parallel_region | split seq dim, keep own chunk  | all-gather seq dim                |
 | gather_from_sequence_parallel_region | all-gather seq dim            | reduce-scatter seq dim            |
 | reduce_scatter_to_sequence_parallel_region | reduce-scatter seq dim  | all-gather seq dim                |
+| all_to_all                        | all-to-all of rows, uneven splits | the reverse all-to-all           |
 """
 
 from __future__ import annotations
@@ -178,6 +179,32 @@ class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _all_gather(grad, ctx.seq_dim, ctx.group), None, None
+
+
+def _all_to_all(x: torch.Tensor, group, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((sum(output_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Forward: all-to-all of rows (rank r sends `input_splits[j]` rows to rank j and receives
+    `output_splits[j]` from it). Backward: the reverse all-to-all of the gradient (the splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, group, output_splits, input_splits):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        return _all_to_all(x, group, output_splits, input_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.group, ctx.input_splits, ctx.output_splits), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+    """Exchange rows of `x` [N, ...] over `group` with uneven splits (the expert dispatch); differentiable."""
+    return x if group_size(group) == 1 else _AllToAll.apply(x, group, list(output_splits), list(input_splits))
 
 
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:

@@ -29,11 +29,14 @@ class RNGTracker:
 
     `with tracker.fork(name):` makes the stream the device's default generator for the block (so
     F.dropout uses it) and puts the caller's generator state back afterwards. `get_states` / `set_states`
-    snapshot and restore the streams (activation recomputation replays dropout with them).
+    snapshot and restore the streams (activation recomputation replays dropout with them). `replaying` is True
+    while a recomputation replays a forward with them, so layers can skip side effects that already happened
+    (the MoE layers' step statistics and auxiliary-loss records).
     """
 
     def __init__(self, seed: int, *, tp_rank: int = 0, pp_rank: int = 0, dp_rank: int = 0, device="cpu"):
         self.device = torch.device(device)
+        self.replaying = False
         self.reset(seed, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
 
     def reset(self, seed: int, *, tp_rank: int = 0, pp_rank: int = 0, dp_rank: int = 0, device=None) -> None:

@@ -9,11 +9,15 @@ backward, and finally finishes the data-parallel reduction and sums the tied-emb
 Micro-batches are dicts with `input_ids` [B, S] (read on the first stage) and `labels` [B, S] (read on the
 last; -100 marks ignored tokens), and optionally `position_ids` [B, S] and `cu_seqlens` (packed documents), which
 every stage's forward receives. A micro-batch's loss is the mean, over its non-ignored tokens, of the per-token
-loss `loss_fn(logits, labels)` (`megalith.core.loss`), which lives outside the model.
+loss `loss_fn(logits, labels)` (`megalith.core.loss`), which lives outside the model. The auxiliary terms the
+chunk's layers record in each forward (`take_aux_losses`: MoE load balancing and z-loss) are added to the
+objective with the same 1 / num_microbatches and loss scale, on whichever stage holds those layers: the last
+stage adds them to its loss, earlier stages backpropagate them together with the received gradient. The loss
+returned (and reported) is the language-model loss alone.
 
 Under context parallelism every rank of a cp group is given the same full micro-batches and keeps its own tokens
 (`shard_microbatch`). Its loss is its tokens' loss sum over the micro-batch's whole count of non-ignored tokens,
-so the cp ranks' losses (and their gradients, which DDP sums over dp x cp) add up to the micro-batch's mean.
+so the cp ranks' losses (and their gradients, which DDP sums over cp) add up to the micro-batch's mean.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch.profiler import record_function
 from megalith.core._torch_compat import is_view
 from megalith.core.context_parallel import shard_microbatch
 from megalith.core.distributed.ddp import DistributedDataParallel
+from megalith.core.loss import take_aux_losses
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.parallelize import reduce_sequence_parallel_grads
 from megalith.core.pipeline.p2p import PipeComm
@@ -120,6 +125,17 @@ def _release(t: torch.Tensor) -> None:
         t.data = torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
+def _backward(output: torch.Tensor, grad: torch.Tensor | None, aux: torch.Tensor | None = None) -> None:
+    """Backward from `output` (a loss when `grad` is None) and from an auxiliary loss `aux` with its scale folded
+    in (gradient 1)."""
+    if grad is None:
+        torch.autograd.backward(output)
+    elif aux is None:
+        torch.autograd.backward(output, grad)
+    else:
+        torch.autograd.backward((output, aux), (grad, torch.ones_like(aux)))
+
+
 def finalize_grads(chunks: Sequence[nn.Module], dims: ParallelDims) -> None:
     """Makes the gradients final before the optimizer step (the schedule calls it; call it yourself otherwise).
 
@@ -158,7 +174,8 @@ def forward_backward(
         chunks: this rank's model chunks in virtual-stage order (DDP-wrapped or plain modules).
         microbatches: the step's micro-batches of full sequences (every pipeline and cp rank passes the same
             list).
-        dims: the topology (pp, pp_rank, pp_group, cp, cp_rank, cp_group, dp, dp_group).
+        dims: the topology (pp, pp_rank, pp_group, cp, cp_rank, cp_group, and the data-parallel ranks the loss is
+            averaged over).
         loss_fn: per-token loss of the last stage's logits (`megalith.core.loss.build_loss_fn`).
         hidden_shape: shape of the activation passed between stages, e.g. (B, S, H): (B, S/cp, H) under context
             parallelism, divided by tp again with sequence parallelism.
@@ -199,7 +216,7 @@ class _Executor:
         self.num_stages = dims.pp * len(chunks)
         self.device = next(unwrap(chunks[0]).parameters()).device
         self.comm = PipeComm(dims)
-        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = {}
         self.losses: list[torch.Tensor] = []
 
     def _stage(self, chunk: int) -> tuple[int, bool, bool]:
@@ -225,17 +242,23 @@ class _Executor:
         batch = self.microbatches[mb]
         inputs = {key: batch[key] for key in ("position_ids", "cu_seqlens") if key in batch}
         with torch.set_grad_enabled(not self.forward_only), record_function("megalith.forward"):
-            y = unwrap(self.chunks[chunk])(batch["input_ids"] if first else x, **inputs)
+            model = unwrap(self.chunks[chunk])
+            y = model(batch["input_ids"] if first else x, **inputs)
+            aux = take_aux_losses(model)  # this chunk's layers' share of the objective
+            if aux is not None:
+                aux = aux * (self.loss_scale / len(self.microbatches))
             if last:
                 count = batch.get("num_loss_tokens")
                 loss = microbatch_loss(self.loss_fn, y, batch["labels"], count) / len(self.microbatches)
                 self.losses.append(loss.detach())
                 y = loss * self.loss_scale if self.loss_scale != 1.0 else loss
+                if aux is not None:
+                    y, aux = y + aux, None
         if not last:
             on_sent = functools.partial(_release, y) if self.release and not self.forward_only else None
             self.comm.send(y.detach(), True, self._tag(stage + 1, mb, False), on_sent=on_sent)
         if not self.forward_only:
-            self.saved[(chunk, mb)] = (x, y)
+            self.saved[(chunk, mb)] = (x, y, aux)
 
     def backward(self, chunk: int, mb: int, sync_grads: bool) -> None:
         stage, first, last = self._stage(chunk)
@@ -246,17 +269,17 @@ class _Executor:
             grad = self._receive(stage, mb, backward=True)
         if isinstance(self.chunks[chunk], DistributedDataParallel):
             self.chunks[chunk].set_grad_sync(sync_grads)  # reduce only during the chunk's last backward
-        x, y = self.saved.pop((chunk, mb))
+        x, y, aux = self.saved.pop((chunk, mb))
         with record_function("megalith.backward"):
-            torch.autograd.backward(y, grad)
-        del y
+            _backward(y, grad, aux)
+        del y, aux
         if not first:
             self.comm.send(x.grad, False, self._tag(stage - 1, mb, True))
 
 
 def _reduce_loss(losses: list[torch.Tensor], dims: ParallelDims, device: torch.device) -> float:
     # Only the last stage has losses; summing over pp hands its value to every stage, summing over cp adds the
-    # ranks' parts of each micro-batch, the dp sum averages.
+    # ranks' parts of each micro-batch, the sum over the data ranks (ep x dp) averages.
     total = (
         torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64, device=device)
     )
@@ -264,7 +287,7 @@ def _reduce_loss(losses: list[torch.Tensor], dims: ParallelDims, device: torch.d
         dist.all_reduce(total, group=dims.pp_group)
     if dims.cp > 1:
         dist.all_reduce(total, group=dims.cp_group)
-    if dims.dp > 1:
-        dist.all_reduce(total, group=dims.dp_group)
-        total /= dims.dp
+    if dims.data_parallel_size > 1:
+        dist.all_reduce(total, group=dims.data_group)
+        total /= dims.data_parallel_size
     return float(total.item())

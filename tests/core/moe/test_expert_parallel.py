@@ -1,0 +1,106 @@
+"""Expert parallelism on gloo against the same training in one process.
+
+Each layout trains the MoE model of `common.moe_config` for 3 AdamW steps on the same global batches and must
+reproduce the one-process run: the LM loss, the auxiliary and z-losses, the tokens per expert (and dropped slots),
+every gradient of the first step (each canonical tensor assembled from the ranks' pieces, replicas agreeing),
+the gradient norm and every parameter after the last step (expert biases included).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.core.moe.common import assemble, moe_config, reference_training, train_worker
+from tests.harness import run_distributed
+
+STEPS, MICROBATCHES = 3, 2
+
+LAYOUTS = {
+    "ep2": (2, {"ep": 2}, {}),
+    "ep4": (4, {"ep": 4}, {}),
+    "ep2-allgather": (2, {"ep": 2, "moe_dispatcher": "allgather"}, {}),
+    "ep2xtp2": (4, {"ep": 2, "tp": 2}, {}),
+    "ep2xtp2-sp": (4, {"ep": 2, "tp": 2, "sequence_parallel": True}, {}),
+    "ep2xtp2-sp-whole-experts": (4, {"ep": 2, "tp": 2, "sequence_parallel": True, "expert_tp": 1}, {}),
+    "ep2xpp2-interleaved": (4, {"ep": 2, "pp": 2, "virtual_stages": 2}, {"clip": 0.5}),
+    "ep2xpp2xdp2-zero": (8, {"ep": 2, "pp": 2}, {"zero": True, "clip": 0.5}),
+}
+
+
+def _compare(cfg, world, layout, options, *, param_atol=3e-5):
+    pp_tp = layout.get("pp", 1) * layout.get("tp", 1)
+    ref = reference_training(cfg, MICROBATCHES, world // pp_tp, STEPS, clip=options.get("clip", 0.0))
+    results = run_distributed(train_worker, world, cfg, layout, MICROBATCHES, STEPS, timeout=600, **options)
+    for out in results:
+        assert out["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        assert out["norms"] == pytest.approx(ref["norms"], rel=1e-4)
+        for got, want in zip(out["reports"], ref["reports"], strict=True):
+            assert got.aux_loss == pytest.approx(want.aux_loss, rel=1e-5)
+            assert got.z_loss == pytest.approx(want.z_loss, rel=1e-5)
+            assert got.tokens_per_expert == want.tokens_per_expert
+            assert got.dropped_fraction == want.dropped_fraction
+    if not options.get("zero"):  # under ZeRO-1 a rank's main_grad is final only in the range it owns
+        grads = assemble([out["grads"] for out in results], atol=1e-6)
+        assert set(grads) == set(ref["grads"])
+        for name, want in ref["grads"].items():
+            torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=2e-6, msg=name)
+    params = assemble([out["params"] for out in results], atol=1e-6)
+    assert set(params) == set(ref["params"])
+    for name, want in ref["params"].items():
+        torch.testing.assert_close(params[name], want, rtol=1e-4, atol=param_atol, msg=name)
+    return ref, results
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_expert_parallel_training_matches_one_process(name):
+    world, layout, options = LAYOUTS[name]
+    _compare(moe_config(), world, layout, options)
+
+
+def test_sigmoid_router_with_expert_bias_and_sequence_aux_loss():
+    cfg = moe_config(moe_score_function="sigmoid", moe_expert_bias=True, moe_expert_bias_rate=0.01,
+                     moe_aux_loss_type="sequence")  # fmt: skip
+    ref, _ = _compare(cfg, 4, {"ep": 2}, {})  # ep2 x dp2
+    bias = ref["params"]["layers.0.mlp.router.expert_bias"]
+    assert bias.abs().max() > 0.005, "the expert bias must have moved"
+
+
+@pytest.mark.parametrize(
+    ("world", "layout", "policy"),
+    [(4, {"ep": 2, "tp": 2, "sequence_parallel": True}, "probs"), (2, {"ep": 2, "moe_dispatcher": "allgather"},
+                                                                     "position")],
+)  # fmt: skip
+def test_capacity_dropping_matches_one_process(world, layout, policy):
+    cfg = moe_config(moe_capacity_factor=1.0, moe_token_drop_policy=policy)
+    ref, _ = _compare(cfg, world, layout, {})
+    assert all(0.1 < r.dropped_fraction < 0.5 for r in ref["reports"]), "the test must drop some slots"
+
+
+def test_bf16_expert_parallel_tracks_fp32():
+    cfg = moe_config()
+    ref = reference_training(cfg, MICROBATCHES, 2, STEPS)
+    results = run_distributed(train_worker, 2, cfg, {"ep": 2}, MICROBATCHES, STEPS, precision="bf16", timeout=600)
+    for out in results:
+        assert out["losses"] == pytest.approx(ref["losses"], rel=2e-2)
+        assert out["reports"][0].aux_loss == pytest.approx(ref["reports"][0].aux_loss, rel=5e-2)
+    params = assemble([out["params"] for out in results])
+    for name, want in ref["params"].items():
+        torch.testing.assert_close(params[name], want, rtol=5e-2, atol=5e-2, msg=name)
+
+
+def _fsdp_refusal(rank, world):
+    from megalith.core import ParallelDims, build_model_chunks
+    from megalith.core.distributed import apply_fsdp2
+
+    (model,) = build_model_chunks(moe_config(), ParallelDims(dp=world))
+    try:
+        apply_fsdp2(model, ParallelDims(dp=world))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_fsdp2_refuses_moe_models():
+    for message in run_distributed(_fsdp_refusal, 2, timeout=300):
+        assert message is not None and "does not shard mixture-of-experts models" in message
