@@ -313,8 +313,10 @@ class RuntimeConfig:
     """How the model runs (not what it is): op kernels, the experts' GEMM, activation recomputation, dropout,
     compilation."""
 
-    kernels: Literal["torch", "fused"] = option(
-        "torch", help="Op set: 'torch' (PyTorch, SDPA attention) or 'fused' (Megalith's compiled kernels)."
+    kernels: Literal["auto", "torch", "fused"] = option(
+        "auto",
+        help="Op set: 'auto' (per op, Megalith's kernel where it was measured faster on this device type and dtype, "
+        "else PyTorch), 'torch' (PyTorch, SDPA attention) or 'fused' (Megalith's compiled kernels everywhere).",
     )
     recompute: Literal["none", "selective", "full"] = option(
         "none", help="Activation recomputation: 'selective' (the attention core) or 'full' (whole layers)."

@@ -1,7 +1,11 @@
-"""The hot ops of the model behind one switch: plain PyTorch ("torch") or Megalith's fused kernels ("fused").
+"""The hot ops of the model behind one switch: plain PyTorch ("torch"), Megalith's fused kernels ("fused"), or per
+op whichever was measured faster on the device and dtype of the call ("auto", the default).
 
 The model is built with the torch op set; `apply_kernels(model, name)` swaps the op set of every module that
-has one, from outside the model code. Shapes: x_BSND is [batch, sequence, heads, head_dim]; RoPE tables cos/sin
+has one, from outside the model code. "auto" reads `megalith.kernels.auto_choice`: the table
+`benchmarks/kernels.py --write-auto-table` measured (fused forward + backward against these torch ops at a training
+shape, per device type, dtype and op); a combination it never measured, or a build without the fused ops, runs
+torch. Shapes: x_BSND is [batch, sequence, heads, head_dim]; RoPE tables cos/sin
 are [S, R] (positions shared by every row) or [B, S, R] (per-row positions, as when decoding), R = D/2.
 
 Attention within packed documents (`documents`, see `megalith.core.models.packing`): the torch set gives SDPA a
@@ -134,6 +138,76 @@ class FusedOps:
         )
 
 
+# The model's op name -> the kernel's name in megalith.kernels.ops (and in the auto table), where they differ.
+_KERNEL_NAME = {"gelu": "bias_gelu"}
+
+
+class AutoOps:
+    """Per op, the fused kernel or the torch ops, as the measured table says for the call's device type and dtype.
+
+    The choice is made at each call from the input tensor (a model moved to another device or dtype follows),
+    and cached per (op, device type, dtype).
+    """
+
+    name = "auto"
+
+    def __init__(self):
+        self._torch, self._fused = TorchOps(), None
+        try:
+            self._fused = FusedOps()
+        except RuntimeError:  # no compiled fused ops in this build: torch everywhere
+            self._fused = None
+        self._chosen: dict[tuple[str, str, torch.dtype], object] = {}
+
+    def choice(self, op: str, device_type: str, dtype: torch.dtype):
+        """The op set (TorchOps or FusedOps) this set runs `op` with on tensors of that device type and dtype."""
+        key = (op, device_type, dtype)
+        impl = self._chosen.get(key)
+        if impl is None:
+            fused = self._fused is not None and auto_kernel(_KERNEL_NAME.get(op, op), device_type, dtype) == "fused"
+            impl = self._chosen[key] = self._fused if fused else self._torch
+        return impl
+
+    def _pick(self, op: str, x: torch.Tensor):
+        return self.choice(op, x.device.type, x.dtype)
+
+    def attention(self, q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None,
+                  documents=None):  # fmt: skip
+        impl = self._torch if dropout_p else self._pick("attention", q_BSND)  # the kernel has no dropout
+        return impl.attention(q_BSND, k_BTKD, v_BTKD, causal=causal, dropout_p=dropout_p, mask_B1ST=mask_B1ST,
+                              documents=documents)  # fmt: skip
+
+    def rms_norm(self, x, weight, eps: float):
+        return self._pick("rms_norm", x).rms_norm(x, weight, eps)
+
+    def layer_norm(self, x, weight, bias, eps: float):
+        return self._pick("layer_norm", x).layer_norm(x, weight, bias, eps)
+
+    def rope(self, x_BSND, cos, sin):
+        return self._pick("rope", x_BSND).rope(x_BSND, cos, sin)
+
+    def swiglu(self, gate, up):
+        return self._pick("swiglu", gate).swiglu(gate, up)
+
+    def gelu(self, x):
+        return self._pick("gelu", x).gelu(x)
+
+    def cross_entropy(self, logits, target, *, ignore_index: int = -100, label_smoothing: float = 0.0):
+        return self._pick("cross_entropy", logits).cross_entropy(
+            logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
+
+
+def auto_kernel(op: str, device_type: str, dtype: torch.dtype) -> str:
+    """ "fused" or "torch": the measured faster implementation of kernel `op` (a name of megalith.kernels.ops) on
+    that device type and dtype; "torch" where nothing was measured or the build has no fused ops."""
+    try:
+        from megalith.kernels import auto_choice, ops  # noqa: F401  (ops: the fused kernels must import too)
+    except ImportError:
+        return "torch"
+    return auto_choice(op, device_type, dtype)
+
+
 def _kernel_ops():
     try:
         from megalith.kernels import ops
@@ -145,15 +219,17 @@ def _kernel_ops():
     return ops
 
 
-KERNELS = ("torch", "fused")
+KERNELS = ("auto", "torch", "fused")
 
 
 def get_ops(kernels: str):
-    """The op set named `kernels` ("torch" or "fused")."""
+    """The op set named `kernels` ("auto", "torch" or "fused")."""
     if kernels == "torch":
         return TorchOps()
     if kernels == "fused":
         return FusedOps()
+    if kernels == "auto":
+        return AutoOps()
     raise ValueError(f"unknown kernels {kernels!r}; expected one of {KERNELS}")
 
 

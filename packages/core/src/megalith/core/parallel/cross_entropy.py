@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megalith.core.models.ops import auto_kernel
 from megalith.core.parallel.mappings import group_size
 
 
@@ -150,11 +151,16 @@ def vocab_parallel_cross_entropy(
             (default: every column is real).
         label_smoothing: weight of the uniform distribution over the true vocabulary in the target.
         ignore_index: label value that contributes no loss and no gradient.
-        kernels: "torch" (plain torch ops) or "fused" (megalith.kernels.ops; as ModelConfig.kernels). The fused
+        kernels: "torch" (plain torch ops), "fused" (megalith.kernels.ops) or "auto" (the measured faster of the
+            two for this device type and dtype; as RuntimeConfig.kernels). The fused
             path takes float32 and bfloat16 logits; other dtypes (float64, float16) use the torch path.
     """
-    if kernels not in ("torch", "fused"):
-        raise ValueError(f"vocab_parallel_cross_entropy: unknown kernels {kernels!r}; expected 'torch' or 'fused'")
+    if kernels not in ("auto", "torch", "fused"):
+        raise ValueError(
+            f"vocab_parallel_cross_entropy: unknown kernels {kernels!r}; expected 'auto', 'torch' or 'fused'"
+        )
+    if kernels == "auto":
+        kernels = auto_kernel("cross_entropy", logits.device.type, logits.dtype)
     if vocab_size is None:
         vocab_size = vocab_start + logits.shape[-1] if group_size(group) == 1 else None
         if vocab_size is None:
