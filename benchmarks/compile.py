@@ -52,7 +52,7 @@ def measure(name: str, *, kernels: str, compile_blocks: bool, steps: int, device
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "gpt2-small"], choices=sorted(peer.CONFIGS))
-    parser.add_argument("--kernels", nargs="+", default=["torch", "fused"], choices=["torch", "fused"])
+    parser.add_argument("--kernels", nargs="+", default=["torch", "fused"], choices=["auto", "torch", "fused"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after the first and two warm-up steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()

@@ -12,7 +12,7 @@ The best steady-state tokens/s of each is reported (the first steps warm up; the
 interference only slows a step down), and a `torch.profiler` breakdown of one Megalith step by phase (the
 `megalith.*` ranges the code records: data, forward, backward, gradient sync, clipping and norm, optimizer, logging).
 
-    python benchmarks/peer.py [--configs tiny llama-512 gpt2-small] [--steps 8] [--kernels torch fused]
+    python benchmarks/peer.py [--configs tiny llama-512 gpt2-small] [--steps 8] [--kernels auto fused]
     python benchmarks/peer.py --configs llama3-1b --device cuda     # the GPU comparison the GPU report calls
 """
 
@@ -183,7 +183,7 @@ def print_results(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "llama-512", "gpt2-small"], choices=sorted(CONFIGS))
-    parser.add_argument("--kernels", nargs="+", default=["torch", "fused"], choices=["torch", "fused"])
+    parser.add_argument("--kernels", nargs="+", default=["auto", "fused"], choices=["auto", "torch", "fused"])
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each (after 2 warm-up steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
