@@ -184,7 +184,7 @@ class ParallelDims:
         try:
             return cls.from_config(config, world_size)
         except ValueError as exc:
-            raise ValueError(f"ParallelDims.from_env: {exc}") from None
+            raise ValueError(f"ParallelDims.from_env: {str(exc).removeprefix('parallel: ')}") from None
 
     @classmethod
     def from_config(cls, config: ParallelConfig, world_size: int) -> ParallelDims:
