@@ -75,6 +75,18 @@ def hf_config(spec: ModelConfig, dtype: torch.dtype, token_ids: dict) -> dict:
     return {
         "model_type": "llama",
         **common,
+        **_decoder_fields(spec),
+        "rope_scaling": rope_scaling,
+        "attention_bias": spec.bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": spec.bias,
+        "pretraining_tp": 1,
+    }
+
+
+def _decoder_fields(spec: ModelConfig) -> dict:
+    """The config.json keys Llama, Mixtral and the Qwen3 families share (SwiGLU, RMSNorm, RoPE decoders)."""
+    return {
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.ffn_hidden_size,
         "num_hidden_layers": spec.num_layers,
@@ -85,11 +97,6 @@ def hf_config(spec: ModelConfig, dtype: torch.dtype, token_ids: dict) -> dict:
         "max_position_embeddings": spec.max_seq_len,
         "rms_norm_eps": spec.norm_eps,
         "rope_theta": spec.rope_base,
-        "rope_scaling": rope_scaling,
-        "attention_bias": spec.bias,
-        "attention_dropout": 0.0,
-        "mlp_bias": spec.bias,
-        "pretraining_tp": 1,
     }
 
 
@@ -100,16 +107,7 @@ def _moe_family_config(spec: ModelConfig, common: dict) -> dict:
     out = {
         "model_type": spec.family,
         **common,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.ffn_hidden_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "head_dim": spec.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.max_seq_len,
-        "rms_norm_eps": spec.norm_eps,
-        "rope_theta": spec.rope_base,
+        **_decoder_fields(spec),
         "rope_scaling": None,
         "attention_dropout": 0.0,
         "sliding_window": None,
