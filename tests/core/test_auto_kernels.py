@@ -96,3 +96,23 @@ def test_a_build_without_fused_ops_runs_torch_everywhere(monkeypatch):
     assert auto_kernel("rms_norm", "cpu", torch.float32) == "torch"
     ops = AutoOps()
     assert all(isinstance(ops.choice(op, "cpu", torch.float32), TorchOps) for op in MODEL_OPS)
+
+
+def test_calls_read_no_table_once_the_set_is_made(table, monkeypatch):
+    """torch.compile traces the calls and cannot read a file: every usual (op, device, dtype) is resolved when the
+    set is made, so a call on the CPU in float32 or bfloat16 never goes back to the table."""
+    table(lambda op: "fused" if op in ("rms_norm", "swiglu") else "torch")
+    ops = AutoOps()
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the auto table was read during a call")
+
+    no_reading.cache_clear = lambda: None  # the fixture clears the loader's cache when it ends
+    monkeypatch.setattr(auto_module, "_load", no_reading)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 8, dtype=dtype)
+        assert ops.rms_norm(x, torch.ones(8, dtype=dtype), 1e-5).shape == x.shape
+        assert ops.swiglu(x, x).shape == x.shape
+        assert ops.gelu(x).shape == x.shape
+        assert ops.choice("rms_norm", "cpu", dtype) is ops._fused
+        assert ops.choice("gelu", "cpu", dtype) is ops._torch

@@ -36,11 +36,18 @@ def _canonical(tmp_path, cfg, tensors, tok=None):
     return tmp_path / "canon"
 
 
+# Runs a CLI with its heap capped 3 GiB above what the imports take, so a hostile config that makes it allocate
+# fails fast instead of filling the machine. The cap is on private writable memory (RLIMIT_DATA, which counts
+# anonymous mmaps since Linux 4.7), set after the imports: an address-space cap (RLIMIT_AS) would also count the
+# GBs of CUDA libraries a CUDA build of torch maps, and starve its BLAS thread pool of stacks.
 _CAPPED = textwrap.dedent(
     """
     import resource, sys
-    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # fail fast instead of filling the machine
     from megalith.export.cli import export_main, import_main
+    with open("/proc/self/status") as status:
+        data_kib = next(int(line.split()[1]) for line in status if line.startswith("VmData:"))
+    cap = (data_kib << 10) + (3 << 30)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     main = import_main if sys.argv[1] == "import" else export_main
     sys.exit(main(sys.argv[2:]))
     """

@@ -20,15 +20,31 @@ from megalith.kernels import _C, nccl
 _N = _C.nccl
 
 
-def _wheel() -> tuple[str, str]:
-    """(version, path of libnccl.so.2) of the installed nvidia-nccl wheel, read from its metadata."""
+def _wheels() -> dict[str, tuple[str, str]]:
+    """{name: (version, path of libnccl.so.2)} of the installed nvidia-nccl wheels, read from their metadata."""
+    found = {}
     for name in ("nvidia-nccl-cu12", "nvidia-nccl-cu13"):
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
             continue
-        return dist.version, str(dist.locate_file("nvidia/nccl/lib/libnccl.so.2"))
-    pytest.fail("nvidia-nccl-cu12 is not installed; it is in requirements/dev.txt (run `make setup`)")
+        found[name] = (dist.version, str(dist.locate_file("nvidia/nccl/lib/libnccl.so.2")))
+    if not found:
+        pytest.fail("nvidia-nccl-cu12 is not installed; it is in requirements/dev.txt (run `make setup`)")
+    return found
+
+
+def _wheel() -> tuple[str, str]:
+    """(version, path) of the wheel whose libnccl.so.2 is on disk. A CUDA 13 torch installs nvidia-nccl-cu13
+    beside the -cu12 of the dev requirements, and both write the same file: the one whose version the file
+    reports (ncclGetVersion, read in a fresh process) is its owner."""
+    wheels = _wheels()
+    if len(wheels) == 1:
+        return next(iter(wheels.values()))
+    info = _info_in_subprocess("from megalith.kernels import _C, nccl; nccl.version(); info = _C.nccl.library_info()")
+    owners = [w for w in wheels.values() if _numbers(w[0]) == list(info["version"])]
+    assert owners, f"libnccl.so.2 reports {info['version']}, which none of the installed wheels {wheels} is"
+    return owners[0]
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -62,10 +78,11 @@ def linked_library(tmp_path):
 
 
 def test_loads_the_installed_wheel_and_reports_its_version():
-    version, path = _wheel()
+    wheels = _wheels()
     info = _info_in_subprocess("from megalith.kernels import nccl; info = nccl.library_info()")
     assert info["source"] == "wheel"
-    assert info["wheel"] in ("nvidia-nccl-cu12", "nvidia-nccl-cu13")
+    assert info["wheel"] in wheels
+    version, path = wheels[info["wheel"]]  # the wheel named is the one whose version the file reports
     assert os.path.realpath(info["path"]) == os.path.realpath(path)
     assert info["version"] == _numbers(version)  # ncclGetVersion agrees with the wheel's own version
     assert list(nccl.version()) == _numbers(version) and nccl.library_path() == info["path"]

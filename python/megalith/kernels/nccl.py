@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Iterator
 from importlib import metadata
 
@@ -62,28 +63,43 @@ DTYPES: dict[str, int] = dict(_N.DTYPES)
 OPS: dict[str, int] = dict(_N.OPS)
 UNIQUE_ID_BYTES = 128
 DEFAULT_TIMEOUT = 600.0
-# The wheels that ship libnccl.so.2 (both install it as nvidia/nccl/lib/libnccl.so.2).
+# The wheels that ship libnccl.so.2. Both install it as nvidia/nccl/lib/libnccl.so.2, so when both are present
+# (a CUDA 13 torch pulls in -cu13 beside a -cu12 asked for by hand) the file on disk is the last one installed.
 _WHEELS = ("nvidia-nccl-cu12", "nvidia-nccl-cu13")
 
 
-def _wheel_dirs() -> list[tuple[str, str]]:
-    """(wheel name, directory holding libnccl.so.2) of the nvidia-nccl wheels installed in this environment."""
-    found: list[tuple[str, str]] = []
+def _wheel_dirs() -> list[tuple[str, str, str]]:
+    """(wheel name, directory holding libnccl.so.2, wheel version) of the nvidia-nccl wheels installed here."""
+    found: list[tuple[str, str, str]] = []
     for name in _WHEELS:
         try:
-            files = metadata.distribution(name).files or []
+            dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
             continue
-        for file in files:
+        for file in dist.files or []:
             if file.name == _N.LIBRARY_NAME:
-                found.append((name, os.path.dirname(str(file.locate()))))
+                found.append((name, os.path.dirname(str(file.locate())), dist.version))
     return found
+
+
+def _owning_wheel(path: str, loaded: tuple[int, ...]) -> str | None:
+    """The installed wheel that `path` came from: among the wheels that install that file, the one whose version
+    matches the loaded library's (two wheels can share the file; see `_WHEELS`), else the first of them."""
+    loaded_dir = os.path.realpath(os.path.dirname(path))
+    owners = [(name, ver) for name, d, ver in _wheel_dirs() if os.path.realpath(d) == loaded_dir]
+    matching = [name for name, ver in owners if _version_numbers(ver) == tuple(loaded)]
+    return (matching or [name for name, _ in owners] or [None])[0]
+
+
+def _version_numbers(text: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a wheel version such as '2.21.5' or '2.27.3.post1'."""
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
 def _load() -> None:
     """Loads libnccl unless this process already has (the compiled module keeps it for the process)."""
     if not _N.is_loaded():
-        _N.load(os.environ.get(LIBRARY_ENV, ""), list(dict.fromkeys(d for _, d in _wheel_dirs())))
+        _N.load(os.environ.get(LIBRARY_ENV, ""), list(dict.fromkeys(d for _, d, _ in _wheel_dirs())))
 
 
 def library_info() -> dict:
@@ -101,8 +117,7 @@ def library_info() -> dict:
     info = dict(_N.library_info())
     info["wheel"] = None
     if info["source"] == "wheel":
-        loaded_dir = os.path.realpath(os.path.dirname(info["path"]))
-        info["wheel"] = next((n for n, d in _wheel_dirs() if os.path.realpath(d) == loaded_dir), None)
+        info["wheel"] = _owning_wheel(info["path"], tuple(info["version"]))
     return info
 
 

@@ -140,13 +140,15 @@ class FusedOps:
 
 # The model's op name -> the kernel's name in megalith.kernels.ops (and in the auto table), where they differ.
 _KERNEL_NAME = {"gelu": "bias_gelu"}
+_AUTO_OPS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "gelu", "cross_entropy")
 
 
 class AutoOps:
     """Per op, the fused kernel or the torch ops, as the measured table says for the call's device type and dtype.
 
     The choice is made at each call from the input tensor (a model moved to another device or dtype follows),
-    and cached per (op, device type, dtype).
+    and cached per (op, device type, dtype). The usual combinations are resolved when the set is made, so a call
+    that torch.compile traces only reads the cache (tracing cannot read the table's file).
     """
 
     name = "auto"
@@ -158,6 +160,10 @@ class AutoOps:
         except RuntimeError:  # no compiled fused ops in this build: torch everywhere
             self._fused = None
         self._chosen: dict[tuple[str, str, torch.dtype], object] = {}
+        for device_type in ("cpu", "cuda"):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for op in _AUTO_OPS:
+                    self.choice(op, device_type, dtype)
 
     def choice(self, op: str, device_type: str, dtype: torch.dtype):
         """The op set (TorchOps or FusedOps) this set runs `op` with on tensors of that device type and dtype."""
