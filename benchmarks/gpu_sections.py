@@ -314,10 +314,6 @@ def section_attention(rec: Record, opts) -> None:
 # ---- communication and fp8 ----------------------------------------------------------------------------------
 
 
-class Absent(Exception):
-    """What a section measures is not in this tree (recorded as absent, not as a failure)."""
-
-
 def section_comm(rec: Record, opts) -> None:
     """The direct NCCL communicator against torch's process group at world size 1 (benchmarks/comm.py)."""
     _need_gpu()
@@ -327,13 +323,10 @@ def section_comm(rec: Record, opts) -> None:
 
 
 def section_fp8(rec: Record, opts) -> None:
-    """benchmarks/fp8.py, when fp8 training has landed in this tree."""
-    script = ROOT / "benchmarks" / "fp8.py"
-    if not script.exists():
-        raise Absent("benchmarks/fp8.py is not in this tree")
+    """benchmarks/fp8.py --cuda: each recipe's cost per linear, torch._scaled_mm TFLOP/s against the bf16 GEMM."""
     _need_gpu()
-    out = _run([sys.executable, str(script)], timeout=opts.time_left - 2).stdout
-    rec.text("benchmarks/fp8.py", out.strip()[-6000:])
+    out = _run([sys.executable, "benchmarks/fp8.py", "--cuda"], timeout=opts.time_left - 2).stdout
+    rec.text("benchmarks/fp8.py --cuda", out.strip()[-6000:])
 
 
 # ---- training steps: Megalith against Hugging Face transformers ---------------------------------------------
