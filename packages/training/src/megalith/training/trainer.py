@@ -251,12 +251,13 @@ class Trainer:
             moe = (f" ({count_parameters(m, active=True) / 1e6:,.1f}M active; {m.num_experts} experts, top "
                    f"{m.moe_top_k}, in {m.num_moe_layers} layers)")  # fmt: skip
         experts = f" (ep {d.ep} x dp {d.dp})" if d.ep > 1 else ""
+        comm = " (dp and pp traffic over megalith's nccl)" if self.cfg.parallel.comm == "nccl" else ""
         return (
             f"model: {m.family}, {count_parameters(m) / 1e6:,.1f}M parameters{moe}, {m.num_layers} layers, "
             f"hidden {m.hidden_size}, vocab {m.vocab_size}\n"
             f"layout: tp {d.tp} x cp {d.cp}{f' ({self.cfg.parallel.cp_comm})' if d.cp > 1 else ''} x pp {d.pp} "
             f"(x{self.cfg.parallel.virtual_stages} virtual) x dp {d.data_parallel_size}{experts} = "
-            f"{self.env.world_size} ranks, {self.env.backend} on {self.device.type}, {self.precision.dtype}"
+            f"{self.env.world_size} ranks, {self.env.backend}{comm} on {self.device.type}, {self.precision.dtype}"
             f"{self._fp8_banner()}\n"
             f"batch: {t.global_batch_size} x {self.seq_len} tokens per step ({self.num_microbatches} micro-batches "
             f"of {t.micro_batch_size} per rank), {self.total_steps} steps, data: {data}\n"

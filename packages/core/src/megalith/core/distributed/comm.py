@@ -240,7 +240,8 @@ class NcclGroupComm(GroupComm):
     """The seam over Megalith's NCCL communicator of `group`, made when this is built (collective over `group`).
 
     Args:
-        group: an initialised torch process group of more than one rank (the unique id travels over it).
+        group: an initialised torch process group (the unique id travels over it); `build_comms` makes one only
+            for groups of more than one rank.
         device: this rank's CUDA device (default: the current one).
         timeout: seconds after which an unfinished operation aborts the communicator, which then raises.
     """
