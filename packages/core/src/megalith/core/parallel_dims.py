@@ -38,6 +38,8 @@ CP_COMMS = ("ring", "allgather")
 """How context-parallel attention exchanges keys and values (`ParallelConfig.cp_comm`)."""
 DISPATCHERS = ("alltoall", "allgather")
 """How tokens reach their experts over ep (`ParallelConfig.moe_dispatcher`)."""
+COMMS = ("torch", "nccl")
+"""Transports of the data-parallel and pipeline traffic (`ParallelConfig.comm`, `megalith.core.distributed.comm`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +73,12 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, help="Shard activations along the sequence between layers (tp > 1).")
     backend: str = option("auto", help="Process-group backend: auto (NCCL on GPUs, else gloo), nccl or gloo.")
     device: str = option("auto", help="Where to train: auto (a GPU when present), cuda or cpu.")
+    comm: str = option(
+        "torch",
+        help="Transport of the data-parallel gradient reductions, ZeRO-1's parameter all-gather and the pipeline's "
+        "transfers: torch (torch.distributed) or nccl (Megalith's own NCCL communicator; CUDA builds, GPUs). "
+        "Tensor-, context- and expert-parallel traffic stays on torch.distributed.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("tp", "cp", "pp", "ep", "virtual_stages"):
@@ -86,6 +94,11 @@ class ParallelConfig:
             (self.cp_comm in CP_COMMS, f"cp_comm must be one of {', '.join(CP_COMMS)}, got {self.cp_comm!r}"),
             (self.backend in ("auto", "nccl", "gloo"), f"backend must be auto, nccl or gloo, got {self.backend!r}"),
             (self.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got {self.device!r}"),
+            (self.comm in COMMS, f"comm must be one of {', '.join(COMMS)}, got {self.comm!r}"),
+            (
+                self.comm != "nccl" or self.device != "cpu",
+                "comm 'nccl' needs a CUDA device, but device is 'cpu'; use comm=torch",
+            ),
             (
                 self.expert_tp in (None, 1, self.tp),
                 f"expert_tp ({self.expert_tp}) must be 1 or tp ({self.tp}) (or None for tp)",
@@ -98,6 +111,14 @@ class ParallelConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.comm == "nccl":
+            from megalith.kernels import nccl
+
+            if not nccl.has_communicator():
+                raise ValueError(
+                    "comm 'nccl' needs megalith-kernels built with CUDA (this build has no NCCL communicator: "
+                    "rebuild with MEGALITH_CUDA=ON); use comm=torch"
+                )
 
     @property
     def resolved_expert_tp(self) -> int:

@@ -30,7 +30,7 @@ from megalith.core import (
 from megalith.core.checkpoint import read_info, read_tensor_metadata
 from megalith.core.checkpoint.storage import probe_writable
 from megalith.core.config import PRESETS
-from megalith.core.distributed import AdamW, DistributedDataParallel
+from megalith.core.distributed import AdamW, DistributedDataParallel, build_comms
 from megalith.core.fp8 import Fp8Training
 from megalith.core.moe.stats import MoEStepReport, finish_moe_step
 from megalith.core.parallel.random import derive_seed
@@ -120,13 +120,25 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, stream: IO[str] | None = None) -> None:
         self.cfg = cfg
         self.start_time = time.time()
-        p, t = cfg.parallel, cfg.training
+        p = cfg.parallel
         use_cuda = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
         backend = p.backend if p.backend != "auto" else ("nccl" if use_cuda else "gloo")
         self.env = init_distributed(backend)
         self.device = self.env.device if use_cuda else torch.device("cpu")
         self.dims = ParallelDims.from_config(p, self.env.world_size)
         self.rank = self.env.rank
+        # The transport of the gradient buckets, ZeRO-1's gathers and the pipeline transfers (parallel.comm);
+        # closed by close(), or here when the rest of the construction fails.
+        self.comms = build_comms(self.dims, p.comm, device=self.device)
+        try:
+            self._setup(stream)
+        except BaseException:
+            self.comms.close()
+            raise
+
+    def _setup(self, stream: IO[str] | None) -> None:
+        """Everything after the topology and the comms: model, optimizer, data, checkpoints, logging."""
+        cfg, t = self.cfg, self.cfg.training
         self.tokenizer = load_tokenizer(cfg.data)
         self.model_config = self._resolve_model_config()
         self.precision = cfg.precision
@@ -203,7 +215,7 @@ class Trainer:
             device=self.device,
             dtype=self.precision.param_dtype,
         )
-        return [DistributedDataParallel(chunk, self.dims, self.cfg.ddp) for chunk in chunks]
+        return [DistributedDataParallel(chunk, self.dims, self.cfg.ddp, comms=self.comms) for chunk in chunks]
 
     def _build_meter(self) -> ThroughputMeter:
         peak = self.cfg.logging.peak_tflops
@@ -239,12 +251,13 @@ class Trainer:
             moe = (f" ({count_parameters(m, active=True) / 1e6:,.1f}M active; {m.num_experts} experts, top "
                    f"{m.moe_top_k}, in {m.num_moe_layers} layers)")  # fmt: skip
         experts = f" (ep {d.ep} x dp {d.dp})" if d.ep > 1 else ""
+        comm = " (dp and pp traffic over megalith's nccl)" if self.cfg.parallel.comm == "nccl" else ""
         return (
             f"model: {m.family}, {count_parameters(m) / 1e6:,.1f}M parameters{moe}, {m.num_layers} layers, "
             f"hidden {m.hidden_size}, vocab {m.vocab_size}\n"
             f"layout: tp {d.tp} x cp {d.cp}{f' ({self.cfg.parallel.cp_comm})' if d.cp > 1 else ''} x pp {d.pp} "
             f"(x{self.cfg.parallel.virtual_stages} virtual) x dp {d.data_parallel_size}{experts} = "
-            f"{self.env.world_size} ranks, {self.env.backend} on {self.device.type}, {self.precision.dtype}"
+            f"{self.env.world_size} ranks, {self.env.backend}{comm} on {self.device.type}, {self.precision.dtype}"
             f"{self._fp8_banner()}\n"
             f"batch: {t.global_batch_size} x {self.seq_len} tokens per step ({self.num_microbatches} micro-batches "
             f"of {t.micro_batch_size} per rank), {self.total_steps} steps, data: {data}\n"
@@ -281,6 +294,7 @@ class Trainer:
             loss_fn=self.loss_fn,
             loss_scale=1.0 if forward_only else self.loss_scaler.scale,
             forward_only=forward_only,
+            comms=self.comms,
         )
 
     def train_step(self, batches: list[dict]) -> StepOutput:
@@ -584,6 +598,10 @@ class Trainer:
         return state
 
     def close(self) -> None:
-        if self.checkpoints is not None:
-            self.checkpoints.wait()
-        self.logger.close()
+        """Waits for checkpoint writes, closes the logs and the comms (call on every rank; again does nothing)."""
+        try:
+            if self.checkpoints is not None:
+                self.checkpoints.wait()
+            self.logger.close()
+        finally:
+            self.comms.close()

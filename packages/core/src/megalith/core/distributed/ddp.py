@@ -14,6 +14,8 @@ asynchronously as soon as every parameter in it has its gradient: an all-reduce 
 reduce-scatter when a distributed optimizer owns 1/(group size) of each bucket. The collective sums: the 1/D
 factor the hook applied makes the sum the average over the data ranks, while the cp ranks' gradients are parts of
 one micro-batch's gradient and are meant to be added. Earlier micro-batches trigger no communication at all.
+Each bucket's collective goes through its `GroupComm` (`megalith.core.distributed.comm`): torch.distributed, or
+Megalith's NCCL communicator with `parallel.comm=nccl`.
 
 A layout with nothing to reduce and nothing to upcast (one rank per reduction group, fp32 parameters, no
 distributed optimizer) needs none of this: the wrapper then keeps no buffers and no hooks, autograd accumulates
@@ -28,9 +30,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from megalith.core.distributed.comm import Comms, GroupComm, all_gather_into, reduce_scatter_into
 from megalith.core.fields import option
 from megalith.core.parallel_dims import ParallelDims
 from megalith.core.placement import named_placements
@@ -66,18 +68,6 @@ def grad_of(p: torch.Tensor) -> torch.Tensor | None:
     return p.grad if grad is None else grad
 
 
-def reduce_scatter_into(output: torch.Tensor, data: torch.Tensor, group, async_op: bool):
-    """Sum-reduce-scatter `data` over `group` into `output` (torch renamed the op; accept both names)."""
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(output, data, group=group, async_op=async_op)
-
-
-def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
-    """All-gather equal `shard`s of every rank of `group` into `output` in rank order."""
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(output, shard, group=group, async_op=async_op)
-
-
 @dataclass(eq=False)
 class Bucket:
     """A contiguous range [start, end) of the flat buffers and the parameters that live in it, reduced over
@@ -95,6 +85,8 @@ class Bucket:
     ready: set[int] = field(default_factory=set)
     handle: object | None = None
     scatter_out: torch.Tensor | None = None
+    comm: GroupComm | None = None
+    """Carries the bucket's reduction (and ZeRO-1's gather of its parameters): `Comms.grad(expert)`."""
 
     @property
     def numel(self) -> int:
@@ -109,18 +101,29 @@ class DistributedDataParallel(nn.Module):
         dims: the topology: `grad_reduction()` gives the groups dense and expert gradients are summed over, and
             `data_parallel_size` (ep * dp) the 1/D scale.
         config: bucket size and reduction mode.
+        comms: the transport of the bucket collectives (`build_comms`; default: torch.distributed over the same
+            groups).
 
     Usage per optimizer step: `zero_grad_buffer()`, then the schedule runs micro-batches with
     `set_grad_sync(i == last)` before each backward, then `finish_grad_sync()` before the optimizer step.
     """
 
-    def __init__(self, module: nn.Module, dims: ParallelDims, config: DDPConfig | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, dims: ParallelDims, config: DDPConfig | None = None, comms: Comms | None = None
+    ) -> None:
         super().__init__()
         self.module = module
         self.config = config or DDPConfig()
         self.dp = dims.data_parallel_size  # the 1/D scale of every gradient: the sums become data averages
         # (group, size, rank) of dense and of expert buckets
         self._groups = {False: dims.grad_reduction(expert=False), True: dims.grad_reduction(expert=True)}
+        self.comms = comms or Comms.default(dims)
+        for expert, (_, size, _) in self._groups.items():
+            if self.comms.grad(expert).size != size:
+                raise ValueError(
+                    f"DistributedDataParallel: comms has {self.comms.grad(expert).size} ranks for the "
+                    f"{'expert' if expert else 'dense'} gradients, the topology {size}: build them from the same dims"
+                )
         self.reduce_size = max(size for _, size, _ in self._groups.values())
         params = [p for p in dict.fromkeys(module.parameters()) if p.requires_grad]
         if not params:
@@ -183,7 +186,8 @@ class DistributedDataParallel(nn.Module):
                 align = size if self.config.use_distributed_optimizer else 1
                 numel = sum(p.numel() for p in current)
                 padded = -(-numel // align) * align
-                buckets.append(Bucket(len(buckets), start, start + padded, current, kind, group, size, rank))
+                comm = self.comms.grad(kind)
+                buckets.append(Bucket(len(buckets), start, start + padded, current, kind, group, size, rank, comm=comm))
                 start += padded
                 current = []
 
@@ -249,9 +253,9 @@ class DistributedDataParallel(nn.Module):
         if self.config.use_distributed_optimizer:
             # A separate output tensor: not every backend accepts an output that aliases the input.
             bucket.scatter_out = torch.empty(bucket.numel // bucket.size, dtype=data.dtype, device=data.device)
-            bucket.handle = reduce_scatter_into(bucket.scatter_out, data, bucket.group, async_op=async_op)
+            bucket.handle = bucket.comm.reduce_scatter(bucket.scatter_out, data, async_op=async_op)
         else:
-            bucket.handle = dist.all_reduce(data, group=bucket.group, async_op=async_op)
+            bucket.handle = bucket.comm.all_reduce(data, async_op=async_op)
         if bucket.handle is None:
             bucket.handle = _Done()
 

@@ -8,7 +8,7 @@ kernel) applied to this rank's *masters*, each with the gradient the DDP wrapper
 - with `use_distributed_optimizer` (ZeRO-1): this rank's shard of every bucket (1/(cp * ep * dp) of a dense
   bucket, 1/(cp * dp) of a routed-expert bucket: each over the ranks that hold the same values,
   `ParallelDims.grad_reduction`), as one view per parameter piece, of the parameter buffer itself (fp32) or of an
-  fp32 copy of it; updated shards are all-gathered.
+  fp32 copy of it; updated shards are all-gathered (through each bucket's `GroupComm`, as its gradients were reduced).
 
 A step unscales the gradients (fp16), takes the global gradient norm (which also tells whether any gradient is
 inf/NaN: the step is then skipped), clips, and updates. Nothing else touches every parameter per step.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from megalith.core.distributed.ddp import DistributedDataParallel, all_gather_into
+from megalith.core.distributed.ddp import DistributedDataParallel
 from megalith.core.fields import option
 from megalith.core.grad_clip import global_norm, is_counted
 from megalith.core.parallel_dims import ParallelDims
@@ -321,4 +321,4 @@ class AdamW:
             bucket = ddp.buckets[shard.bucket_index]
             if bucket.size > 1:
                 full = ddp.param_buffer[bucket.start : bucket.end]
-                all_gather_into(full, ddp.param_buffer[shard.lo : shard.hi].clone(), bucket.group)
+                bucket.comm.all_gather(full, ddp.param_buffer[shard.lo : shard.hi].clone(), async_op=False)

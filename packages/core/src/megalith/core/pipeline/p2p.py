@@ -6,6 +6,8 @@ matching operations in one group, which NCCL needs. Only the receive is waited f
 background (waiting for it would make the interleaved schedule wait on a peer that is itself waiting), and
 its activation is released once it has. Tags name the receiving virtual stage, the micro-batch and the
 direction (gloo matches on them; NCCL relies on both sides posting in the same order, as the schedules do).
+The batches go through the pipeline group's `GroupComm` (`megalith.core.distributed.comm`: torch.distributed, or
+Megalith's NCCL communicator with `parallel.comm=nccl`), whose ranks are ranks within the pipeline group.
 """
 
 from __future__ import annotations
@@ -13,21 +15,29 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
+from megalith.core.distributed.comm import GroupComm, P2POp, TorchGroupComm
 from megalith.core.parallel_dims import ParallelDims
 
 __all__ = ["PipeComm"]
 
 
 class PipeComm:
-    """Activation/gradient exchange with the previous and next rank of the pipeline ring."""
+    """Activation/gradient exchange with the previous and next rank of the pipeline ring.
 
-    def __init__(self, dims: ParallelDims) -> None:
+    Args:
+        dims: the topology (pp, pp_rank, pp_group).
+        comm: the transport over the pipeline group (`Comms.pp`; default: torch.distributed over `dims.pp_group`).
+    """
+
+    def __init__(self, dims: ParallelDims, comm: GroupComm | None = None) -> None:
         self.pp, self.pp_rank = dims.pp, dims.pp_rank
-        if self.pp > 1:
-            self.prev = dist.get_global_rank(dims.pp_group, (self.pp_rank - 1) % self.pp)
-            self.next = dist.get_global_rank(dims.pp_group, (self.pp_rank + 1) % self.pp)
+        self.comm = comm or TorchGroupComm(dims.pp_group)
+        if self.comm.size != self.pp:
+            raise ValueError(f"PipeComm: comm has {self.comm.size} ranks, the pipeline {self.pp}")
+        if self.pp > 1:  # ranks within the pipeline group
+            self.prev = (self.pp_rank - 1) % self.pp
+            self.next = (self.pp_rank + 1) % self.pp
         self._pending: list[tuple[torch.Tensor, int, int, Callable[[], None] | None]] = []
         self._inflight: list[tuple[object, torch.Tensor, Callable[[], None] | None]] = []
 
@@ -38,12 +48,12 @@ class PipeComm:
     def flush(self, recv: tuple[torch.Tensor, bool, int] | None = None) -> None:
         """Posts the queued sends and the optional receive `(buffer, from_next, tag)` as one batch and waits
         for the receive."""
-        ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag, _ in self._pending]
+        ops = [P2POp("send", t, peer, tag) for t, peer, tag, _ in self._pending]
         if recv is not None:
             buffer, from_next, tag = recv
-            ops.append(dist.P2POp(dist.irecv, buffer, self.next if from_next else self.prev, tag=tag))
+            ops.append(P2POp("recv", buffer, self.next if from_next else self.prev, tag))
         if ops:
-            works = dist.batch_isend_irecv(ops)
+            works = self.comm.batch_p2p(ops)
             if len(works) == len(ops):
                 if recv is not None:
                     works.pop().wait()

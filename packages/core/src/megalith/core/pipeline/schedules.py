@@ -33,6 +33,7 @@ from torch.profiler import record_function
 
 from megalith.core._torch_compat import is_view
 from megalith.core.context_parallel import shard_microbatch
+from megalith.core.distributed.comm import Comms
 from megalith.core.distributed.ddp import DistributedDataParallel
 from megalith.core.loss import take_aux_losses
 from megalith.core.parallel_dims import ParallelDims
@@ -167,6 +168,7 @@ def forward_backward(
     loss_scale: float = 1.0,
     forward_only: bool = False,
     release_outputs: bool = True,
+    comms: Comms | None = None,
 ) -> float:
     """Runs every micro-batch forward and backward through this rank's chunks and returns the mean loss.
 
@@ -183,11 +185,14 @@ def forward_backward(
         loss_scale: multiplies each loss before backward (fp16 dynamic loss scale).
         forward_only: run forwards only, without gradients (evaluation).
         release_outputs: free each sent activation's storage right after its send.
+        comms: the transport of the pipeline's transfers (`Comms.pp`; default: torch.distributed over pp_group).
 
     Returns:
         The loss averaged over micro-batches and dp ranks, on every rank of the pipeline.
     """
-    run = _Executor(chunks, microbatches, dims, loss_fn, hidden_shape, dtype, loss_scale, forward_only, release_outputs)
+    run = _Executor(
+        chunks, microbatches, dims, loss_fn, hidden_shape, dtype, loss_scale, forward_only, release_outputs, comms
+    )
     order = schedule_order(dims.pp, dims.pp_rank, len(microbatches), len(chunks))
     if forward_only:
         order = [a for a in order if a.kind == "F"]
@@ -208,14 +213,16 @@ class _Executor:
     """Runs single passes for `forward_backward`, keeping each micro-batch's stage input and output until its
     backward. Virtual stage `chunk * pp + pp_rank` receives from the stage before it and sends to the next."""
 
-    def __init__(self, chunks, microbatches, dims, loss_fn, hidden_shape, dtype, loss_scale, forward_only, release):
+    def __init__(
+        self, chunks, microbatches, dims, loss_fn, hidden_shape, dtype, loss_scale, forward_only, release, comms=None
+    ):
         self.chunks, self.dims, self.loss_fn = chunks, dims, loss_fn
         self.microbatches = [shard_microbatch(batch, dims.cp, dims.cp_rank) for batch in microbatches]
         self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
         self.loss_scale, self.forward_only, self.release = loss_scale, forward_only, release
         self.num_stages = dims.pp * len(chunks)
         self.device = next(unwrap(chunks[0]).parameters()).device
-        self.comm = PipeComm(dims)
+        self.comm = PipeComm(dims, comms.pp if comms is not None else None)
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = {}
         self.losses: list[torch.Tensor] = []
 
