@@ -94,7 +94,21 @@ def test_padding_to_multiples_of_16_changes_nothing(m, k, n, rowwise):
     torch.testing.assert_close(out, emulated_mm(a, sa, b, sb, torch.float32), rtol=1e-5, atol=1e-5)
 
 
+def test_auto_emulates_on_the_cpu_silently(monkeypatch):
+    def no_scaled_mm(*args, **kwargs):
+        raise AssertionError("matmul='auto' ran torch._scaled_mm on the CPU")
+
+    monkeypatch.setattr(gemm_module, "padded_scaled_mm", no_scaled_mm)
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = fp8_linear(x, w, None, _casts("tensorwise", matmul="auto"), training=False)
+    torch.testing.assert_close(y, fp8_linear(x, w, None, _casts("tensorwise", matmul="emulated"), training=False))
+
+
 def test_missing_scaled_mm_falls_back_with_one_warning_or_errors_when_forbidden(monkeypatch):
+    # as on a GPU without fp8 tensor cores: 'auto' tries _scaled_mm there
+    monkeypatch.setattr(gemm_module, "auto_tries_scaled_mm", lambda device: True)
     monkeypatch.setattr(gemm_module, "scaled_mm_unsupported", lambda *args: "sm_80 has no fp8 tensor cores")
     gemm_module._warn_once.cache_clear()
     x, w = torch.randn(8, 16), torch.randn(16, 16)

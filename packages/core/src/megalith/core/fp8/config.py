@@ -57,9 +57,10 @@ class Fp8Config:
     )
     matmul: Literal["auto", "scaled_mm", "emulated"] = option(
         "auto",
-        help="native: 'auto' runs torch._scaled_mm where this device and torch build support it and emulates it "
-        "elsewhere (with a one-line warning); 'scaled_mm' refuses to emulate (an error instead); 'emulated' "
-        "always emulates (fp8-rounded operands, fp32 matmul).",
+        help="native: 'auto' runs torch._scaled_mm on a GPU where this device and torch build support it and "
+        "emulates it elsewhere (with a one-line warning; silently on the CPU, where torch's _scaled_mm is a slow "
+        "reference path); 'scaled_mm' always uses _scaled_mm (an error where it cannot run); 'emulated' always "
+        "emulates (fp8-rounded operands, fp32 matmul).",
     )
     first_layers_in_bf16: int = option(
         0, help="The first N transformer layers keep their linears in the parameter dtype (bf16), not fp8."
