@@ -322,6 +322,7 @@ class Trainer:
         batches = list(self._batches(self.valid_data, 0, t.eval_iters * t.global_batch_size))
         if not batches:
             return None
+        self.optimizer.finish_param_gather()  # the last step's gathers (ddp.overlap_param_gather) land first
         for chunk in self.chunks:
             chunk.eval()
         total, count = 0.0, 0
@@ -376,6 +377,7 @@ class Trainer:
                     reason = stop
                     self.logger.message(f"stopping at step {self.step}: {stop}")
                     break
+        self.optimizer.finish_param_gather()  # the weights the run ends with, for whoever reads them next
         if ck.save and saved_at != self.step:
             self.save_checkpoint()
         if self.checkpoints is not None:
@@ -383,7 +385,11 @@ class Trainer:
         return reason
 
     def on_step_end(self, out: StepOutput) -> None:
-        """Called after every step on every rank (a hook for subclasses; does nothing here)."""
+        """Called after every step on every rank (a hook for subclasses; does nothing here).
+
+        With `ddp.overlap_param_gather` the step's parameter all-gathers may still be in flight here: an override
+        that reads the parameters calls `self.optimizer.finish_param_gather()` first.
+        """
 
     def _record(self, out: StepOutput) -> None:
         tokens = self.cfg.training.global_batch_size * self.seq_len
@@ -458,6 +464,7 @@ class Trainer:
         """Saves model, optimizer, schedule, loss scale, RNG and data position as checkpoint `self.step`."""
         ck = self.cfg.checkpoint
         manager = self.checkpoints
+        self.optimizer.finish_param_gather()  # with ddp.overlap_param_gather, the last step's gathers land first
         state = model_state(self.chunks)
         if ck.save_optimizer:
             state.update(optimizer_state(self.optimizer))

@@ -1,0 +1,55 @@
+"""`ddp.overlap_param_gather` in the training loop: a checkpoint saved while the last step's parameter gathers are
+still in flight holds the gathered weights, and the run's losses equal the synchronous gather's."""
+
+from __future__ import annotations
+
+import pytest
+
+from megalith.core.checkpoint import read_tensor_metadata
+from megalith.core.checkpoint.sharded import read_full_tensors
+from megalith.core.distributed import AdamW
+from megalith.training.run_config import RunConfig
+from tests.core.pipe.test_overlap_param_gather import _late_gathers
+from tests.harness import run_distributed
+from tests.training.loop_common import make_config, train_losses
+
+_ZERO = ("ddp.use_distributed_optimizer=true", "ddp.bucket_size=2000", "training.train_iters=3",
+         "checkpoint.save_interval=1", "checkpoint.keep_last=5")  # fmt: skip
+
+
+def _run(rank, world_size, tmp, overlap: bool, skip_finish: bool = False):
+    ck = f"{tmp}/ck"
+    cfg = make_config(tmp, *_ZERO, f"ddp.overlap_param_gather={str(overlap).lower()}", f"checkpoint.save={ck}")
+    if skip_finish:  # the negative control: nothing outside the forward waits for the gathers
+        AdamW.finish_param_gather = lambda self: None
+    with _late_gathers():
+        losses, trainer = train_losses(cfg)
+    return losses, ck, sum(len(c.buckets) for c in trainer.chunks)
+
+
+def _model_tensors(ck: str, step: int) -> dict:
+    path = f"{ck}/iter_{step:07d}"
+    names = [n for n in read_tensor_metadata(path) if n.startswith("model/")]
+    return read_full_tensors(path, names)
+
+
+def test_checkpoints_saved_with_gathers_in_flight_hold_the_gathered_weights(tmp_path):
+    sync_losses, sync_ck, _ = run_distributed(_run, 2, str(tmp_path / "sync"), False)[0]
+    over_losses, over_ck, num_buckets = run_distributed(_run, 2, str(tmp_path / "over"), True)[0]
+    assert num_buckets > 2
+    assert over_losses == sync_losses
+    for step in (1, 2, 3):
+        sync, over = _model_tensors(sync_ck, step), _model_tensors(over_ck, step)
+        assert sync.keys() == over.keys()
+        for name, value in sync.items():
+            assert value.equal(over[name]), f"step {step}: {name} differs"
+    # Without the wait before saving, the same run saves last step's values for the other rank's shards.
+    _, broken_ck, _ = run_distributed(_run, 2, str(tmp_path / "broken"), True, True)[0]
+    sync, broken = _model_tensors(sync_ck, 1), _model_tensors(broken_ck, 1)
+    assert any(not value.equal(broken[name]) for name, value in sync.items())
+
+
+def test_overlap_param_gather_is_refused_with_compiled_blocks(tmp_path):
+    with pytest.raises(ValueError, match=r"ddp\.overlap_param_gather=true cannot be combined with runtime\.compile"):
+        make_config(str(tmp_path), *_ZERO, "ddp.overlap_param_gather=true", "runtime.compile=true")
+    assert isinstance(make_config(str(tmp_path), *_ZERO, "ddp.overlap_param_gather=true"), RunConfig)
