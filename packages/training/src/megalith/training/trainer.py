@@ -281,6 +281,7 @@ class Trainer:
             loss_fn=self.loss_fn,
             loss_scale=1.0 if forward_only else self.loss_scaler.scale,
             forward_only=forward_only,
+            overlap_p2p=self.cfg.parallel.overlap_p2p_comm,
         )
 
     def train_step(self, batches: list[dict]) -> StepOutput:

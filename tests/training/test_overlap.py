@@ -1,5 +1,6 @@
-"""`ddp.overlap_param_gather` in the training loop: a checkpoint saved while the last step's parameter gathers are
-still in flight holds the gathered weights, and the run's losses equal the synchronous gather's."""
+"""Overlapped communication in the training loop: a checkpoint saved while the last step's parameter gathers are
+still in flight (`ddp.overlap_param_gather`) holds the gathered weights; with it and `parallel.overlap_p2p_comm`
+the run's losses and weights are those of the synchronous run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from megalith.core.distributed import AdamW
 from megalith.training.run_config import RunConfig
 from tests.core.pipe.test_overlap_param_gather import _late_gathers
 from tests.harness import run_distributed
-from tests.training.loop_common import make_config, train_losses
+from tests.training.loop_common import layout, make_config, params_checksum, train_losses
 
 _ZERO = ("ddp.use_distributed_optimizer=true", "ddp.bucket_size=2000", "training.train_iters=3",
          "checkpoint.save_interval=1", "checkpoint.keep_last=5")  # fmt: skip
@@ -53,3 +54,18 @@ def test_overlap_param_gather_is_refused_with_compiled_blocks(tmp_path):
     with pytest.raises(ValueError, match=r"ddp\.overlap_param_gather=true cannot be combined with runtime\.compile"):
         make_config(str(tmp_path), *_ZERO, "ddp.overlap_param_gather=true", "runtime.compile=true")
     assert isinstance(make_config(str(tmp_path), *_ZERO, "ddp.overlap_param_gather=true"), RunConfig)
+
+
+def _pipeline_run(rank, world_size, tmp, overlap: bool):
+    on = str(overlap).lower()
+    cfg = make_config(tmp, *layout(1, 2, *_ZERO[:2]), f"ddp.overlap_param_gather={on}",
+                      f"parallel.overlap_p2p_comm={on}", "training.train_iters=3")  # fmt: skip
+    losses, trainer = train_losses(cfg)
+    return losses, params_checksum(trainer)
+
+
+def test_a_pipelined_zero1_run_with_both_overlaps_matches_the_synchronous_run(tmp_path):
+    plain = run_distributed(_pipeline_run, 4, str(tmp_path / "plain"), False)
+    over = run_distributed(_pipeline_run, 4, str(tmp_path / "over"), True)
+    assert [s for s, _ in plain[0][0]] == [1, 2, 3]
+    assert over == plain
