@@ -6,15 +6,16 @@ not distort the result) and a simulated link in front of the real gloo transfer:
 for `delay` ms after it is posted (one at a time, in posting order) and its wait() returns no earlier than that.
 gloo itself moves these small tensors in well under a millisecond, so the delay stands for a slow network.
 
-- Table 1, ZeRO-1 parameter all-gather (`DDPConfig.overlap_param_gather`), dp = 2: one bucket per layer. Off, the
-  step all-gathers every bucket before returning; on, the next forward waits for each just before its layer.
+- Table 1, ZeRO-1 parameter all-gather (`DDPConfig.overlap_param_gather`), dp = 2: one bucket per layer (the last
+  with the output layer) and one for the embedding. Off, the step all-gathers every bucket before returning; on,
+  the next forward waits for each just before its layer.
 - Table 2, pipeline transfers (`overlap_p2p`, `ParallelConfig.overlap_p2p_comm`), pp = 2 and 4, 1F1B: off, each
   receive is posted when its pass starts; on, a pass ahead, while the rank computes the pass in between.
 
 "hidden" is the share of the communication time the overlap removes from the step:
 (off - on) / (off - off at delay 0).
 
-Run: .venv/bin/python benchmarks/overlap.py [--tf-ms 40] [--steps 3]
+Run: .venv/bin/python benchmarks/overlap.py [--tf-ms 40] [--steps 5] [--delays-ms 0 5 10 20]
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ HEADER = f"{'layout':<22}{'delay ms':>9}{'off ms':>10}{'on ms':>10}{'saved ms':>
 
 def zero_table(tf: float, steps: int, delays: list[float]) -> None:
     num_layers, m = 4, 2
-    print(f"ZeRO-1 parameter all-gather, dp 2, {num_layers} layers (one bucket each), {m} micro-batches, forward "
-          f"{tf * 1e3:.0f} ms per micro-batch; delay per bucket gather")  # fmt: skip
+    print(f"ZeRO-1 parameter all-gather, dp 2, {num_layers} layers, {num_layers + 1} buckets (the embedding, each "
+          f"layer), {m} micro-batches, forward {tf * 1e3:.0f} ms per micro-batch; delay per bucket gather")  # fmt: skip
     print(HEADER)
     base = None
     for delay in delays:
@@ -236,7 +237,7 @@ def pp_table(tf: float, steps: int, delays: list[float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tf-ms", type=float, default=40.0, help="forward cost per rank and micro-batch (ms)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (best is kept)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (best is kept)")
     parser.add_argument("--delays-ms", type=float, nargs="+", default=[0, 5, 10, 20], help="simulated delays (ms)")
     args = parser.parse_args()
     delays = [d / 1e3 for d in args.delays_ms]

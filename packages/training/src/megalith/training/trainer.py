@@ -553,6 +553,7 @@ class Trainer:
         written by `megalith-import hf`) only sets the weights and starts at step 0 with a fresh optimizer.
         """
         ck = self.cfg.checkpoint
+        self.optimizer.finish_param_gather()  # an in-flight gather would overwrite the loaded weights
         ckpt = find_checkpoint(path)
         if ckpt is None:
             if ck.save is not None and Path(path).resolve() == Path(ck.save).resolve():
