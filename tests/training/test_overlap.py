@@ -4,12 +4,16 @@ the run's losses and weights are those of the synchronous run."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
+import torch
 
 from megalith.core.checkpoint import read_tensor_metadata
 from megalith.core.checkpoint.sharded import read_full_tensors
 from megalith.core.distributed import AdamW
 from megalith.training.run_config import RunConfig
+from megalith.training.trainer import Trainer
 from tests.core.pipe.test_overlap_param_gather import _late_gathers
 from tests.harness import run_distributed
 from tests.training.loop_common import layout, make_config, params_checksum, train_losses
@@ -69,3 +73,10 @@ def test_a_pipelined_zero1_run_with_both_overlaps_matches_the_synchronous_run(tm
     over = run_distributed(_pipeline_run, 4, str(tmp_path / "over"), True)
     assert [s for s, _ in plain[0][0]] == [1, 2, 3]
     assert over == plain
+
+
+def test_overlap_p2p_comm_is_refused_when_the_run_would_use_nccl(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # backend auto would pick NCCL
+    cfg = make_config(str(tmp_path), *layout(1, 2), "parallel.overlap_p2p_comm=true")
+    with pytest.raises(ValueError, match=r"overlap_p2p_comm=true is implemented for the gloo backend only.*uses nccl"):
+        Trainer(cfg, stream=io.StringIO())

@@ -113,6 +113,39 @@ def test_overlapped_gather_with_bf16_parameters_and_fp32_masters():
         assert all(torch.equal(v, b["params"][k]) for k, v in a["params"].items())
 
 
+def _moe_train(rank, world, overlap: bool):
+    """ep 2 x dp 2 with ZeRO-1: dense buckets are gathered over 4 ranks, expert buckets over 2."""
+    from tests.core.moe import common as moe
+
+    parallel = ParallelConfig(ep=2)
+    dims = ParallelDims.from_config(parallel, world)
+    cfg = moe.moe_config()
+    ddp = DDPConfig(bucket_size=400, use_distributed_optimizer=True, overlap_param_gather=overlap)
+    chunks = [DistributedDataParallel(c, dims, ddp) for c in build_model_chunks(cfg, dims, parallel=parallel, seed=7)]
+    opt = AdamW(chunks, dims, OptimizerConfig(**OPT, fused=False))
+    groups = {b.size for c in chunks for b in c.buckets}
+    losses = []
+    with _late_gathers():
+        for step in range(3):
+            opt.zero_grad()
+            batches = moe.step_batches(cfg, step, 2, dims.data_parallel_size)[dims.data_rank]
+            shape = (moe.MICRO_BATCH, cfg.max_seq_len, cfg.hidden_size)
+            losses.append(forward_backward(chunks, batches, dims, loss_fn=loss_fn(chunks), dtype=torch.float32,
+                                           hidden_shape=shape))  # fmt: skip
+            opt.step()
+        opt.finish_param_gather()
+    return {"losses": losses, "params": named(chunks), "group_sizes": groups}
+
+
+def test_overlapped_gather_with_expert_parallel_buckets():
+    sync = run_distributed(_moe_train, 4, False, timeout=300)
+    over = run_distributed(_moe_train, 4, True, timeout=300)
+    for rank, (a, b) in enumerate(zip(sync, over, strict=True)):
+        assert b["group_sizes"] == {2, 4}, "dense and expert buckets are gathered over different groups"
+        assert a["losses"] == b["losses"], f"rank {rank}"
+        assert all(torch.equal(v, b["params"][k]) for k, v in a["params"].items()), f"rank {rank}"
+
+
 def test_a_forward_that_does_not_wait_reads_stale_weights():
     """The negative control of the comparison above: with the waits removed the late gathers change the losses."""
     sync = run_distributed(_train, 2, pp=1, vp=1, overlap=False, steps=3, timeout=180)

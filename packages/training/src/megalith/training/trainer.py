@@ -123,6 +123,11 @@ class Trainer:
         p, t = cfg.parallel, cfg.training
         use_cuda = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
         backend = p.backend if p.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        if p.overlap_p2p_comm and p.pp > 1 and backend != "gloo":
+            raise ValueError(
+                f"parallel.overlap_p2p_comm=true is implemented for the gloo backend only, and this run uses {backend} "
+                f"(parallel.backend={p.backend}); set parallel.overlap_p2p_comm=false"
+            )
         self.env = init_distributed(backend)
         self.device = self.env.device if use_cuda else torch.device("cpu")
         self.dims = ParallelDims.from_config(p, self.env.world_size)
