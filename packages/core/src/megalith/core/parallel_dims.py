@@ -71,6 +71,12 @@ class ParallelConfig:
     virtual_stages: int = option(1, help="Model chunks per pipeline rank (> 1: interleaved 1F1B).")
     layers_per_stage: list[int] | None = option(None, help="Layers of each virtual stage (default: even split).")
     sequence_parallel: bool = option(False, help="Shard activations along the sequence between layers (tp > 1).")
+    overlap_p2p_comm: bool = option(
+        False,
+        help="Pipeline: post each pass's send as soon as it ends, with the receives of the next forward and backward, "
+        "and wait for a receive only right before its pass, so transfers run during compute (gloo only; no effect "
+        "when pp = 1).",
+    )
     backend: str = option("auto", help="Process-group backend: auto (NCCL on GPUs, else gloo), nccl or gloo.")
     device: str = option("auto", help="Where to train: auto (a GPU when present), cuda or cpu.")
     comm: str = option(
@@ -93,6 +99,11 @@ class ParallelConfig:
             (not self.sequence_parallel or self.tp > 1, "sequence_parallel needs tp > 1"),
             (self.cp_comm in CP_COMMS, f"cp_comm must be one of {', '.join(CP_COMMS)}, got {self.cp_comm!r}"),
             (self.backend in ("auto", "nccl", "gloo"), f"backend must be auto, nccl or gloo, got {self.backend!r}"),
+            (
+                not (self.overlap_p2p_comm and self.backend == "nccl"),
+                "overlap_p2p_comm is implemented for the gloo backend only (NCCL matches point-to-point operations "
+                "in posting order, which posting receives ahead changes); set overlap_p2p_comm=false",
+            ),
             (self.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got {self.device!r}"),
             (self.comm in COMMS, f"comm must be one of {', '.join(COMMS)}, got {self.comm!r}"),
             (

@@ -201,6 +201,11 @@ class RunConfig:
             f"scaling do not compose); use precision.dtype=bf16",
         )
         _check(
+            not (self.ddp.overlap_param_gather and self.runtime.compile),
+            "ddp.overlap_param_gather=true cannot be combined with runtime.compile=true: the forward pre-hooks that "
+            "wait for each parameter gather would run inside the compiled blocks; turn one of them off",
+        )
+        _check(
             self.schedule.min_lr <= self.optimizer.lr,
             f"schedule.min_lr ({self.schedule.min_lr}) exceeds optimizer.lr ({self.optimizer.lr})",
         )

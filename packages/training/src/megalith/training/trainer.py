@@ -123,6 +123,11 @@ class Trainer:
         p = cfg.parallel
         use_cuda = p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available())
         backend = p.backend if p.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        if p.overlap_p2p_comm and p.pp > 1 and backend != "gloo":
+            raise ValueError(
+                f"parallel.overlap_p2p_comm=true is implemented for the gloo backend only, and this run uses {backend} "
+                f"(parallel.backend={p.backend}); set parallel.overlap_p2p_comm=false"
+            )
         self.env = init_distributed(backend)
         self.device = self.env.device if use_cuda else torch.device("cpu")
         self.dims = ParallelDims.from_config(p, self.env.world_size)
@@ -295,6 +300,7 @@ class Trainer:
             loss_scale=1.0 if forward_only else self.loss_scaler.scale,
             forward_only=forward_only,
             comms=self.comms,
+            overlap_p2p=self.cfg.parallel.overlap_p2p_comm,
         )
 
     def train_step(self, batches: list[dict]) -> StepOutput:
@@ -336,6 +342,7 @@ class Trainer:
         batches = list(self._batches(self.valid_data, 0, t.eval_iters * t.global_batch_size))
         if not batches:
             return None
+        self.optimizer.finish_param_gather()  # the last step's gathers (ddp.overlap_param_gather) land first
         for chunk in self.chunks:
             chunk.eval()
         total, count = 0.0, 0
@@ -390,6 +397,7 @@ class Trainer:
                     reason = stop
                     self.logger.message(f"stopping at step {self.step}: {stop}")
                     break
+        self.optimizer.finish_param_gather()  # the weights the run ends with, for whoever reads them next
         if ck.save and saved_at != self.step:
             self.save_checkpoint()
         if self.checkpoints is not None:
@@ -397,7 +405,11 @@ class Trainer:
         return reason
 
     def on_step_end(self, out: StepOutput) -> None:
-        """Called after every step on every rank (a hook for subclasses; does nothing here)."""
+        """Called after every step on every rank (a hook for subclasses; does nothing here).
+
+        With `ddp.overlap_param_gather` the step's parameter all-gathers may still be in flight here: an override
+        that reads the parameters calls `self.optimizer.finish_param_gather()` first.
+        """
 
     def _record(self, out: StepOutput) -> None:
         tokens = self.cfg.training.global_batch_size * self.seq_len
@@ -472,6 +484,7 @@ class Trainer:
         """Saves model, optimizer, schedule, loss scale, RNG and data position as checkpoint `self.step`."""
         ck = self.cfg.checkpoint
         manager = self.checkpoints
+        self.optimizer.finish_param_gather()  # with ddp.overlap_param_gather, the last step's gathers land first
         state = model_state(self.chunks)
         if ck.save_optimizer:
             state.update(optimizer_state(self.optimizer))
@@ -559,6 +572,7 @@ class Trainer:
         written by `megalith-import hf`) only sets the weights and starts at step 0 with a fresh optimizer.
         """
         ck = self.cfg.checkpoint
+        self.optimizer.finish_param_gather()  # an in-flight gather would overwrite the loaded weights
         ckpt = find_checkpoint(path)
         if ckpt is None:
             if ck.save is not None and Path(path).resolve() == Path(ck.save).resolve():

@@ -17,6 +17,11 @@ one micro-batch's gradient and are meant to be added. Earlier micro-batches trig
 Each bucket's collective goes through its `GroupComm` (`megalith.core.distributed.comm`): torch.distributed, or
 Megalith's NCCL communicator with `parallel.comm=nccl`.
 
+Under ZeRO-1 the parameters live in one flat buffer with the same bucket layout, and the optimizer all-gathers the
+updated shards into it bucket by bucket. With `overlap_param_gather` those gathers are left in flight when the step
+returns; forward pre-hooks on the modules holding the parameters wait for each just before its first use in the
+next forward, and `finish_param_gather` waits for all of them (anything else that reads the parameters first).
+
 A layout with nothing to reduce and nothing to upcast (one rank per reduction group, fp32 parameters, no
 distributed optimizer) needs none of this: the wrapper then keeps no buffers and no hooks, autograd accumulates
 `p.grad` itself, and the
@@ -26,6 +31,7 @@ optimizer reads `p.grad` (`grad_of`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -55,10 +61,21 @@ class DDPConfig:
     overlap_grad_reduce: bool = option(
         True, help="Reduce each bucket during backward as soon as it is complete (False: all at the end)."
     )
+    overlap_param_gather: bool = option(
+        False,
+        help="ZeRO-1: launch the updated parameters' all-gathers asynchronously at the end of the optimizer step, "
+        "one per bucket, and wait for each just before the first module of the next forward that holds one of its "
+        "parameters (False: all-gather synchronously inside the step). Needs use_distributed_optimizer.",
+    )
 
     def __post_init__(self) -> None:
         if self.bucket_size is not None and self.bucket_size < 1:
             raise ValueError(f"DDPConfig.bucket_size must be a positive element count or None, got {self.bucket_size}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError(
+                "DDPConfig.overlap_param_gather=true needs use_distributed_optimizer=true: only ZeRO-1 all-gathers "
+                "the parameters after the step (a replicated optimizer updates them in place)"
+            )
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor | None:
@@ -87,6 +104,9 @@ class Bucket:
     scatter_out: torch.Tensor | None = None
     comm: GroupComm | None = None
     """Carries the bucket's reduction (and ZeRO-1's gather of its parameters): `Comms.grad(expert)`."""
+    gather: tuple[object, torch.Tensor] | None = None
+    """An in-flight parameter all-gather into this bucket (`overlap_param_gather`): its work handle and its input,
+    kept alive until it completes."""
 
     @property
     def numel(self) -> int:
@@ -145,6 +165,8 @@ class DistributedDataParallel(nn.Module):
         self._synced = False  # finish_grad_sync ran since the last zero_grad_buffer
         self._written: set[int] = set()  # params whose main_grad holds this step's first micro-batch already
         self._hooks = []
+        self.gather_order: list[Bucket] = []
+        self._gathers_in_flight = 0  # parameter all-gathers launched by the optimizer and not yet waited for
         if self.native:
             return
         placed = {id(p): where for _, p, where in named_placements(module)}
@@ -169,6 +191,11 @@ class DistributedDataParallel(nn.Module):
                 self.param_index[p] = (offset, bucket)
                 offset += n
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+        # The order the optimizer issues the parameter all-gathers in: the reverse of the bucket order, which is
+        # roughly the order the forward reads the parameters (buckets were filled in reverse registration order).
+        self.gather_order = list(reversed(self.buckets))
+        if self.config.overlap_param_gather:
+            self._add_gather_hooks()
 
     def _make_buckets(self, params: list[nn.Parameter], shared: set[int], experts: set[int]) -> list[Bucket]:
         # Shared (tied) embeddings get a bucket of their own: then their layout, and so their reduce-scatter
@@ -208,6 +235,57 @@ class DistributedDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    # -- overlapped parameter all-gather (ZeRO-1, `overlap_param_gather`) -------------------------------------
+
+    def _add_gather_hooks(self) -> None:
+        # Every module that holds parameters directly waits, before its forward, for the pending gathers of
+        # `gather_order` up to the last one holding a parameter of its own. Waiting that whole prefix (not only
+        # its own buckets) also covers a parameter read outside its owner's forward, provided it was gathered
+        # before something the forward runs earlier: the tied embedding, which the last stage's output
+        # projection reads through `Embedding.attend`, is registered first, has a bucket of its own, and so is
+        # gathered first.
+        position = {bucket.index: i for i, bucket in enumerate(self.gather_order)}
+        compiled = [name for name, m in self.module.named_modules() if getattr(m, "_compiled_call_impl", None)]
+        for name, module in self.module.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p in self.param_index]
+            if not own:
+                continue
+            inside = [c for c in compiled if name == c or name.startswith(f"{c}.") or not c]
+            if inside:
+                raise ValueError(
+                    f"DDPConfig.overlap_param_gather=true cannot wait for a parameter gather inside the compiled "
+                    f"module {inside[0] or 'the model'!r} (runtime.compile=true): a work handle's wait is not "
+                    "traceable; turn one of them off"
+                )
+            last = max(position[self.param_index[p][1].index] for p in own)
+            self._hooks.append(module.register_forward_pre_hook(functools.partial(self._wait_gathers_through, last)))
+
+    def track_param_gather(self, bucket: Bucket, handle, source: torch.Tensor) -> None:
+        """Records an asynchronous all-gather into `bucket`'s parameters (the optimizer launched it); the forward
+        pre-hooks, or `finish_param_gather`, wait for it. `source` (its input) is kept alive until then."""
+        if bucket.gather is not None:
+            raise RuntimeError(f"bucket {bucket.index} already has a parameter all-gather in flight")
+        bucket.gather = (handle, source)
+        self._gathers_in_flight += 1
+
+    def _wait_gathers_through(self, last: int, *_) -> None:
+        if self._gathers_in_flight:
+            for bucket in self.gather_order[: last + 1]:
+                self._wait_gather(bucket)
+
+    def _wait_gather(self, bucket: Bucket) -> None:
+        if bucket.gather is not None:
+            bucket.gather[0].wait()
+            bucket.gather = None
+            self._gathers_in_flight -= 1
+
+    def finish_param_gather(self) -> None:
+        """Waits for every parameter all-gather still in flight: afterwards every parameter holds the values of
+        the last optimizer step. Call it before reading parameters outside this chunk's forward (checkpoint, export,
+        generation, a comparison); it does nothing when none is in flight."""
+        for bucket in self.gather_order:
+            self._wait_gather(bucket)
 
     # -- gradient sync control -------------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ kernel) applied to this rank's *masters*, each with the gradient the DDP wrapper
 - with `use_distributed_optimizer` (ZeRO-1): this rank's shard of every bucket (1/(cp * ep * dp) of a dense
   bucket, 1/(cp * dp) of a routed-expert bucket: each over the ranks that hold the same values,
   `ParallelDims.grad_reduction`), as one view per parameter piece, of the parameter buffer itself (fp32) or of an
-  fp32 copy of it; updated shards are all-gathered (through each bucket's `GroupComm`, as its gradients were reduced).
+  fp32 copy of it; updated shards are all-gathered through each bucket's `GroupComm`, as its gradients were
+  reduced (left in flight when the step returns, with `DDPConfig.overlap_param_gather`: the next forward waits
+  for each bucket before its first use, and `finish_param_gather` for all of them).
 
 A step unscales the gradients (fp16), takes the global gradient norm (which also tells whether any gradient is
 inf/NaN: the step is then skipped), clips, and updates. Nothing else touches every parameter per step.
@@ -145,6 +147,10 @@ class AdamW:
         if len(modes) != 1:
             raise ValueError("AdamW: chunks disagree on DDPConfig.use_distributed_optimizer")
         self.sharded = modes.pop()
+        overlaps = {c.config.overlap_param_gather for c in chunks}
+        if len(overlaps) != 1:
+            raise ValueError("AdamW: chunks disagree on DDPConfig.overlap_param_gather")
+        self.overlap_param_gather = overlaps.pop()
         self.chunks = list(chunks)
         self.dims = dims
         self.config = config or OptimizerConfig()
@@ -155,6 +161,9 @@ class AdamW:
         self.pieces: list[_Piece] = []
         for ddp in self.chunks:
             self._add_chunk(ddp)
+        # All-gathers are issued chunk by chunk, each chunk's in the order its forward reads them.
+        shard_of = {(id(s.ddp), s.bucket_index): s for s in self.shards}
+        self._gather_order = [shard_of[id(d), b.index] for d in self.chunks if self.sharded for b in d.gather_order]
         decay = [p.master for p in self.pieces if not no_decay(p.name, p.param)]
         plain = [p.master for p in self.pieces if no_decay(p.name, p.param)]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
@@ -253,8 +262,19 @@ class AdamW:
 
     @torch.no_grad()
     def sync_params_from_master(self) -> None:
-        """Writes the fp32 master weights into the parameters (and all-gathers them under ZeRO-1)."""
-        self._write_back()
+        """Writes the fp32 master weights into the parameters (and all-gathers them under ZeRO-1, synchronously)."""
+        self.finish_param_gather()
+        self._write_back(overlap=False)
+
+    def finish_param_gather(self) -> None:
+        """Waits for the parameter all-gathers the last step left in flight (`DDPConfig.overlap_param_gather`).
+
+        The next forward waits for each bucket by itself; call this before anything else reads the parameters
+        (saving a checkpoint, evaluation outside the schedule, export, generation, comparing weights). It does
+        nothing when no gather is in flight.
+        """
+        for ddp in self.chunks:
+            ddp.finish_param_gather()
 
     def zero_grad(self) -> None:
         """Starts a new step: every chunk's gradients are replaced by the next backward's."""
@@ -263,7 +283,12 @@ class AdamW:
 
     @torch.no_grad()
     def step(self) -> StepResult:
-        """Finishes the gradient sync, then unscales, checks, clips and applies one AdamW update."""
+        """Finishes the gradient sync, then unscales, checks, clips and applies one AdamW update.
+
+        With `DDPConfig.overlap_param_gather` the updated parameters' all-gathers are still in flight when this
+        returns (see `finish_param_gather`).
+        """
+        self.finish_param_gather()  # a gather no forward waited for (an unused parameter) writes into the masters
         with record_function("megalith.grad_sync"):
             for ddp in self.chunks:
                 ddp.finish_grad_sync()
@@ -295,7 +320,7 @@ class AdamW:
         with record_function("megalith.optimizer"):
             self._torch.step()
             self._step_count += 1
-            self._write_back()
+            self._write_back(overlap=self.overlap_param_gather)
         return StepResult(applied=True, grad_norm=norm, loss_scale=scale)
 
     @staticmethod
@@ -307,7 +332,7 @@ class AdamW:
                 out.append(g)
         return out
 
-    def _write_back(self) -> None:
+    def _write_back(self, overlap: bool) -> None:
         if not self.sharded:
             for piece in self.pieces:
                 if piece.master is not piece.param:
@@ -316,9 +341,12 @@ class AdamW:
         for shard in self.shards:
             if shard.ddp.param_dtype != torch.float32:
                 shard.ddp.param_buffer[shard.lo : shard.hi].copy_(shard.master)
-        for shard in self.shards:
+        for shard in self._gather_order:
             ddp = shard.ddp
             bucket = ddp.buckets[shard.bucket_index]
             if bucket.size > 1:
                 full = ddp.param_buffer[bucket.start : bucket.end]
-                bucket.comm.all_gather(full, ddp.param_buffer[shard.lo : shard.hi].clone(), async_op=False)
+                source = ddp.param_buffer[shard.lo : shard.hi].clone()
+                handle = bucket.comm.all_gather(full, source, async_op=overlap)
+                if overlap:  # waited by the forward pre-hooks of the modules holding its parameters
+                    ddp.track_param_gather(bucket, handle, source)

@@ -8,11 +8,17 @@ its activation is released once it has. Tags name the receiving virtual stage, t
 direction (gloo matches on them; NCCL relies on both sides posting in the same order, as the schedules do).
 The batches go through the pipeline group's `GroupComm` (`megalith.core.distributed.comm`: torch.distributed, or
 Megalith's NCCL communicator with `parallel.comm=nccl`), whose ranks are ranks within the pipeline group.
+
+`post` is the overlapped variant (`overlap_p2p_comm`): it posts the queued sends right after the pass that made
+them, together with receives for passes that come later, and waits for nothing; each receive is waited for right
+before its pass reads it, so a transfer runs while this rank computes another pass. It is for gloo only: NCCL
+matches point-to-point operations between two ranks in posting order and completes a batch as a whole, and posting
+receives ahead changes that order when both neighbours are one rank (pp = 2).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -64,6 +70,26 @@ class PipeComm:
                 self._inflight += [(None, t, cb) for t, _, _, cb in self._pending]
         self._pending = []
         self._retire(block=False)
+
+    def post(self, recvs: Sequence[tuple[torch.Tensor, bool, int]] = ()) -> list[object]:
+        """Posts the queued sends and the receives `(buffer, from_next, tag)` as one batch without waiting.
+
+        Returns:
+            One handle per receive, in order: its `wait()` returns once the buffer holds the data.
+        """
+        ops = [P2POp("send", t, peer, tag) for t, peer, tag, _ in self._pending]
+        ops += [P2POp("recv", b, self.next if nxt else self.prev, tag) for b, nxt, tag in recvs]
+        handles: list[object] = []
+        if ops:
+            works = self.comm.batch_p2p(ops)
+            if len(works) != len(ops):  # NCCL's coalesced group completes as a whole (see the module docstring)
+                raise RuntimeError("PipeComm.post needs one work per operation (the gloo backend)")
+            sends = len(self._pending)
+            handles = works[sends:]
+            self._inflight += [(w, t, cb) for w, (t, _, _, cb) in zip(works[:sends], self._pending, strict=True)]
+        self._pending = []
+        self._retire(block=False)
+        return handles
 
     def _retire(self, block: bool) -> None:
         still = []

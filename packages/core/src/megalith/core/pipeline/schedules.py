@@ -18,6 +18,11 @@ returned (and reported) is the language-model loss alone.
 Under context parallelism every rank of a cp group is given the same full micro-batches and keeps its own tokens
 (`shard_microbatch`). Its loss is its tokens' loss sum over the micro-batch's whole count of non-ignored tokens,
 so the cp ranks' losses (and their gradients, which DDP sums over cp) add up to the micro-batch's mean.
+
+With `overlap_p2p` (gloo only, see `megalith.core.pipeline.p2p`) each pass's send is posted as soon as the pass
+ends, together with the receives of this rank's next forward and next backward, and each receive is waited for
+only right before its pass: the transfers run while the rank computes the passes in between. The results are those
+of the plain executor (the same operations on the same data).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch.profiler import record_function
 
 from megalith.core._torch_compat import is_view
 from megalith.core.context_parallel import shard_microbatch
-from megalith.core.distributed.comm import Comms
+from megalith.core.distributed.comm import Comms, TorchGroupComm
 from megalith.core.distributed.ddp import DistributedDataParallel
 from megalith.core.loss import take_aux_losses
 from megalith.core.parallel_dims import ParallelDims
@@ -169,6 +174,7 @@ def forward_backward(
     forward_only: bool = False,
     release_outputs: bool = True,
     comms: Comms | None = None,
+    overlap_p2p: bool = False,
 ) -> float:
     """Runs every micro-batch forward and backward through this rank's chunks and returns the mean loss.
 
@@ -186,10 +192,24 @@ def forward_backward(
         forward_only: run forwards only, without gradients (evaluation).
         release_outputs: free each sent activation's storage right after its send.
         comms: the transport of the pipeline's transfers (`Comms.pp`; default: torch.distributed over pp_group).
+        overlap_p2p: post each send as soon as its pass ends, with the receives of the next forward and the next
+            backward, and wait for a receive only right before its pass (`ParallelConfig.overlap_p2p_comm`; gloo
+            only).
 
     Returns:
         The loss averaged over micro-batches and dp ranks, on every rank of the pipeline.
     """
+    if overlap_p2p and dims.pp > 1:
+        if dist.get_backend(dims.pp_group) != "gloo":
+            raise ValueError(
+                f"overlap_p2p_comm is implemented for the gloo backend only, not {dist.get_backend(dims.pp_group)!r}: "
+                "NCCL matches point-to-point operations in posting order; set parallel.overlap_p2p_comm=false"
+            )
+        if comms is not None and not isinstance(comms.pp, TorchGroupComm):
+            raise ValueError(
+                "overlap_p2p_comm is implemented for parallel.comm=torch over gloo only, not for "
+                f"{type(comms.pp).__name__}; set parallel.overlap_p2p_comm=false"
+            )
     run = _Executor(
         chunks, microbatches, dims, loss_fn, hidden_shape, dtype, loss_scale, forward_only, release_outputs, comms
     )
@@ -197,16 +217,29 @@ def forward_backward(
     if forward_only:
         order = [a for a in order if a.kind == "F"]
     last_backward = {a.chunk: i for i, a in enumerate(order) if a.kind == "B"}
+    ahead = _lookahead(order) if overlap_p2p and dims.pp > 1 else None
     for index, action in enumerate(order):
         if action.kind == "F":
             run.forward(action.chunk, action.mb)
         else:
             run.backward(action.chunk, action.mb, sync_grads=index == last_backward[action.chunk])
+        if ahead is not None:
+            run.post_ahead(ahead[index])
     run.comm.finish()
     if not forward_only:
         with record_function("megalith.grad_sync"):
             finalize_grads(chunks, dims)
     return _reduce_loss(run.losses, dims, run.device)
+
+
+def _lookahead(order: list[Action]) -> list[list[Action]]:
+    """For each position of `order`, the next forward and the next backward after it (those that exist)."""
+    out: list[list[Action]] = []
+    following: dict[str, Action] = {}
+    for action in reversed(order):
+        out.append(list(following.values()))
+        following[action.kind] = action
+    return out[::-1]
 
 
 class _Executor:
@@ -225,6 +258,8 @@ class _Executor:
         self.comm = PipeComm(dims, comms.pp if comms is not None else None)
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = {}
         self.losses: list[torch.Tensor] = []
+        # Receives posted ahead of their pass (overlap_p2p): (stage, mb, backward) -> (buffer, handle).
+        self.posted: dict[tuple[int, int, bool], tuple[torch.Tensor, object]] = {}
 
     def _stage(self, chunk: int) -> tuple[int, bool, bool]:
         stage = chunk * self.dims.pp + self.dims.pp_rank
@@ -235,9 +270,29 @@ class _Executor:
         return (mb * self.num_stages + stage) * 2 + int(backward)
 
     def _receive(self, stage: int, mb: int, backward: bool) -> torch.Tensor:
+        posted = self.posted.pop((stage, mb, backward), None)
+        if posted is not None:
+            buffer, handle = posted
+            handle.wait()
+            return buffer
         buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
         self.comm.flush((buffer, backward, self._tag(stage, mb, backward)))
         return buffer
+
+    def post_ahead(self, actions: Sequence[Action]) -> None:
+        """Posts the queued sends now, with the receives `actions` will need (those not posted yet)."""
+        recvs, keys = [], []
+        for action in actions:
+            stage, first, last = self._stage(action.chunk)
+            backward = action.kind == "B"
+            key = (stage, action.mb, backward)
+            if (last if backward else first) or key in self.posted:
+                continue
+            buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
+            recvs.append((buffer, backward, self._tag(stage, action.mb, backward)))
+            keys.append(key)
+        for key, (buffer, _, _), handle in zip(keys, recvs, self.comm.post(recvs), strict=True):
+            self.posted[key] = (buffer, handle)
 
     def forward(self, chunk: int, mb: int) -> None:
         stage, first, last = self._stage(chunk)
