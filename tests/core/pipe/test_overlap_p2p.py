@@ -158,6 +158,8 @@ def test_receives_are_posted_a_pass_ahead_and_waited_right_before_their_pass(wor
 
 
 def test_overlap_p2p_comm_is_refused_on_nccl():
-    with pytest.raises(ValueError, match="overlap_p2p_comm is implemented for the gloo backend only"):
+    with pytest.raises(ValueError, match="overlap_p2p_comm is implemented for the gloo backend and comm=torch only"):
         ParallelConfig(pp=2, backend="nccl", overlap_p2p_comm=True)
+    with pytest.raises(ValueError, match="overlap_p2p_comm is implemented for the gloo backend and comm=torch only"):
+        ParallelConfig(pp=2, backend="gloo", device="cuda", comm="nccl", overlap_p2p_comm=True)
     assert ParallelConfig(pp=2, backend="gloo", overlap_p2p_comm=True).overlap_p2p_comm

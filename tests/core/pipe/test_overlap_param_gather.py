@@ -15,7 +15,7 @@ import torch
 
 from megalith.core import ParallelConfig, ParallelDims, build_model_chunks
 from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, OptimizerConfig
-from megalith.core.distributed import optimizer as optimizer_module
+from megalith.core.distributed import comm as comm_module
 from megalith.core.pipeline import forward_backward
 from megalith.core.precision import PrecisionConfig
 from tests.core.pipe.common import MICRO_BATCH, OPT, build, loss_fn, named, step_batches
@@ -24,7 +24,8 @@ from tests.harness import run_distributed
 
 
 class _LateGather:
-    """Stands in for `all_gather_into` in the optimizer: asynchronous gathers land in the output only at wait()."""
+    """Stands in for `all_gather_into` under TorchGroupComm.all_gather (what ZeRO-1 gathers through): asynchronous
+    gathers land in the output only at wait()."""
 
     def __init__(self, real, events: list | None = None):
         self.real, self.events = real, events
@@ -53,12 +54,12 @@ class _LateWork:
 
 @contextlib.contextmanager
 def _late_gathers(events: list | None = None):
-    real = optimizer_module.all_gather_into
-    optimizer_module.all_gather_into = _LateGather(real, events)
+    real = comm_module.all_gather_into
+    comm_module.all_gather_into = _LateGather(real, events)
     try:
         yield
     finally:
-        optimizer_module.all_gather_into = real
+        comm_module.all_gather_into = real
 
 
 def _train(rank, world, *, pp, vp, overlap, steps, tied=False, precision="fp32", late=True, skip_waits=False):

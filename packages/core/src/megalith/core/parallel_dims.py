@@ -100,9 +100,10 @@ class ParallelConfig:
             (self.cp_comm in CP_COMMS, f"cp_comm must be one of {', '.join(CP_COMMS)}, got {self.cp_comm!r}"),
             (self.backend in ("auto", "nccl", "gloo"), f"backend must be auto, nccl or gloo, got {self.backend!r}"),
             (
-                not (self.overlap_p2p_comm and self.backend == "nccl"),
-                "overlap_p2p_comm is implemented for the gloo backend only (NCCL matches point-to-point operations "
-                "in posting order, which posting receives ahead changes); set overlap_p2p_comm=false",
+                not (self.overlap_p2p_comm and "nccl" in (self.backend, self.comm)),
+                "overlap_p2p_comm is implemented for the gloo backend and comm=torch only (NCCL matches "
+                "point-to-point operations in posting order, which posting receives ahead changes); set "
+                "overlap_p2p_comm=false",
             ),
             (self.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got {self.device!r}"),
             (self.comm in COMMS, f"comm must be one of {', '.join(COMMS)}, got {self.comm!r}"),
