@@ -34,29 +34,15 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.pipeline import Sleep
 from megalith.core import ParallelDims
 from megalith.core.distributed import AdamW, DDPConfig, DistributedDataParallel, OptimizerConfig
-from megalith.core.distributed import optimizer as optimizer_module
+from megalith.core.distributed import comm as comm_module
 from megalith.core.pipeline import forward_backward, split_layers
 from tests.harness import run_distributed
 
 H, S, V = 8, 4, 16
 LAYER_PARAMS = 4096  # elements per layer: with bucket_size = LAYER_PARAMS, one bucket per layer
-
-
-class _Sleep(torch.autograd.Function):
-    """Identity whose forward costs `seconds` and backward twice that."""
-
-    @staticmethod
-    def forward(ctx, x, seconds):
-        ctx.seconds = seconds
-        time.sleep(seconds)
-        return x * 1.0
-
-    @staticmethod
-    def backward(ctx, grad):
-        time.sleep(2 * ctx.seconds)
-        return grad, None
 
 
 class FixedCostLayer(nn.Module):
@@ -66,7 +52,7 @@ class FixedCostLayer(nn.Module):
         self.weight = nn.Parameter(torch.full((LAYER_PARAMS,), 1.0))
 
     def forward(self, x):
-        return _Sleep.apply(x * self.weight[:H], self.seconds)
+        return Sleep.apply(x * self.weight[:H], self.seconds)
 
 
 class FixedCostModel(nn.Module):
@@ -156,7 +142,7 @@ def _zero_step(opt, ddp, batches, dims) -> None:
 def _zero_worker(rank, world, num_layers, m, tf, delay, steps):
     dims = ParallelDims(dp=world)
     batches = _batches(m)
-    real = optimizer_module.all_gather_into
+    real = comm_module.all_gather_into
     out = {}
     try:
         for overlap in (False, True, False, True):  # alternated, so drifting machine load hits both alike
@@ -164,7 +150,7 @@ def _zero_worker(rank, world, num_layers, m, tf, delay, steps):
             model = FixedCostModel(tf / num_layers, layer_ids=range(num_layers), first_stage=True, last_stage=True)
             ddp = DistributedDataParallel(model, dims, cfg)
             opt = AdamW([ddp], dims, OptimizerConfig(lr=1e-3, fused=False))
-            optimizer_module.all_gather_into = _slow_all_gather(Link(delay), real)
+            comm_module.all_gather_into = _slow_all_gather(Link(delay), real)
             dist.barrier()
             _zero_step(opt, ddp, batches, dims)  # warm-up: its gathers are the first timed step's to wait for
             # Steps back to back (the gradient collectives keep the ranks in step): a pause between them would give
@@ -176,7 +162,7 @@ def _zero_worker(rank, world, num_layers, m, tf, delay, steps):
             opt.finish_param_gather()
             out[overlap] = min(out.get(overlap, float("inf")), per_step)
     finally:
-        optimizer_module.all_gather_into = real
+        comm_module.all_gather_into = real
     return out
 
 

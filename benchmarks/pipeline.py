@@ -32,7 +32,7 @@ from tests.harness import run_distributed
 H, S, V = 8, 4, 16
 
 
-class _Sleep(torch.autograd.Function):
+class Sleep(torch.autograd.Function):
     """Identity whose forward costs `seconds` and backward twice that."""
 
     @staticmethod
@@ -54,7 +54,7 @@ class FixedCostLayer(nn.Module):
         self.scale = nn.Parameter(torch.ones(H))
 
     def forward(self, x):
-        return _Sleep.apply(x * self.scale, self.seconds)
+        return Sleep.apply(x * self.scale, self.seconds)
 
 
 class FixedCostModel(nn.Module):
