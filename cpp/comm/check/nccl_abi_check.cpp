@@ -77,7 +77,10 @@ MEGALITH_SAME_VALUE(ncclMax, abi::kMax);
 MEGALITH_SAME_VALUE(ncclMin, abi::kMin);
 MEGALITH_SAME_VALUE(ncclAvg, abi::kAvg);
 MEGALITH_SAME_VALUE(ncclNumOps, abi::kNumRedOps);
-MEGALITH_SAME_VALUE(NCCL_API_MAGIC, abi::kConfigMagic);
+// The magic as NCCL_CONFIG_INITIALIZER writes it: newer headers name it NCCL_API_MAGIC, older ones (2.28 and
+// before, as torch 2.11's nvidia-nccl-cu13 ships) spell the literal inside the initializer.
+constexpr ncclConfig_t kTheirDefaults = NCCL_CONFIG_INITIALIZER;
+MEGALITH_SAME_VALUE(kTheirDefaults.magic, abi::kConfigMagic);
 MEGALITH_SAME_VALUE(NCCL_CONFIG_UNDEF_INT, abi::kConfigUndefInt);
 MEGALITH_SAME_VALUE(NCCL_VERSION(2, 18, 1), abi::version_code(2, 18, 1));
 static_assert(sizeof(abi::Config) <= sizeof(ncclConfig_t));
