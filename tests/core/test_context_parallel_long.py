@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megalith.core import ModelConfig, ParallelConfig, ParallelDims, build_loss_fn, build_model_chunks
+from megalith.core import ModelConfig, ParallelConfig, ParallelDims, RuntimeConfig, build_loss_fn, build_model_chunks
 from megalith.core.context_parallel import shard_microbatch
 from megalith.core.pipeline import microbatch_loss
 from tests.harness import run_distributed
@@ -59,9 +59,10 @@ def _long_sequence(rank, world):
 
 def test_the_tracker_sees_an_s_by_s_tensor_inside_attention():
     """Control: the one-process torch path with documents builds its [B, 1, S, S] block mask, and the tracker
-    reports it (so the test below would see a square tensor made inside attention)."""
+    reports it (so the test below would see a square tensor made inside attention). kernels="torch": the default
+    may pick the fused kernel, which never builds the mask."""
     seq = 512
-    (model,) = build_model_chunks(ModelConfig(**{**CONFIG, "max_seq_len": seq}))
+    (model,) = build_model_chunks(ModelConfig(**{**CONFIG, "max_seq_len": seq}), runtime=RuntimeConfig(kernels="torch"))
     with LargestTensor() as largest:
         model(torch.zeros(1, seq, dtype=torch.long), cu_seqlens=torch.tensor([0, 100, seq], dtype=torch.int32))
     assert largest.numel >= seq * seq

@@ -8,7 +8,7 @@ import torch
 from megalith.kernels import _C, ops
 from megalith.kernels import reference as ref
 from megalith.kernels._dispatch import _inner_dense, _rows
-from tests.kernels import test_ops
+from tests.kernels import test_attention, test_ops
 from tests.kernels.reference_check import compare
 
 ISAS = [name for name in ("base", "avx2", "avx512") if _C.kernels.cpu_isa_available(name)]
@@ -120,6 +120,20 @@ def test_each_instruction_set_matches_the_reference(isa, dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_instruction_set_computes_attention(isa, dtype):
+    """Attention forward and backward per copy. The head dims cover every column block of the tile products
+    (8 -> one block of 16, 40 -> 48, 100 -> 64 + 48, 160 -> 2 x 64 + 32); the lengths cover partial tiles, causal
+    offsets, rows that see no key and packed sequences."""
+    assert ops.cpu_isa() == isa
+    for dim in (8, 40, 100, 160):
+        test_attention.test_dense_out_and_lse("cpu", dtype, 2, 70, 67, 4, 2, dim, True, 3, 20)
+    test_attention.test_dense_out_and_lse("cpu", dtype, 1, 33, 130, 2, 1, 64, False, 0, 0)
+    test_attention.test_varlen_matches_each_sequence_alone("cpu", dtype, 4, 2, 64, True)
+    test_attention.test_rows_that_see_no_key("cpu", dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_extreme_inputs_stay_exact_at_the_limits(isa):
     """The vectorised exp saturates: exp(-inf) = 0, huge arguments give inf, so softmax, cross-entropy and
     SiLU keep their exact limits instead of NaN."""
@@ -209,3 +223,26 @@ def test_set_num_threads_rejects_bad_counts():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="num_threads must be"):
             ops.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_attention_backward_schedules_give_the_same_bits(dtype):
+    """The backward pass runs one task per (sequence, kv head) when there are at least 4 such pairs per thread,
+    else finer tasks that recompute the score tiles. Both add every term in the same order: a batch (one pass)
+    and each of its sequences alone (two passes) give bit-identical gradients."""
+    ops.set_num_threads(1)
+    try:
+        q, k, v = (torch.randn(4, 100, h, 40, dtype=dtype) for h in (4, 1, 1))
+        grad = torch.randn(4, 100, 4, 40, dtype=dtype)
+
+        def grads(batch):
+            leaves = [t[batch].detach().clone().requires_grad_() for t in (q, k, v)]
+            ops.attention(*leaves, True, None).backward(grad[batch])
+            return [t.grad for t in leaves]
+
+        together = grads(slice(0, 4))
+        for b in range(4):
+            for whole, alone in zip(together, grads(slice(b, b + 1)), strict=True):
+                assert torch.equal(whole[b : b + 1], alone)
+    finally:
+        ops.set_num_threads(None)

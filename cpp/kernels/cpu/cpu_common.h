@@ -145,6 +145,4 @@ inline void for_segments(int64_t i0, int64_t i1, int64_t cols, Fn&& fn) {
 
 }  // namespace MEGALITH_CPU_ISA
 
-using namespace MEGALITH_CPU_ISA;  // NOLINT: sources compiled once (attention.cpp) use the baseline helpers
-
 }  // namespace megalith::kernels::cpu

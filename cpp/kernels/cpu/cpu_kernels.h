@@ -20,7 +20,9 @@
   X(bias_gelu_backward, GeluParams)                                                                            \
   X(cross_entropy_forward, CrossEntropyParams)                                                                 \
   X(cross_entropy_partials, CrossEntropyParams)                                                                \
-  X(cross_entropy_backward, CrossEntropyParams)
+  X(cross_entropy_backward, CrossEntropyParams)                                                                \
+  X(attention_forward, AttentionParams)                                                                        \
+  X(attention_backward, AttentionBackwardParams)
 
 #define MEGALITH_DECLARE_CPU_KERNEL(name, params) void name(const params& p);
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.core.moe.common import assemble, moe_config, reference_training, train_worker
+from tests.core.moe.common import OPT, assemble, moe_config, reference_training, train_worker
 from tests.harness import run_distributed
 
 STEPS, MICROBATCHES = 3, 2
@@ -85,8 +85,11 @@ def test_bf16_expert_parallel_tracks_fp32():
         assert out["losses"] == pytest.approx(ref["losses"], rel=2e-2)
         assert out["reports"][0].aux_loss == pytest.approx(ref["reports"][0].aux_loss, rel=5e-2)
     params = assemble([out["params"] for out in results])
+    # Adam moves an element by about lr per step whatever its gradient's size, so an element whose gradient is
+    # near zero can step the other way under bf16 rounding: two runs may part by up to 2 * lr per step.
+    atol = 2 * OPT["lr"] * STEPS
     for name, want in ref["params"].items():
-        torch.testing.assert_close(params[name], want, rtol=5e-2, atol=5e-2, msg=name)
+        torch.testing.assert_close(params[name], want, rtol=5e-2, atol=atol, msg=name)
 
 
 def _fsdp_refusal(rank, world):
