@@ -97,6 +97,11 @@ def test_validation_messages_name_field_and_value():
     with pytest.raises(ConfigError, match=r"not divisible by micro_batch_size \* dp \(2 \* 3\)"):
         TrainingConfig(micro_batch_size=2, global_batch_size=8).grad_accumulation(3)
     assert TrainingConfig(micro_batch_size=2, global_batch_size=8).grad_accumulation(2) == 2
+    for bad in ("0", "-3"):
+        with pytest.raises(ConfigError, match=rf"comm_timeout must be a finite number of seconds > 0, got {bad}\.0"):
+            load_config(MegalithRunConfig, None, [f"parallel.comm_timeout={bad}"])
+    with pytest.raises(ConfigError, match=r"parallel\.comm_timeout: expected a finite number, got inf"):
+        load_config(MegalithRunConfig, None, ["parallel.comm_timeout=inf"])
 
 
 def test_unknown_keys_get_a_suggestion(tmp_path):

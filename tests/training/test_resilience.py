@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import signal
@@ -15,8 +16,10 @@ import torch
 import torch.distributed as dist
 
 from megalith.core.world import destroy_distributed, init_distributed
+from megalith.training import trainer as trainer_module
 from megalith.training.resilience import ExitMonitor, NonFiniteLossError, NonFiniteTracker
 from tests.harness import run_distributed
+from tests.training.loop_common import make_config
 
 
 def _world_rank(rank, world_size):
@@ -132,3 +135,23 @@ def _dying_peer_rank(rank, world_size):
 def test_a_rank_that_leaves_makes_the_others_fail_instead_of_hanging():
     elapsed, _ = run_distributed(_dying_peer_rank, 2, init=False, timeout=60)
     assert elapsed < 30
+
+
+def test_parallel_comm_timeout_reaches_the_process_group_and_the_comms(tmp_path, monkeypatch):
+    """`parallel.comm_timeout` is the timeout of the process group the trainer starts (the test above shows what
+    that timeout does when a rank leaves) and of the comms it builds (comm=nccl: the communicators' watchdog)."""
+    seen = {}
+    real_init, real_build = trainer_module.init_distributed, trainer_module.build_comms
+
+    def init(backend, *, timeout_s):
+        seen["process group"] = timeout_s
+        return real_init(backend, timeout_s=timeout_s)
+
+    def build(dims, kind, *, device, timeout):
+        seen["comms"] = timeout
+        return real_build(dims, kind, device=device, timeout=timeout)
+
+    monkeypatch.setattr(trainer_module, "init_distributed", init)
+    monkeypatch.setattr(trainer_module, "build_comms", build)
+    trainer_module.Trainer(make_config(str(tmp_path), "parallel.comm_timeout=42.5"), stream=io.StringIO()).close()
+    assert seen == {"process group": 42.5, "comms": 42.5}

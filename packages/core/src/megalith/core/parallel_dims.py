@@ -85,6 +85,12 @@ class ParallelConfig:
         "transfers: torch (torch.distributed) or nccl (Megalith's own NCCL communicator; CUDA builds, GPUs). "
         "Tensor-, context- and expert-parallel traffic stays on torch.distributed.",
     )
+    comm_timeout: float = option(
+        600.0,
+        help="Seconds a collective or transfer may wait (e.g. for a rank that died or hangs) before it raises on "
+        "the ranks still alive instead of hanging: the timeout of torch's process groups, and with comm=nccl the "
+        "watchdog that aborts Megalith's NCCL communicators.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("tp", "cp", "pp", "ep", "virtual_stages"):
@@ -107,6 +113,12 @@ class ParallelConfig:
             ),
             (self.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got {self.device!r}"),
             (self.comm in COMMS, f"comm must be one of {', '.join(COMMS)}, got {self.comm!r}"),
+            (
+                not isinstance(self.comm_timeout, bool)
+                and isinstance(self.comm_timeout, (int, float))
+                and 0 < self.comm_timeout < float("inf"),
+                f"comm_timeout must be a finite number of seconds > 0, got {self.comm_timeout!r}",
+            ),
             (
                 self.comm != "nccl" or self.device != "cpu",
                 "comm 'nccl' needs a CUDA device, but device is 'cpu'; use comm=torch",

@@ -128,13 +128,13 @@ class Trainer:
                 f"parallel.overlap_p2p_comm=true is implemented for the gloo backend only, and this run uses {backend} "
                 f"(parallel.backend={p.backend}); set parallel.overlap_p2p_comm=false"
             )
-        self.env = init_distributed(backend)
+        self.env = init_distributed(backend, timeout_s=p.comm_timeout)
         self.device = self.env.device if use_cuda else torch.device("cpu")
         self.dims = ParallelDims.from_config(p, self.env.world_size)
         self.rank = self.env.rank
         # The transport of the gradient buckets, ZeRO-1's gathers and the pipeline transfers (parallel.comm);
         # closed by close(), or here when the rest of the construction fails.
-        self.comms = build_comms(self.dims, p.comm, device=self.device)
+        self.comms = build_comms(self.dims, p.comm, device=self.device, timeout=p.comm_timeout)
         try:
             self._setup(stream)
         except BaseException:
