@@ -282,32 +282,59 @@ void delta_impl(const AttentionBackwardParams& p) {
   });
 }
 
+// One (query tile of head h, key tile) pair: P and dS from grad_tiles, then dV += P^T dO and dK += dS^T Q into
+// buf's dK/dV tiles, and dQ += dS K into `dq` when it is given. The caller loaded the key tile (transposed: kT
+// in buf.wide[2], and as rows in buf.wide[6] when dq is given) and the value tile transposed (buf.wide[3]).
+template <typename T>
+void pair_grads(const AttentionBackwardParams& p, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t k0,
+                int64_t nk, Buffers& buf, float* dq) {
+  const Rows ql{p.heads_q, p.dim};
+  const int64_t ld = buf.ld, q_first = p.q_start(b), row = p.lse_offset(b, h) + q0;
+  float *q = buf.wide[0].data(), *o = buf.wide[1].data(), *kT = buf.wide[2].data(), *vT = buf.wide[3].data();
+  float *dk = buf.wide[4].data(), *dv = buf.wide[5].data(), *k = buf.wide[6].data();
+  float *pt = buf.square[0].data(), *ds = buf.square[1].data();
+  load_tile(static_cast<const T*>(p.q), ql, q_first + q0, h, nq, ld, q);
+  load_tile(static_cast<const T*>(p.dout), ql, q_first + q0, h, nq, ld, o);
+  grad_tiles(q, o, ld, kT, vT, p.lse + row, p.delta + row, nq, nk, p, q0, k0, pt, ds);
+  gemm_tile<true, true>(pt, kTile, nk, nq, o, ld, dv, ld, ld);  // dV += P^T dO
+  gemm_tile<true, true>(ds, kTile, nk, nq, q, ld, dk, ld, ld);  // dK += dS^T Q
+  if (dq != nullptr) gemm_tile<false, true>(ds, kTile, nq, nk, k, ld, dq, ld, ld);  // dQ += dS K
+}
+
+// Loads key tile k0 of kv head hk for pair_grads (as rows too when `rows`) and zeroes its dK/dV tiles.
+template <typename T>
+void begin_key_tile(const AttentionBackwardParams& p, int64_t b, int64_t hk, int64_t k0, int64_t nk, bool rows,
+                    Buffers& buf) {
+  const Rows kl{p.heads_kv, p.dim};
+  const int64_t ld = buf.ld, k_first = p.k_start(b);
+  load_tile_t(static_cast<const T*>(p.k), kl, k_first + k0, hk, nk, ld, buf.wide[2].data());
+  load_tile_t(static_cast<const T*>(p.v), kl, k_first + k0, hk, nk, ld, buf.wide[3].data());
+  if (rows) load_tile(static_cast<const T*>(p.k), kl, k_first + k0, hk, nk, ld, buf.wide[6].data());
+  std::fill(buf.wide[4].begin(), buf.wide[4].end(), 0.0f);
+  std::fill(buf.wide[5].begin(), buf.wide[5].end(), 0.0f);
+}
+
+// Stores the dK/dV tiles pair_grads accumulated for key tile k0 of kv head hk.
+template <typename T>
+void end_key_tile(const AttentionBackwardParams& p, int64_t b, int64_t hk, int64_t k0, int64_t nk, Buffers& buf) {
+  const Rows kl{p.heads_kv, p.dim};
+  const int64_t k_first = p.k_start(b);
+  store_tile(buf.wide[4].data(), buf.ld, kl, k_first + k0, hk, nk, static_cast<T*>(p.dk));
+  store_tile(buf.wide[5].data(), buf.ld, kl, k_first + k0, hk, nk, static_cast<T*>(p.dv));
+}
+
 // dK and dV of one key tile of kv head hk, summed over the query heads of its group and every query tile
 // that sees it.
 template <typename T>
 void dkdv_tile(const AttentionBackwardParams& p, int64_t b, int64_t hk, int64_t k0, int64_t nk, Buffers& buf) {
-  const Rows ql{p.heads_q, p.dim}, kl{p.heads_kv, p.dim};
-  const int64_t ld = buf.ld, group = p.heads_q / p.heads_kv, len_q = p.q_len(b);
-  const int64_t q_first = p.q_start(b), k_first = p.k_start(b);
-  float *q = buf.wide[0].data(), *o = buf.wide[1].data(), *kT = buf.wide[2].data(), *vT = buf.wide[3].data();
-  float *dk = buf.wide[4].data(), *dv = buf.wide[5].data(), *pt = buf.square[0].data(), *ds = buf.square[1].data();
-  load_tile_t(static_cast<const T*>(p.k), kl, k_first + k0, hk, nk, ld, kT);
-  load_tile_t(static_cast<const T*>(p.v), kl, k_first + k0, hk, nk, ld, vT);
-  std::fill(dk, dk + kTile * ld, 0.0f);
-  std::fill(dv, dv + kTile * ld, 0.0f);
+  const int64_t group = p.heads_q / p.heads_kv, len_q = p.q_len(b);
+  begin_key_tile<T>(p, b, hk, k0, nk, false, buf);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const int64_t row = p.lse_offset(b, h);
     for (int64_t q0 = p.first_query_tile(k0, kTile); q0 < len_q; q0 += kTile) {
-      const int64_t nq = std::min(kTile, len_q - q0);
-      load_tile(static_cast<const T*>(p.q), ql, q_first + q0, h, nq, ld, q);
-      load_tile(static_cast<const T*>(p.dout), ql, q_first + q0, h, nq, ld, o);
-      grad_tiles(q, o, ld, kT, vT, p.lse + row + q0, p.delta + row + q0, nq, nk, p, q0, k0, pt, ds);
-      gemm_tile<true, true>(pt, kTile, nk, nq, o, ld, dv, ld, ld);  // dV += P^T dO
-      gemm_tile<true, true>(ds, kTile, nk, nq, q, ld, dk, ld, ld);  // dK += dS^T Q
+      pair_grads<T>(p, b, h, q0, std::min(kTile, len_q - q0), k0, nk, buf, nullptr);
     }
   }
-  store_tile(dk, ld, kl, k_first + k0, hk, nk, static_cast<T*>(p.dk));
-  store_tile(dv, ld, kl, k_first + k0, hk, nk, static_cast<T*>(p.dv));
+  end_key_tile<T>(p, b, hk, k0, nk, buf);
 }
 
 // dQ of one query tile of head h, over every key tile it sees.
@@ -338,39 +365,26 @@ void dq_tile(const AttentionBackwardParams& p, int64_t b, int64_t h, int64_t q0,
 // both schedules give the same bits.
 template <typename T>
 void sequence_grads(const AttentionBackwardParams& p, int64_t b, int64_t hk, Buffers& buf, std::vector<float>& dq_acc) {
-  const Rows ql{p.heads_q, p.dim}, kl{p.heads_kv, p.dim};
+  const Rows ql{p.heads_q, p.dim};
   const int64_t ld = buf.ld, group = p.heads_q / p.heads_kv, len_q = p.q_len(b), len_k = p.k_len(b);
-  const int64_t q_first = p.q_start(b), k_first = p.k_start(b), rows = (len_q + kTile - 1) / kTile * kTile;
-  float *q = buf.wide[0].data(), *o = buf.wide[1].data(), *kT = buf.wide[2].data(), *vT = buf.wide[3].data();
-  float *dk = buf.wide[4].data(), *dv = buf.wide[5].data(), *k = buf.wide[6].data();
-  float *pt = buf.square[0].data(), *ds = buf.square[1].data();
+  const int64_t rows = (len_q + kTile - 1) / kTile * kTile;
   dq_acc.assign(static_cast<size_t>(group * rows * ld), 0.0f);
   for (int64_t k0 = 0; k0 < len_k; k0 += kTile) {
     const int64_t nk = std::min(kTile, len_k - k0);
-    load_tile(static_cast<const T*>(p.k), kl, k_first + k0, hk, nk, ld, k);
-    load_tile_t(static_cast<const T*>(p.k), kl, k_first + k0, hk, nk, ld, kT);
-    load_tile_t(static_cast<const T*>(p.v), kl, k_first + k0, hk, nk, ld, vT);
-    std::fill(dk, dk + kTile * ld, 0.0f);
-    std::fill(dv, dv + kTile * ld, 0.0f);
+    begin_key_tile<T>(p, b, hk, k0, nk, true, buf);
     for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = hk * group + g, row = p.lse_offset(b, h);
       for (int64_t q0 = p.first_query_tile(k0, kTile); q0 < len_q; q0 += kTile) {
         const int64_t nq = std::min(kTile, len_q - q0);
-        load_tile(static_cast<const T*>(p.q), ql, q_first + q0, h, nq, ld, q);
-        load_tile(static_cast<const T*>(p.dout), ql, q_first + q0, h, nq, ld, o);
-        grad_tiles(q, o, ld, kT, vT, p.lse + row + q0, p.delta + row + q0, nq, nk, p, q0, k0, pt, ds);
-        gemm_tile<true, true>(pt, kTile, nk, nq, o, ld, dv, ld, ld);  // dV += P^T dO
-        gemm_tile<true, true>(ds, kTile, nk, nq, q, ld, dk, ld, ld);  // dK += dS^T Q
-        float* dq = dq_acc.data() + (g * rows + q0) * ld;
-        if (p.key_end(b, q0 + nq) > k0) gemm_tile<false, true>(ds, kTile, nq, nk, k, ld, dq, ld, ld);  // dQ += dS K
+        // dq_tile visits only the key tiles below key_end; a tile past it adds exact zeros, skipped alike.
+        float* dq = p.key_end(b, q0 + nq) > k0 ? dq_acc.data() + (g * rows + q0) * ld : nullptr;
+        pair_grads<T>(p, b, hk * group + g, q0, nq, k0, nk, buf, dq);
       }
     }
-    store_tile(dk, ld, kl, k_first + k0, hk, nk, static_cast<T*>(p.dk));
-    store_tile(dv, ld, kl, k_first + k0, hk, nk, static_cast<T*>(p.dv));
+    end_key_tile<T>(p, b, hk, k0, nk, buf);
   }
   for (int64_t g = 0; g < group; ++g) {
     for (int64_t q0 = 0; q0 < len_q; q0 += kTile) {
-      store_tile(dq_acc.data() + (g * rows + q0) * ld, ld, ql, q_first + q0, hk * group + g,
+      store_tile(dq_acc.data() + (g * rows + q0) * ld, ld, ql, p.q_start(b) + q0, hk * group + g,
                  std::min(kTile, len_q - q0), static_cast<T*>(p.dq));
     }
   }
