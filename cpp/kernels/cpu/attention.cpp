@@ -32,26 +32,29 @@ struct Rows {
   int64_t offset(int64_t token, int64_t h) const { return (token * heads + h) * dim; }
 };
 
-// Copies tokens [t0, t0 + n) of head h into a float tile [kTile, ld]; the rest of the tile (rows past n,
-// columns past dim) is zero.
+// Copies tokens [t0, t0 + n) of head h into rows [0, n) of a float tile [kTile, ld], columns past dim zero.
+// Rows past n are left as they are: every product reads only the rows of the tokens it was given.
 template <typename T>
 void load_tile(const T* src, const Rows& l, int64_t t0, int64_t h, int64_t n, int64_t ld, float* tile) {
-  std::fill(tile, tile + kTile * ld, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
     const T* row = src + l.offset(t0 + i, h);
     float* out = tile + i * ld;
 #pragma omp simd
     for (int64_t d = 0; d < l.dim; ++d) out[d] = to_float(row[d]);
+    std::fill(out + l.dim, out + ld, 0.0f);
   }
 }
 
-// The same tokens transposed: tile [ld, kTile] with tile[d, i] = token i, element d (zero elsewhere).
+// The same tokens transposed: tile [ld, kTile] with tile[d, i] = token i, element d for d < dim, and zero in
+// the columns i >= n (a key tile's missing keys must give finite products: 0 * them is what masks them).
 template <typename T>
 void load_tile_t(const T* src, const Rows& l, int64_t t0, int64_t h, int64_t n, int64_t ld, float* tile) {
-  std::fill(tile, tile + ld * kTile, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
     const T* row = src + l.offset(t0 + i, h);
     for (int64_t d = 0; d < l.dim; ++d) tile[d * kTile + i] = to_float(row[d]);
+  }
+  if (n < kTile) {
+    for (int64_t d = 0; d < l.dim; ++d) std::fill(tile + d * kTile + n, tile + (d + 1) * kTile, 0.0f);
   }
 }
 
@@ -161,6 +164,13 @@ class Tiles {
   std::vector<int64_t> first_;
 };
 
+// Tile tasks per thread below which a call stays on the calling thread: a task costs about kTile x (keys seen)
+// x dim multiply-adds per product, and waking the other threads costs as much as some 2^17 of them.
+int64_t grain(const AttentionShape& p) {
+  const int64_t work = std::min(kTile, std::max<int64_t>(1, p.seq_q)) * std::max<int64_t>(1, p.seq_k) * p.dim;
+  return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, work));
+}
+
 // The float tiles of one thread.
 struct Buffers {
   explicit Buffers(int64_t dim) : ld(padded_dim(dim)) {
@@ -222,7 +232,7 @@ void forward_impl(const AttentionParams& p) {
   const Rows ql{p.heads_q, p.dim};
   const Tiles tiles(p, false);
   const int64_t num_tiles = tiles.size();
-  parallel_for(p.heads_q * num_tiles, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(p.heads_q * num_tiles, grain(p), [&](int64_t t0, int64_t t1) {
     Buffers buf(p.dim);
     const int64_t ld = buf.ld;
     float *acc = buf.wide[3].data(), *m = buf.rows[0].data(), *l = buf.rows[1].data();
@@ -402,24 +412,28 @@ void backward_impl(const AttentionBackwardParams& p) {
   // the score tiles but spreading finer tasks over the threads. No two threads ever write the same output.
   const int64_t pairs = p.batch * p.heads_kv, group = p.heads_q / p.heads_kv;
   const int64_t longest = (std::max(p.seq_q, int64_t{1}) + kTile - 1) / kTile * kTile;
-  if (pairs >= 4 * static_cast<int64_t>(num_threads()) && group * longest * padded_dim(p.dim) <= kMaxSequenceFloats) {
-    parallel_for(pairs, 1, [&](int64_t t0, int64_t t1) {
+  const bool enough_pairs = pairs >= 4 * static_cast<int64_t>(num_threads());
+  if (enough_pairs && group * longest * padded_dim(p.dim) <= kMaxSequenceFloats) {
+    const int64_t pair_grain = std::max<int64_t>(1, grain(p) / (longest / kTile));  // a pair runs every tile
+    parallel_for(pairs, pair_grain, [&](int64_t t0, int64_t t1) {
       Buffers buf(p.dim);
       std::vector<float> dq_acc;
-      for (int64_t task = t0; task < t1; ++task) sequence_grads<T>(p, task / p.heads_kv, task % p.heads_kv, buf, dq_acc);
+      for (int64_t task = t0; task < t1; ++task) {
+        sequence_grads<T>(p, task / p.heads_kv, task % p.heads_kv, buf, dq_acc);
+      }
     });
     return;
   }
   const Tiles key_tiles(p, true), query_tiles(p, false);
   const int64_t num_k = key_tiles.size(), num_q = query_tiles.size();
-  parallel_for(p.heads_kv * num_k, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(p.heads_kv * num_k, grain(p), [&](int64_t t0, int64_t t1) {
     Buffers buf(p.dim);
     for (int64_t task = t0; task < t1; ++task) {
       const auto [b, k0] = key_tiles.at(task % num_k);
       dkdv_tile<T>(p, b, task / num_k, k0, std::min(kTile, p.k_len(b) - k0), buf);
     }
   });
-  parallel_for(p.heads_q * num_q, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(p.heads_q * num_q, grain(p), [&](int64_t t0, int64_t t1) {
     Buffers buf(p.dim);
     for (int64_t task = t0; task < t1; ++task) {
       const auto [b, q0] = query_tiles.at(task % num_q);
