@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megalith.kernels import _C, ops
 from megalith.kernels import reference as ref
@@ -57,6 +58,38 @@ def test_compiled_block_matches_eager_and_reference():
     torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-4, atol=1e-5)
     for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-5)
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every operator that reaches torch's dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_run_the_kernels_directly_with_the_registered_ops_bits(monkeypatch):
+    """Plain tensors outside torch.compile skip the custom op's dispatcher route (FusedOp), and get exactly the
+    loss and gradients the registered ops give (the route torch.compile and tensor subclasses take)."""
+    params, cos, sin, labels = _inputs()
+    with _OpNames() as seen:
+        loss = _block(*params, cos, sin, labels, m=ops)
+        grads = torch.autograd.grad(loss, params)
+    assert not {n for n in seen.names if n.startswith("megalith.")}, seen.names
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # FusedOp then calls the registered op
+    with _OpNames() as seen:
+        loss_op = _block(*params, cos, sin, labels, m=ops)
+        grads_op = torch.autograd.grad(loss_op, params)
+    used = {n.split(".")[1] for n in seen.names if n.startswith("megalith.")}
+    assert used >= {"norm_fwd", "norm_bwd", "rope", "attention_fwd", "attention_bwd", "swiglu_fwd", "swiglu_bwd",
+                    "cross_entropy_fwd", "cross_entropy_bwd"}, used  # fmt: skip
+    assert torch.equal(loss, loss_op)
+    for got, want in zip(grads, grads_op, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_compiled_with_inductor_fullgraph():

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from megalith.kernels import reference as ref
-from megalith.kernels._dispatch import _CUDA_HEAD_DIMS, _K, _check_float, _desc, _stream, _use_reference
+from megalith.kernels._dispatch import _CUDA_HEAD_DIMS, _K, _check_float, _desc, _stream, _use_reference, fused_op
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
@@ -28,7 +28,7 @@ def _ready(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone() if t.is_cuda and t.data_ptr() % 16 else t
 
 
-@torch.library.custom_op("megalith::attention_fwd", mutates_args=())
+@fused_op("megalith::attention_fwd")
 def _attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,7 +58,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, ca
     return out, q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
-@torch.library.custom_op("megalith::attention_bwd", mutates_args=())
+@fused_op("megalith::attention_bwd")
 def _attn_bwd(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from megalith.kernels import reference as ref
-from megalith.kernels._dispatch import _K, _check_float, _desc, _empty_rows, _rows, _stream, _use_reference
+from megalith.kernels._dispatch import _K, _check_float, _desc, _empty_rows, _rows, _stream, _use_reference, fused_op
 
 # ---- cross-entropy -------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("megalith::cross_entropy_fwd", mutates_args=())
+@fused_op("megalith::cross_entropy_fwd")
 def _ce_fwd(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +32,7 @@ def _(logits, target, ignore_index, label_smoothing):
     return _empty_rows(logits), _empty_rows(logits)
 
 
-@torch.library.custom_op("megalith::cross_entropy_bwd", mutates_args=())
+@fused_op("megalith::cross_entropy_bwd")
 def _ce_bwd(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -73,7 +73,7 @@ def _ce_backward(ctx, grad_loss, _grad_lse):
 _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
-@torch.library.custom_op("megalith::cross_entropy_partials", mutates_args=())
+@fused_op("megalith::cross_entropy_partials")
 def _ce_partials(
     logits: torch.Tensor, target: torch.Tensor, vocab_start: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from megalith.kernels._dispatch import (
     _stream,
     _torch_uses_openmp,
     _use_reference,
+    fused_op,
 )
 from megalith.kernels._loss_attention import cross_entropy, cross_entropy_grad, cross_entropy_partials
 
@@ -86,7 +87,7 @@ _K.use_openmp(_torch_uses_openmp())
 # ---- RMSNorm / LayerNorm -------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("megalith::norm_fwd", mutates_args=())
+@fused_op("megalith::norm_fwd")
 def _norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool, zero_centered: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,7 +107,7 @@ def _(x, weight, bias, eps, rms, zero_centered):
     return torch.empty_like(x, memory_format=torch.contiguous_format), _empty_rows(x), _empty_rows(x)
 
 
-@torch.library.custom_op("megalith::norm_bwd", mutates_args=())
+@fused_op("megalith::norm_bwd")
 def _norm_bwd(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -191,7 +192,7 @@ def layer_norm(
 # ---- scaled, masked softmax ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("megalith::softmax_fwd", mutates_args=())
+@fused_op("megalith::softmax_fwd")
 def _softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -205,7 +206,7 @@ def _(x, mask, scale, causal):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("megalith::softmax_bwd", mutates_args=())
+@fused_op("megalith::softmax_bwd")
 def _softmax_bwd(out: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
     out, grad = out.contiguous(), grad.contiguous()
     dx = torch.empty(out.shape, dtype=out.dtype, device=out.device)
@@ -257,7 +258,7 @@ def scaled_softmax(x: torch.Tensor, scale: float = 1.0, causal: bool = False, ma
 # ---- rotary position embedding -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("megalith::rope", mutates_args=())
+@fused_op("megalith::rope")
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, inverse: bool) -> torch.Tensor:
     x, cos, sin = _inner_dense(x), cos.contiguous(), sin.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -308,7 +309,7 @@ def rope(x_BSND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved
 # ---- SwiGLU and bias-GeLU ------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("megalith::swiglu_fwd", mutates_args=())
+@fused_op("megalith::swiglu_fwd")
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = _rows(gate), _rows(up)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -321,7 +322,7 @@ def _(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("megalith::swiglu_bwd", mutates_args=())
+@fused_op("megalith::swiglu_bwd")
 def _swiglu_bwd(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gate, up, grad = _rows(gate), _rows(up), _rows(grad)
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -363,7 +364,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor):
     return _swiglu_fwd(gate, up)
 
 
-@torch.library.custom_op("megalith::bias_gelu_fwd", mutates_args=())
+@fused_op("megalith::bias_gelu_fwd")
 def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
     x, bias = _rows(x), None if bias is None else bias.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -376,7 +377,7 @@ def _(x, bias, tanh):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("megalith::bias_gelu_bwd", mutates_args=())
+@fused_op("megalith::bias_gelu_bwd")
 def _bias_gelu_bwd(x: torch.Tensor, bias: torch.Tensor | None, grad: torch.Tensor, tanh: bool) -> torch.Tensor:
     x, bias, grad = _rows(x), None if bias is None else bias.contiguous(), _rows(grad)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
