@@ -109,6 +109,7 @@ def test_each_instruction_set_matches_the_reference(isa, dtype):
     assert ops.cpu_isa() == isa
     test_ops.test_rms_norm("cpu", dtype, (3, 37), True)
     test_ops.test_layer_norm("cpu", dtype, (2, 5, 128), True, False)
+    test_ops.test_layer_norm("cpu", dtype, (2, 1000), True, False)  # 64-lane blocks and a 40-wide tail
     test_ops.test_scaled_softmax("cpu", dtype, (1, 2, 5, 13), True, True)
     test_ops.test_rope("cpu", dtype, (1, 13, 2, 40), 24, False)
     test_ops.test_rope("cpu", dtype, (2, 7, 3, 64), 64, True)
