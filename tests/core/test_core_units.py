@@ -23,6 +23,7 @@ from megalith.core import (
     get_preset,
 )
 from megalith.core.models import rope_tables_at
+from megalith.core.parallel.random import derive_seed
 from tests.core.parallel_checks import build, gpt_config, llama_config
 from tests.harness import run_distributed
 
@@ -169,6 +170,8 @@ def test_rng_tracker_streams():
         tb = torch.rand(8)
     assert torch.equal(before, torch.get_rng_state())
     assert torch.equal(ra, rb) and not torch.equal(ta, tb)
+    torch.manual_seed(derive_seed(5, "replicated", 0, 0))  # a stream starts where torch.manual_seed(its seed) does
+    assert torch.equal(ra, torch.rand(8))
     with a.fork("replicated"):
         assert not torch.equal(torch.rand(8), ra)  # the stream advanced
     states = a.get_states()

@@ -67,12 +67,15 @@ class RNGTracker:
         """Registers stream `name` starting from `seed`."""
         if name in self._states:
             raise ValueError(f"RNGTracker: stream {name!r} already exists")
+        if self.device.type != "cuda":
+            # A fresh generator's state is what torch.manual_seed(seed) gives the default one, without
+            # torch.manual_seed's seeding of every lazy device backend (~0.1 ms on a CPU-only torch; the
+            # trainer reseeds each step).
+            self._states[name] = torch.Generator().manual_seed(seed).get_state()
+            return
         saved = self._get()
         try:
-            if self.device.type == "cuda":
-                torch.cuda.manual_seed(seed)
-            else:
-                torch.manual_seed(seed)
+            torch.cuda.manual_seed(seed)
             self._states[name] = self._get()
         finally:
             self._set(saved)
