@@ -137,3 +137,21 @@ def test_metrics_report_aux_losses_load_per_layer_and_dropped_tokens(tmp_path):
     assert last["moe_aux_loss"] > 0 and last["moe_z_loss"] > 0
     assert 0 <= last["moe_dropped_fraction"] < 1
     assert last["moe_load_cv_max"] == max(last[f"moe_load_cv/layer{i}"] for i in range(4))
+
+
+def _fp8_run(rank, world_size, tmp):
+    cfg = make_config(tmp, *MOE, "parallel.ep=2", "fp8.recipe=rowwise", "precision.dtype=bf16")
+    trainer = Trainer(cfg, stream=io.StringIO())
+    experts = [type(m).__name__ for c in trainer.chunks for m in c.module.modules() if hasattr(m, "fp8_casts")]
+    trainer.fit()
+    trainer.close()
+    return experts
+
+
+def test_moe_trains_with_fp8_experts_under_expert_parallelism(tmp_path):
+    experts = run_distributed(_fp8_run, 2, str(tmp_path), timeout=600)[0]
+    assert experts.count("Fp8GroupedExperts") == 4
+    last = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()][-1]
+    assert math.isfinite(last["loss"]) and 0 <= last["fp8_saturated"] < 1e-3 and "fp8_grad_underflow" in last
+    with pytest.raises(ValueError, match=r"fp8\.recipe=delayed is not supported for the routed experts"):
+        Trainer(make_config(tmp_path / "delayed", *MOE, "fp8.recipe=delayed"), stream=io.StringIO())

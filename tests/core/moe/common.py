@@ -91,26 +91,28 @@ def assemble(per_rank: list[dict], atol: float = 0.0) -> dict[str, torch.Tensor]
     return full
 
 
-def build(cfg, dims, parallel: ParallelConfig, *, zero=False, dtype=torch.float32, bucket_size=400):
-    chunks = build_model_chunks(cfg, dims, parallel=parallel, dtype=dtype, seed=7)
+def build(cfg, dims, parallel: ParallelConfig, *, zero=False, dtype=torch.float32, bucket_size=400, fp8=None):
+    chunks = build_model_chunks(cfg, dims, parallel=parallel, dtype=dtype, seed=7, fp8=fp8)
     ddp = DDPConfig(bucket_size=bucket_size, use_distributed_optimizer=zero)
     return [DistributedDataParallel(c, dims, ddp) for c in chunks]
 
 
 def train_worker(rank, world, cfg: ModelConfig, layout: dict, m: int, steps: int, *, zero=False, clip=0.0,
-                 precision="fp32", grads_only=False):  # fmt: skip
-    """`steps` AdamW steps in layout {tp, pp, ep, sequence_parallel, ...}; returns what the tests compare."""
+                 precision="fp32", grads_only=False, fp8=None, same_data=False):  # fmt: skip
+    """`steps` AdamW steps in layout {tp, pp, ep, sequence_parallel, ...}; returns what the tests compare.
+    `same_data`: every data rank reads data rank 0's micro-batches (the one-process run then reads them once)."""
     parallel = ParallelConfig(**layout)
     dims = ParallelDims.from_config(parallel, world)
     pcfg = PrecisionConfig(dtype=precision)
-    chunks = build(cfg, dims, parallel, zero=zero, dtype=pcfg.param_dtype)
+    chunks = build(cfg, dims, parallel, zero=zero, dtype=pcfg.param_dtype, fp8=fp8)
     scaler = make_loss_scaler(pcfg)
     opt = AdamW(chunks, dims, OptimizerConfig(**OPT, clip_grad=clip, fused=False), loss_scaler=scaler)
     seq = cfg.max_seq_len // (dims.tp if parallel.sequence_parallel else 1)
     losses, reports, norms, grads = [], [], [], None
     for step in range(steps):
         opt.zero_grad()
-        batches = step_batches(cfg, step, m, dims.data_parallel_size)[dims.data_rank]
+        ranks, rank = (1, 0) if same_data else (dims.data_parallel_size, dims.data_rank)
+        batches = step_batches(cfg, step, m, ranks)[rank]
         losses.append(
             forward_backward(
                 chunks,
@@ -146,9 +148,10 @@ def reference_step_loss(model, batches):
     return total / len(batches), float(lm) / len(batches)
 
 
-def reference_training(cfg: ModelConfig, m: int, data_ranks: int, steps: int, clip: float = 0.0, grads_only=False):
+def reference_training(cfg: ModelConfig, m: int, data_ranks: int, steps: int, clip: float = 0.0, grads_only=False,
+                       fp8=None):  # fmt: skip
     """One process, torch.optim.AdamW on the whole global batch, expert biases updated after each step."""
-    (model,) = build_model_chunks(cfg, seed=7)
+    (model,) = build_model_chunks(cfg, seed=7, fp8=fp8)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megalith.core.fp8 import Fp8Config
 from tests.core.moe.common import OPT, assemble, moe_config, reference_training, train_worker
 from tests.harness import run_distributed
 
@@ -30,7 +31,9 @@ LAYOUTS = {
 
 def _compare(cfg, world, layout, options, *, param_atol=3e-5):
     pp_tp = layout.get("pp", 1) * layout.get("tp", 1)
-    ref = reference_training(cfg, MICROBATCHES, world // pp_tp, STEPS, clip=options.get("clip", 0.0))
+    ref = reference_training(
+        cfg, MICROBATCHES, world // pp_tp, STEPS, clip=options.get("clip", 0.0), fp8=options.get("fp8")
+    )
     results = run_distributed(train_worker, world, cfg, layout, MICROBATCHES, STEPS, timeout=600, **options)
     for out in results:
         assert out["losses"] == pytest.approx(ref["losses"], rel=1e-5)
@@ -56,6 +59,38 @@ def _compare(cfg, world, layout, options, *, param_atol=3e-5):
 def test_expert_parallel_training_matches_one_process(name):
     world, layout, options = LAYOUTS[name]
     _compare(moe_config(), world, layout, options)
+
+
+FP8_LAYOUTS = {
+    "rowwise-ep2": (2, {"ep": 2}, "rowwise"),
+    "rowwise-ep2xtp2-sp": (4, {"ep": 2, "tp": 2, "sequence_parallel": True}, "rowwise"),
+    "tensorwise-ep2xtp2": (4, {"ep": 2, "tp": 2}, "tensorwise"),
+    "tensorwise-ep2xpp2": (4, {"ep": 2, "pp": 2}, "tensorwise"),
+}
+
+
+@pytest.mark.parametrize("name", list(FP8_LAYOUTS))
+def test_fp8_experts_match_one_process(name):
+    """The routed experts' fp8 projections (each expert its own scales; amaxes over a dimension split by expert
+    tp reduced over tp) give the one-process fp8 training. fp8 scales span tokens (an expert's rows, or for the
+    weight gradient the tokens of each column), so they depend on which tokens meet in one matmul: every data
+    rank reads the same micro-batches here, and an expert then sees each token twice, which changes no amax."""
+    world, layout, recipe = FP8_LAYOUTS[name]
+    fp8, cfg = Fp8Config(recipe=recipe), moe_config()
+    ref = reference_training(cfg, MICROBATCHES, 1, STEPS, fp8=fp8)
+    results = run_distributed(train_worker, world, cfg, layout, MICROBATCHES, STEPS, fp8=fp8, same_data=True,
+                              timeout=600)  # fmt: skip
+    for out in results:
+        assert out["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        assert [r.aux_loss for r in out["reports"]] == pytest.approx([r.aux_loss for r in ref["reports"]], rel=1e-5)
+    grads = assemble([out["grads"] for out in results], atol=1e-6)
+    for name_, want in ref["grads"].items():
+        torch.testing.assert_close(grads[name_], want, rtol=1e-4, atol=2e-6, msg=name_)
+    params = assemble([out["params"] for out in results], atol=1e-6)
+    for name_, want in ref["params"].items():
+        torch.testing.assert_close(params[name_], want, rtol=1e-4, atol=3e-5, msg=name_)
+    plain = reference_training(cfg, MICROBATCHES, 1, 1, grads_only=True)
+    assert abs(ref["losses"][0] - plain["losses"][0]) > 1e-4, "fp8 must change the numbers"
 
 
 def test_sigmoid_router_with_expert_bias_and_sequence_aux_loss():

@@ -99,10 +99,11 @@ def build_model_chunks(
     runtime = runtime or RuntimeConfig()
     if fp8 is not None and fp8.enabled and dtype == torch.float16:
         raise ValueError(f"fp8 (recipe {fp8.recipe}) with float16 parameters is not supported: use bfloat16 or float32")
-    if config.num_experts and fp8 is not None and fp8.enabled:
+    if config.num_experts and fp8 is not None and fp8.enabled and fp8.backend == "te":
         raise ValueError(
-            f"fp8 (recipe {fp8.recipe}) with a mixture-of-experts model (num_experts={config.num_experts}) is not "
-            "supported yet: the experts' stacked weights have no fp8 path; set fp8.recipe to none"
+            f"fp8.backend=te with a mixture-of-experts model (num_experts={config.num_experts}) is not supported: "
+            "Megalith swaps only dense linears for Transformer Engine modules; use fp8.backend=native (recipes "
+            "tensorwise or rowwise for the experts)"
         )
     if config.num_experts and runtime.compile:
         raise ValueError(

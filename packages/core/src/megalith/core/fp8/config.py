@@ -16,7 +16,7 @@ _TE_RECIPES = ("tensorwise", "delayed", "mxfp8")
 HIGH_PRECISION_MODULES = (
     "the token and position embeddings",
     "the output layer (and the tied embedding it may share)",
-    "the MoE router (once MoE exists)",
+    "the MoE router and the shared-expert gate",
     "the norms",
     "the attention core (softmax(q k^T) v)",
 )

@@ -24,7 +24,7 @@ import torch
 from megalith.core.fp8.gemm import fp8_mm
 from megalith.core.fp8.quantize import FORMATS, amax_of, cast_stats, cast_to_fp8, reduce_amax, scale_from_amax
 
-__all__ = ["GRAD", "INPUT", "ROLES", "WEIGHT", "LinearCasts", "fp8_linear"]
+__all__ = ["GRAD", "INPUT", "ROLES", "WEIGHT", "LinearCasts", "fp8_grouped_linear", "fp8_linear"]
 
 INPUT, WEIGHT, GRAD = 0, 1, 2
 ROLES = ("input", "weight", "grad")
@@ -127,6 +127,27 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y if bias is None else y + bias
 
 
+def fp8_grouped_linear(x_NK: torch.Tensor, w_EMK: torch.Tensor, counts_E: torch.Tensor, casts: LinearCasts, *,
+                       training: bool) -> torch.Tensor:  # fmt: skip
+    """Row group e of `x_NK` (`counts_E[e]` rows, in order) times `w_EMK[e]^T`, each group an fp8 linear: [N, M].
+
+    The MoE experts' projections: every expert is its own fp8 matmul, so a tensorwise scale covers one expert's
+    weight and the rows routed to it here (and its output gradient), a rowwise one a row of either; both match
+    one process whatever the expert-parallel layout when the same rows reach the expert together (rowwise
+    always: its scales never span rows). An expert with no rows multiplies in the parameter dtype (nothing to
+    scale; its weight still gets its zero gradient).
+    """
+    casts.state.follow(x_NK.device)
+    record = training and torch.is_grad_enabled()
+    parts = torch.split(x_NK, counts_E.tolist(), dim=0)
+    weights = w_EMK.unbind(0)  # one backward node stacks every expert's gradient (indexing would add E copies)
+    outs = [
+        _Fp8Matmul.apply(part, w, casts, record) if part.shape[0] else part @ w.t()
+        for part, w in zip(parts, weights, strict=True)
+    ]
+    return torch.cat(outs, dim=0)
+
+
 class Fp8Matmul:
     """Mixed in before a linear layer's own class: its local matmul runs in fp8.
 
@@ -145,3 +166,13 @@ class Fp8PlainLinear(Fp8Matmul):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.weight, self.bias)
+
+
+class Fp8GroupedExperts:
+    """Mixed in before `GroupedExperts`: both expert projections run as fp8 grouped linears (`fp8_casts`: fc1's
+    casts, fc2's)."""
+
+    fp8_casts: tuple[LinearCasts, LinearCasts]
+
+    def project(self, x_NK: torch.Tensor, w_EMK: torch.Tensor, counts_E: torch.Tensor, which: int) -> torch.Tensor:
+        return fp8_grouped_linear(x_NK, w_EMK, counts_E, self.fp8_casts[which], training=self.training)

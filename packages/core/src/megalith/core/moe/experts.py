@@ -36,13 +36,17 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Rows `counts_E[0]` of `x_NH` through expert 0, the next `counts_E[1]` through expert 1, ...: [N, H]."""
-        h_NF1 = grouped_mm(x_NH, self.fc1.transpose(1, 2), counts_E, self.gemm)
+        h_NF1 = self.project(x_NH, self.fc1, counts_E, 0)
         if self.swiglu:
             gate_NF, up_NF = h_NF1.chunk(2, dim=-1)  # under expert tp: this rank's [gate_r; up_r]
             h_NF = self.ops.swiglu(gate_NF, up_NF)
         else:
             h_NF = self.ops.gelu(h_NF1)
-        return grouped_mm(h_NF, self.fc2.transpose(1, 2), counts_E, self.gemm)
+        return self.project(h_NF, self.fc2, counts_E, 1)
+
+    def project(self, x_NK: torch.Tensor, w_EMK: torch.Tensor, counts_E: torch.Tensor, which: int) -> torch.Tensor:
+        """Row group e of `x_NK` times `w_EMK[e]^T` (`which`: 0 for fc1, 1 for fc2; fp8 overrides this)."""
+        return grouped_mm(x_NK, w_EMK.transpose(1, 2), counts_E, self.gemm)
 
 
 def apply_expert_gemm(model: nn.Module, mode: str) -> nn.Module:
