@@ -416,10 +416,8 @@ def test_text_that_cannot_be_cut_is_limited_by_max_document_bytes(tmp_path, caps
         "--max-document-bytes 1,000 allows to encode at once (use --on-bad-line skip to skip such lines)\n"
     )
     assert main([*args, "--tokenizer-type", "SentencePieceTokenizer", *sp, "--on-bad-line", "skip"]) == 0
-    assert (
-        "2 documents, " in capsys.readouterr().out
-        and "2 bad lines skipped" in capsys.readouterr().out + "2 bad lines skipped"
-    )
+    out = capsys.readouterr().out
+    assert "2 documents, " in out and "2 bad lines skipped" in out, out
     # A byte-level tokenizer cuts the spaced text, but not 3,000 bytes without a space.
     assert main([*args, "--tokenizer-type", "ByteTokenizer", "--force"]) == 2
     assert capsys.readouterr().err.startswith(
