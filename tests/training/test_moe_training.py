@@ -155,3 +155,17 @@ def test_moe_trains_with_fp8_experts_under_expert_parallelism(tmp_path):
     assert math.isfinite(last["loss"]) and 0 <= last["fp8_saturated"] < 1e-3 and "fp8_grad_underflow" in last
     with pytest.raises(ValueError, match=r"fp8\.recipe=delayed is not supported for the routed experts"):
         Trainer(make_config(tmp_path / "delayed", *MOE, "fp8.recipe=delayed"), stream=io.StringIO())
+
+
+def _cp_run(rank, world_size, tmp, cp):
+    losses, _ = train_losses(make_config(f"{tmp}/cp{cp}", *MOE, f"parallel.cp={cp}", "model.moe_capacity_factor=null"))
+    return [loss for _, loss in losses]
+
+
+def test_moe_trains_under_context_parallelism_like_one_process(tmp_path):
+    """megalith-train with a mixture-of-experts model at cp2 (each rank half of every sequence) repeats the cp1
+    loss curve: the routers' load-balancing losses see the whole sequences' token counts."""
+    (cp1,) = run_distributed(_cp_run, 1, str(tmp_path), 1, timeout=600)
+    cp2 = run_distributed(_cp_run, 2, str(tmp_path), 2, timeout=600)
+    for losses in cp2:
+        assert losses == pytest.approx(cp1, rel=1e-5)

@@ -107,7 +107,7 @@ def train_worker(rank, world, cfg: ModelConfig, layout: dict, m: int, steps: int
     chunks = build(cfg, dims, parallel, zero=zero, dtype=pcfg.param_dtype, fp8=fp8)
     scaler = make_loss_scaler(pcfg)
     opt = AdamW(chunks, dims, OptimizerConfig(**OPT, clip_grad=clip, fused=False), loss_scaler=scaler)
-    seq = cfg.max_seq_len // (dims.tp if parallel.sequence_parallel else 1)
+    seq = cfg.max_seq_len // (dims.tp if parallel.sequence_parallel else 1) // dims.cp
     losses, reports, norms, grads = [], [], [], None
     for step in range(steps):
         opt.zero_grad()

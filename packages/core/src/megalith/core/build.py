@@ -126,10 +126,11 @@ def build_model_chunks(
             f"runtime.compile with context parallelism (cp={dims.cp}) is not supported: the ring and all-gather "
             "exchanges are not traceable inside a fullgraph block; set runtime.compile to false"
         )
-    if dims.cp > 1 and config.num_experts:
+    if dims.cp > 1 and config.num_experts and config.moe_capacity_factor is not None:
         raise ValueError(
-            f"context parallelism (cp={dims.cp}) with a mixture-of-experts model (num_experts={config.num_experts}) "
-            "is not supported yet: each cp rank would balance its routers over its own part of the sequence only"
+            f"model.moe_capacity_factor ({config.moe_capacity_factor}) with context parallelism (cp={dims.cp}) is "
+            "not supported: capacity is decided over a micro-batch's whole sequences, which cp splits; drop no "
+            "tokens (moe_capacity_factor null) or use cp=1"
         )
     with torch.device("meta"):
         model = Transformer(config)

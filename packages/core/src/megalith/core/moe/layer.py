@@ -17,6 +17,8 @@ expert-bias update. Neither happens while a recomputation replays the forward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -74,6 +76,7 @@ class MoE(nn.Module):
         # The parallel layout (apply_expert_parallel sets these; the defaults are one device).
         self.dispatcher = LocalDispatcher(config.num_experts)
         self.tp_group, self.expert_tp, self.sequence_parallel = None, 1, False
+        self.cp_group = None  # context parallelism: the micro-batch's sequences are split over these ranks too
         self.stats: MoEStepStats | None = None
         self._pending_aux: torch.Tensor | None = None
 
@@ -143,17 +146,19 @@ class MoE(nn.Module):
         statistics."""
         c, experts_Tk = self.config, routing.experts_Tk
         counts_E = torch.bincount(experts_Tk.reshape(-1), minlength=self.num_experts)
-        num_tokens = b * s * (group_size(self.tp_group) if sp else 1)  # the micro-batch's tokens
+        # The micro-batch's sequences are split over tp (sequence parallelism) and cp: the losses take the
+        # counts of all of its tokens, and each rank's share sums over those ranks to the whole micro-batch's.
+        splits = [g for g, on in ((self.tp_group, sp), (self.cp_group, self.cp_group is not None)) if on]
+        num_tokens = b * s * math.prod(group_size(g) for g in splits)  # the micro-batch's tokens
         aux = experts_Tk.new_zeros((), dtype=torch.float32)
         if c.moe_aux_loss_coeff > 0:
             if c.moe_aux_loss_type == "micro_batch":
-                balance = switch_aux_loss(routing.probs_TE, _sum_over(counts_E, sp, self.tp_group), num_tokens,
-                                          self.top_k)  # fmt: skip
+                balance = switch_aux_loss(routing.probs_TE, _sum_over(counts_E, splits), num_tokens, self.top_k)
             else:
                 counts_BE = torch.zeros(b, self.num_experts, dtype=torch.int64, device=experts_Tk.device)
                 slots_BX = experts_Tk.reshape(b, -1)
                 counts_BE.scatter_add_(1, slots_BX, torch.ones_like(slots_BX))
-                balance = sequence_aux_loss(routing.probs_TE.view(b, s, -1), _sum_over(counts_BE, sp, self.tp_group),
+                balance = sequence_aux_loss(routing.probs_TE.view(b, s, -1), _sum_over(counts_BE, splits),
                                             num_tokens // b, self.top_k)  # fmt: skip
             aux = aux + c.moe_aux_loss_coeff * balance
         zl = c.moe_z_loss_coeff * z_loss(routing.logits_TE, num_tokens) if c.moe_z_loss_coeff > 0 else None
@@ -171,12 +176,13 @@ class MoE(nn.Module):
         self.stats.microbatches += 1
 
 
-def _sum_over(t: torch.Tensor, enabled: bool, group) -> torch.Tensor:
-    """`t` summed over `group` when `enabled` (token counts of a sequence split over tp); no gradient."""
-    if not enabled:
+def _sum_over(t: torch.Tensor, groups: list) -> torch.Tensor:
+    """`t` summed over each of `groups` (token counts of sequences split over tp and cp); no gradient."""
+    if not groups:
         return t
     t = t.clone()
-    dist.all_reduce(t, group=group)
+    for group in groups:
+        dist.all_reduce(t, group=group)
     return t
 
 

@@ -54,6 +54,7 @@ def apply_expert_parallel(
         moe.dispatcher = make_dispatcher(dispatcher, moe.num_experts, dims.ep_group)
         moe.tp_group, moe.expert_tp = dims.tp_group, etp
         moe.sequence_parallel = sequence_parallel and dims.tp > 1
+        moe.cp_group = dims.cp_group if dims.cp > 1 else None
     return model
 
 

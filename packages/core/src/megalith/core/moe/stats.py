@@ -80,14 +80,14 @@ def finish_moe_step(chunks: Sequence[nn.Module], dims=None, *, update_bias: bool
     e = config.num_experts
     device = next(unwrap(chunks[0]).parameters()).device
     buf = torch.zeros(config.num_layers, e + 5, dtype=torch.float64, device=device)
-    tp_rank = 0 if dims is None else dims.tp_rank
+    tp_rank, cp_rank = (0, 0) if dims is None else (dims.tp_rank, dims.cp_rank)
     for index, moe in layers:
         stats, moe.stats = moe.stats, None
         if stats is None or not (moe.sequence_parallel or tp_rank == 0):
             continue
-        buf[index, :e] = stats.tokens_E
+        buf[index, :e] = stats.tokens_E  # cp ranks hold different tokens (and shares of the losses): all count
         buf[index, e : e + 4] = stats.sums
-        if tp_rank == 0:  # micro-batches are counted once per data rank
+        if tp_rank == 0 and cp_rank == 0:  # micro-batches are counted once per data rank
             buf[index, e + _MICROBATCHES] = stats.microbatches
     if dims is not None and dist.is_available() and dist.is_initialized() and dims.world_size > 1:
         dist.all_reduce(buf)
