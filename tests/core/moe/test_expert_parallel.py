@@ -134,35 +134,29 @@ def test_bf16_expert_parallel_tracks_fp32():
         torch.testing.assert_close(params[name], want, rtol=5e-2, atol=atol, msg=name)
 
 
-def _fsdp_refusal(rank, world):
-    from megalith.core import ParallelDims, build_model_chunks
+def _refusal(rank, world, what: str):
+    """The ValueError message of building `what` on this rank (None when nothing refuses it)."""
+    from megalith.core import ParallelConfig, ParallelDims, build_model_chunks
     from megalith.core.distributed import apply_fsdp2
 
-    (model,) = build_model_chunks(moe_config(), ParallelDims(dp=world))
     try:
-        apply_fsdp2(model, ParallelDims(dp=world))
+        if what == "fsdp2":
+            (model,) = build_model_chunks(moe_config(), ParallelDims(dp=world))
+            apply_fsdp2(model, ParallelDims(dp=world))
+        else:  # a capacity factor under cp
+            parallel = ParallelConfig(cp=2)
+            build_model_chunks(moe_config(moe_capacity_factor=1.0), ParallelDims.from_config(parallel, world),
+                               parallel=parallel)  # fmt: skip
     except ValueError as exc:
         return str(exc)
     return None
 
 
 def test_fsdp2_refuses_moe_models():
-    for message in run_distributed(_fsdp_refusal, 2, timeout=300):
+    for message in run_distributed(_refusal, 2, "fsdp2", timeout=300):
         assert message is not None and "does not shard mixture-of-experts models" in message
 
 
-def _cp_capacity_refusal(rank, world):
-    from megalith.core import ParallelConfig, ParallelDims, build_model_chunks
-
-    parallel = ParallelConfig(cp=2)
-    try:
-        build_model_chunks(moe_config(moe_capacity_factor=1.0), ParallelDims.from_config(parallel, world),
-                           parallel=parallel)  # fmt: skip
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 def test_a_capacity_factor_is_refused_under_context_parallelism():
-    for message in run_distributed(_cp_capacity_refusal, 2, timeout=300):
+    for message in run_distributed(_refusal, 2, "cp-capacity", timeout=300):
         assert message is not None and "moe_capacity_factor (1.0) with context parallelism (cp=2)" in message

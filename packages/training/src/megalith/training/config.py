@@ -29,7 +29,8 @@ T = TypeVar("T")
 DecayStyle = Literal["constant", "linear", "cosine", "wsd", "inverse-sqrt"]
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
+    """Raises ValueError(message) unless `ok` (the configs' field checks)."""
     if not ok:
         raise ValueError(message)
 
@@ -60,22 +61,22 @@ class ScheduleConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(
             self.warmup_fraction is None or 0 <= self.warmup_fraction < 1,
             f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}",
         )
-        _check(self.warmup_init_lr >= 0, f"warmup_init_lr must be >= 0, got {self.warmup_init_lr}")
-        _check(self.decay_steps is None or self.decay_steps > 0, f"decay_steps must be > 0, got {self.decay_steps}")
-        _check(self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}")
-        _check(0 < self.wsd_decay_fraction <= 1, f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
-        _check(
+        check(self.warmup_init_lr >= 0, f"warmup_init_lr must be >= 0, got {self.warmup_init_lr}")
+        check(self.decay_steps is None or self.decay_steps > 0, f"decay_steps must be > 0, got {self.decay_steps}")
+        check(self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}")
+        check(0 < self.wsd_decay_fraction <= 1, f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+        check(
             self.wsd_decay_steps is None or self.wsd_decay_steps > 0,
             f"wsd_decay_steps must be > 0, got {self.wsd_decay_steps}",
         )
         for name in ("weight_decay_start", "weight_decay_end"):
             value = getattr(self, name)
-            _check(value is None or value >= 0, f"{name} must be >= 0, got {value}")
+            check(value is None or value >= 0, f"{name} must be >= 0, got {value}")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -100,32 +101,32 @@ class TrainingConfig:
     max_consecutive_nonfinite: int = option(5, help="Stop with an error after this many non-finite losses in a row.")
 
     def __post_init__(self) -> None:
-        _check(self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        _check(self.global_batch_size >= 1, f"global_batch_size must be >= 1, got {self.global_batch_size}")
-        _check(
+        check(self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        check(self.global_batch_size >= 1, f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        check(
             self.global_batch_size % self.micro_batch_size == 0,
             f"global_batch_size ({self.global_batch_size}) is not a multiple of micro_batch_size "
             f"({self.micro_batch_size})",
         )
-        _check(
+        check(
             (self.train_iters is None) != (self.train_samples is None),
             f"set exactly one of train_iters ({self.train_iters}) and train_samples ({self.train_samples})",
         )
-        _check(self.train_iters is None or self.train_iters >= 1, f"train_iters must be >= 1, got {self.train_iters}")
-        _check(
+        check(self.train_iters is None or self.train_iters >= 1, f"train_iters must be >= 1, got {self.train_iters}")
+        check(
             self.train_samples is None or self.train_samples >= 1,
             f"train_samples must be >= 1, got {self.train_samples}",
         )
-        _check(
+        check(
             self.eval_interval is None or self.eval_interval >= 1,
             f"eval_interval must be >= 1, got {self.eval_interval}",
         )
-        _check(self.eval_iters >= 1, f"eval_iters must be >= 1, got {self.eval_iters}")
-        _check(
+        check(self.eval_iters >= 1, f"eval_iters must be >= 1, got {self.eval_iters}")
+        check(
             self.exit_duration_min is None or self.exit_duration_min > 0,
             f"exit_duration_min must be > 0, got {self.exit_duration_min}",
         )
-        _check(
+        check(
             self.max_consecutive_nonfinite >= 1,
             f"max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}",
         )
@@ -170,11 +171,11 @@ class CheckpointConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.save_interval is None or self.save_interval >= 1,
             f"save_interval must be >= 1, got {self.save_interval}",
         )
-        _check(self.keep_last is None or self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        check(self.keep_last is None or self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -191,8 +192,8 @@ class LoggingConfig:
     peak_tflops: float | None = option(None, help="Peak TFLOP/s per device for MFU; None: from the device table.")
 
     def __post_init__(self) -> None:
-        _check(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
-        _check(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be > 0, got {self.peak_tflops}")
+        check(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
+        check(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be > 0, got {self.peak_tflops}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,14 +19,9 @@ from megalith.core.fp8 import Fp8Config
 from megalith.core.loss import LossConfig
 from megalith.core.parallel_dims import ParallelConfig
 from megalith.core.precision import PrecisionConfig
-from megalith.training.config import CheckpointConfig, LoggingConfig, ScheduleConfig, TrainingConfig
+from megalith.training.config import CheckpointConfig, LoggingConfig, ScheduleConfig, TrainingConfig, check
 
 __all__ = ["DataConfig", "RunConfig"]
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -69,34 +64,34 @@ class DataConfig:
         return bool(self.synthetic) or (self.synthetic is None and self.blend is None and self.train_blend is None)
 
     def __post_init__(self) -> None:
-        _check(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
-        _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        check(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
+        check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         has_files = self.blend is not None or self.train_blend is not None
-        _check(
+        check(
             not (self.synthetic and has_files), "set either synthetic=true or a blend (blend / train_blend), not both"
         )
-        _check(
+        check(
             not (self.blend is not None and (self.train_blend or self.valid_blend)),
             "set either blend (with split) or train_blend/valid_blend, not both",
         )
-        _check(
+        check(
             self.synthetic is not False or has_files,
             "no training data: synthetic is false and no blend is set (data.blend or data.train_blend)",
         )
-        _check(
+        check(
             self.tokenizer_model is None or self.tokenizer_type is not None,
             f"tokenizer_model is set ({self.tokenizer_model!r}) but tokenizer_type is not",
         )
         null = self.tokenizer_type == "NullTokenizer"
-        _check(
+        check(
             (self.vocab_size is not None) == null,
             "tokenizer_type NullTokenizer needs data.vocab_size"
             if null
             else f"data.vocab_size ({self.vocab_size}) is for tokenizer_type NullTokenizer only",
         )
-        _check(self.vocab_size is None or self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}")
+        check(self.vocab_size is None or self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}")
         for name in ("reset_position_ids", "reset_attention_mask"):
-            _check(
+            check(
                 not (getattr(self, name) and self.use_synthetic),
                 f"data.{name} needs documents separated by end-of-document tokens: set data.blend or "
                 "data.train_blend (synthetic data has none)",
@@ -150,7 +145,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         model, p, t = self.model, self.parallel, self.training
-        _check(
+        check(
             self.data.seq_len <= model.max_seq_len,
             f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})",
         )
@@ -158,54 +153,54 @@ class RunConfig:
         check_expert_parallel(model, p.ep, p.resolved_expert_tp)
         stages = p.pp * p.virtual_stages
         if p.layers_per_stage is None:
-            _check(
+            check(
                 model.num_layers % stages == 0,
                 f"model.num_layers ({model.num_layers}) is not divisible by parallel.pp * virtual_stages ({stages})",
             )
         else:
-            _check(
+            check(
                 len(p.layers_per_stage) == stages and sum(p.layers_per_stage) == model.num_layers,
                 f"parallel.layers_per_stage {p.layers_per_stage} must have {stages} entries summing to "
                 f"model.num_layers ({model.num_layers})",
             )
-        _check(
+        check(
             self.data.seq_len % (2 * p.cp) == 0,
             f"data.seq_len ({self.data.seq_len}) is not divisible by 2 * parallel.cp = {2 * p.cp} (context "
             f"parallelism cuts every sequence into 2 * cp chunks)",
         )
         local = self.data.seq_len // p.cp
-        _check(
+        check(
             not p.sequence_parallel or local % p.tp == 0,
             f"data.seq_len ({self.data.seq_len}) / parallel.cp ({p.cp}) is not divisible by parallel.tp ({p.tp}) "
             "(sequence_parallel)"
             if p.cp > 1
             else f"data.seq_len ({self.data.seq_len}) is not divisible by parallel.tp ({p.tp}) (sequence_parallel)",
         )
-        _check(
+        check(
             p.cp == 1 or self.runtime.attention_dropout == 0,
             f"runtime.attention_dropout ({self.runtime.attention_dropout}) must be 0 under context parallelism "
             f"(parallel.cp={p.cp}): the attention kernel has no dropout",
         )
         if t.eval_interval is not None:
-            _check(
+            check(
                 self.data.use_synthetic or self.data.valid_blend is not None or self.data.blend is not None,
                 "training.eval_interval is set but there is no validation data (data.blend or data.valid_blend)",
             )
-        _check(
+        check(
             self.schedule.warmup_steps <= t.total_steps,
             f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds the run length ({t.total_steps} steps)",
         )
-        _check(
+        check(
             not (self.fp8.enabled and self.precision.dtype == "fp16"),
             f"fp8.recipe={self.fp8.recipe} cannot be combined with precision.dtype=fp16 (fp16 loss scaling and fp8 "
             f"scaling do not compose); use precision.dtype=bf16",
         )
-        _check(
+        check(
             not (self.ddp.overlap_param_gather and self.runtime.compile),
             "ddp.overlap_param_gather=true cannot be combined with runtime.compile=true: the forward pre-hooks that "
             "wait for each parameter gather would run inside the compiled blocks; turn one of them off",
         )
-        _check(
+        check(
             self.schedule.min_lr <= self.optimizer.lr,
             f"schedule.min_lr ({self.schedule.min_lr}) exceeds optimizer.lr ({self.optimizer.lr})",
         )

@@ -93,11 +93,11 @@ class FusedOps:
     name = "fused"
 
     def __init__(self):
-        _kernel_ops()  # fail at model construction, with the reason, rather than in the first forward
+        fused_kernel_ops()  # fail at model construction, with the reason, rather than in the first forward
 
     @property
     def _ops(self):
-        return _kernel_ops()
+        return fused_kernel_ops()
 
     def attention(
         self, q_BSND, k_BTKD, v_BTKD, *, causal: bool = True, dropout_p: float = 0.0, mask_B1ST=None, documents=None
@@ -214,13 +214,14 @@ def auto_kernel(op: str, device_type: str, dtype: torch.dtype) -> str:
     return auto_choice(op, device_type, dtype)
 
 
-def _kernel_ops():
+def fused_kernel_ops(user: str = "runtime.kernels='fused'"):
+    """`megalith.kernels.ops`, or a RuntimeError saying that `user` needs it and why it cannot be imported."""
     try:
         from megalith.kernels import ops
     except ImportError as exc:
         raise RuntimeError(
-            "runtime.kernels='fused' needs megalith.kernels.ops, which cannot be imported "
-            f"({exc}); install a megalith-kernels build with the fused ops or use kernels='torch'"
+            f"{user} needs megalith.kernels.ops, which cannot be imported ({exc}); install a megalith-kernels "
+            "build with the fused ops or use kernels='torch'"
         ) from exc
     return ops
 

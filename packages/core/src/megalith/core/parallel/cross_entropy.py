@@ -16,11 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megalith.core.models.ops import auto_kernel
+from megalith.core.models.ops import auto_kernel, fused_kernel_ops
 from megalith.core.parallel.mappings import group_size
 
+_FUSED_USER = "vocab_parallel_cross_entropy(kernels='fused')"
 
-def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+
+def _all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place (unlike mappings' autograd all-reduce); returns `x`."""
     if group_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
@@ -37,7 +40,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         cols = torch.arange(vocab_start, vocab_start + num_local, device=logits.device)
         valid = cols < vocab_size  # padding columns are outside the true vocabulary
         x = x.masked_fill(~valid, float("-inf"))
-        row_max = _all_reduce(x.amax(dim=-1), group, dist.ReduceOp.MAX)
+        row_max = _all_reduce_(x.amax(dim=-1), group, dist.ReduceOp.MAX)
         shifted = x - row_max.unsqueeze(-1)
         exp = shifted.exp()
 
@@ -49,7 +52,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = torch.stack(
             [exp.sum(-1), target, shifted.masked_fill(~valid, 0.0).sum(-1)], dim=0
         )  # [3, *tokens]: one all-reduce for all three
-        _all_reduce(stats, group)
+        _all_reduce_(stats, group)
         sum_exp, target, shifted_sum = stats
         log_z = sum_exp.log()
         loss = log_z - target
@@ -77,24 +80,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _kernel_ops():
-    try:
-        from megalith.kernels import ops
-    except ImportError as exc:
-        raise RuntimeError(
-            f"vocab_parallel_cross_entropy(kernels='fused') needs megalith.kernels.ops, which cannot be imported "
-            f"({exc}); install a megalith-kernels build or use kernels='torch'"
-        ) from exc
-    return ops
-
-
 class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
     """The same loss through megalith.kernels.ops: per-shard partials, one MAX and one SUM all-reduce; the
     backward recomputes softmax from the saved global log-sum-exp (one float32 per token)."""
 
     @staticmethod
     def forward(ctx, logits, labels, group, vocab_start, vocab_size, label_smoothing, ignore_index):
-        ops = _kernel_ops()
+        ops = fused_kernel_ops(_FUSED_USER)
         num_real = max(0, min(logits.shape[-1], vocab_size - vocab_start))  # columns past vocab_size are padding
         real = logits[..., :num_real]
         if num_real > 0:
@@ -102,9 +94,9 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         else:  # a shard of padding only
             local_max = torch.full(labels.shape, float("-inf"), device=logits.device)
             local_sumexp, target, logit_sum = (torch.zeros(labels.shape, device=logits.device) for _ in range(3))
-        row_max = _all_reduce(local_max.clone(), group, dist.ReduceOp.MAX)
+        row_max = _all_reduce_(local_max.clone(), group, dist.ReduceOp.MAX)
         scaled = local_sumexp * torch.exp(local_max - row_max)  # exp(-inf) = 0 for an empty shard
-        stats = _all_reduce(torch.stack([scaled, target, logit_sum], dim=0), group)
+        stats = _all_reduce_(torch.stack([scaled, target, logit_sum], dim=0), group)
         sum_exp, target, logit_sum = stats
         lse = row_max + sum_exp.log()
         loss = lse - target
@@ -122,7 +114,7 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         num_real, vocab_start, vocab_size, ignore_index, label_smoothing = ctx.args
         grad = torch.zeros_like(logits)  # padding columns get no gradient
         if num_real > 0:
-            grad[..., :num_real] = _kernel_ops().cross_entropy_grad(
+            grad[..., :num_real] = fused_kernel_ops(_FUSED_USER).cross_entropy_grad(
                 logits[..., :num_real], labels, lse, grad_loss.float().contiguous(), vocab_start, vocab_size,
                 ignore_index, label_smoothing,
             )  # fmt: skip
