@@ -119,7 +119,7 @@ def _run_child(section: Section, args: argparse.Namespace, limit: float, log) ->
         result = os.path.join(tmp, "result.json")
         cmd = [sys.executable, __file__, "--child", section.name, "--result", result, "--time-left", f"{limit:.0f}",
                "--repeats", str(args.repeats), "--steps", str(args.steps), "--model", args.model, "--device",
-               args.device, "--test-timeout", str(args.test_timeout)]  # fmt: skip
+               args.device, "--test-timeout", str(args.test_timeout), "--out", os.path.abspath(args.out)]  # fmt: skip
         if args.micro_batch:
             cmd += ["--micro-batch", str(args.micro_batch)]
         if args.dry_run:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -292,9 +293,26 @@ def section_kernels(rec: Record, opts) -> None:
                     _fmt(r["torch_ms"]), f"{r['fused_ms'] / r['torch_ms']:.2f}x", r["choice"]]
                    for r in rows])  # fmt: skip
     rec.data("kernels", by_dtype)
-    rec.data("kernels_conditions", kernels.conditions("cuda", shape, opts.repeats) | {"clock": "wall"})
-    rec.note("the auto column is what `python benchmarks/kernels.py --cuda --no-cpu --write-auto-table` records in "
-             "megalith/kernels/auto_table.json for runtime.kernels='auto'")  # fmt: skip
+    run_conditions = kernels.conditions("cuda", shape, opts.repeats) | {"clock": "wall"}
+    rec.data("kernels_conditions", run_conditions)
+    table = write_cuda_auto_table(Path(opts.out), by_dtype, run_conditions)
+    rec.note(
+        f"the auto column is merged into {table.name} beside this report (the packaged CPU rows plus these): "
+        "copy it over python/megalith/kernels/auto_table.json to make runtime.kernels='auto' use it"
+    )
+
+
+def write_cuda_auto_table(out: Path, by_dtype: dict, run_conditions: dict) -> Path:
+    """`out/auto_table.json`: the packaged kernel auto table with these CUDA rows merged in. Committing it over
+    python/megalith/kernels/auto_table.json makes runtime.kernels='auto' choose from these measurements on CUDA
+    (until then every CUDA op is "torch")."""
+    import kernels
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "auto_table.json"
+    shutil.copyfile(kernels.AUTO_TABLE, table)
+    kernels.write_auto_table(table, {"cuda": by_dtype}, {"cuda": run_conditions})
+    return table
 
 
 def section_attention(rec: Record, opts) -> None:

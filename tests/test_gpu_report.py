@@ -115,6 +115,27 @@ def test_build_refuses_missing_or_stale_carried_wheels(tmp_path, monkeypatch):
             gpu_sections.section_build(record, None)
 
 
+def test_the_kernels_section_writes_an_auto_table_with_the_gpu_rows_merged_in(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_sections
+
+    from megalith.kernels import auto_choice
+
+    rows = [{"op": "rms_norm", "fused_fwd_ms": 0.1, "fused_ms": 0.3, "torch_fwd_ms": 0.2, "torch_ms": 0.6,
+             "choice": "fused"},
+            {"op": "attention", "fused_fwd_ms": 2.0, "fused_ms": 6.0, "torch_fwd_ms": 1.0, "torch_ms": 3.0,
+             "choice": "torch"}]  # fmt: skip
+    conditions = {"device": "NVIDIA H200", "clock": "wall", "repeats": 10}
+    table = gpu_sections.write_cuda_auto_table(tmp_path / "out", {"bfloat16": rows}, conditions)
+    assert auto_choice("rms_norm", "cuda", torch.bfloat16, table=table) == "fused"
+    assert auto_choice("attention", "cuda", torch.bfloat16, table=table) == "torch"
+    # The packaged CPU rows are kept; the packaged file itself is untouched.
+    for op in ("rms_norm", "attention", "layer_norm"):
+        assert auto_choice(op, "cpu", torch.float32, table=table) == auto_choice(op, "cpu", torch.float32)
+    assert json.loads(table.read_text())["conditions"]["cuda"] == conditions
+    assert auto_choice("rms_norm", "cuda", torch.bfloat16) == "torch"
+
+
 @pytest.mark.slow
 def test_prepare_carry_builds_the_four_wheels_with_their_digest(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
