@@ -157,15 +157,23 @@ def test_moe_trains_with_fp8_experts_under_expert_parallelism(tmp_path):
         Trainer(make_config(tmp_path / "delayed", *MOE, "fp8.recipe=delayed"), stream=io.StringIO())
 
 
-def _cp_run(rank, world_size, tmp, cp):
-    losses, _ = train_losses(make_config(f"{tmp}/cp{cp}", *MOE, f"parallel.cp={cp}", "model.moe_capacity_factor=null"))
+def _losses_run(rank, world_size, tmp, name, *extra):
+    losses, _ = train_losses(make_config(f"{tmp}/{name}", *MOE, "model.moe_capacity_factor=null", *extra))
     return [loss for _, loss in losses]
 
 
 def test_moe_trains_under_context_parallelism_like_one_process(tmp_path):
     """megalith-train with a mixture-of-experts model at cp2 (each rank half of every sequence) repeats the cp1
     loss curve: the routers' load-balancing losses see the whole sequences' token counts."""
-    (cp1,) = run_distributed(_cp_run, 1, str(tmp_path), 1, timeout=600)
-    cp2 = run_distributed(_cp_run, 2, str(tmp_path), 2, timeout=600)
-    for losses in cp2:
+    (cp1,) = run_distributed(_losses_run, 1, str(tmp_path), "cp1", timeout=600)
+    for losses in run_distributed(_losses_run, 2, str(tmp_path), "cp2", "parallel.cp=2", timeout=600):
         assert losses == pytest.approx(cp1, rel=1e-5)
+
+
+def test_moe_trains_with_pipeline_and_expert_parallelism_like_one_process(tmp_path):
+    """megalith-train at pp2 x ep2 (interleaved stages, ZeRO-1) repeats the one-process loss curve."""
+    (alone,) = run_distributed(_losses_run, 1, str(tmp_path), "alone", timeout=600)
+    layout = ("parallel.pp=2", "parallel.ep=2", "parallel.virtual_stages=2", "ddp.use_distributed_optimizer=true")
+    results = run_distributed(_losses_run, 4, str(tmp_path), "pp2ep2", *layout, timeout=600)
+    for losses in results[2:]:  # the last pipeline stage's ranks hold the loss
+        assert losses == pytest.approx(alone, rel=1e-5)
