@@ -11,8 +11,10 @@ only, plus the carried wheels), tests (the cuda-marked tests, per file and per t
 ops forward and backward vs torch eager and SDPA at llama3-8b sizes), attention (vs SDPA flash/cuDNN/efficient),
 comm (the direct NCCL communicator, world size 1), fp8 (when benchmarks/fp8.py exists), training (llama3-1b at
 seq 4096, bf16, the largest micro-batch that fits: Megalith vs transformers' LlamaForCausalLM in one process) and
-training-compiled (the same with runtime.compile=true). A global budget (--budget) stops the run before the
-machine's limit: a section starts only with its minimum time left, and the report is rewritten after each one.
+training-compiled (the same with runtime.compile=true), moe (grouped GEMM vs a loop per expert, tiny-moe
+tokens/s) and context (llama3-1b at 32k tokens, whole sequence vs 8 packed documents). A global budget (--budget)
+stops the run before the machine's limit: a section starts only with its minimum time left, and the report is
+rewritten after each one; the last sections usually need a second call (`--sections moe context`).
 Exit code 0 when every section that ran passed, 1 otherwise.
 """
 
@@ -52,6 +54,8 @@ SECTIONS = [
     Section("fp8", 45, 15, gs.section_fp8),
     Section("training", 180, 60, gs.section_training),
     Section("training-compiled", 150, 60, gs.section_training_compiled),
+    Section("moe", 60, 30, gs.section_moe),
+    Section("context", 120, 60, gs.section_context),
 ]
 BY_NAME = {s.name: s for s in SECTIONS}
 RESERVE_S = 10  # kept for writing the report after the last section

@@ -8,8 +8,10 @@ Megalith first, and the dry run imports nothing heavy.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import io
 import json
 import os
 import platform
@@ -327,6 +329,30 @@ def section_attention(rec: Record, opts) -> None:
               "" if "error" in r else f"{r['ratio_fwd_bwd']:.2f}x"] for r in rows]  # fmt: skip
     rec.table("attention, bf16, causal, Hq 32 / Hkv 8, D 128 (ratio: fwd+bwd against sdpa flash)",
               ["B", "S", "impl", "fwd ms", "fwd TF/s", "fwd+bwd ms", "f+b TF/s", "ratio"], table)  # fmt: skip
+
+
+def section_moe(rec: Record, opts) -> None:
+    """Mixture of experts on one GPU (benchmarks/moe.py table 3): the grouped GEMM (torch._grouped_mm) against one
+    matmul per expert at Mixtral-like and fine-grained shapes, and tiny-moe training tokens/s."""
+    _need_gpu()
+    import moe
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        moe.table_gpu(opts.repeats)
+    rec.text("benchmarks/moe.py table 3 (bf16)", out.getvalue().strip())
+
+
+def section_context(rec: Record, opts) -> None:
+    """Long context on one GPU (benchmarks/context.py table 3): llama3-1b at 32k tokens, full recompute, causal
+    attention over the whole sequence against 8 packed documents (cu_seqlens)."""
+    _need_gpu()
+    import context
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        context.gpu_table(32768, 1)
+    rec.text("benchmarks/context.py table 3 (bf16)", out.getvalue().strip())
 
 
 # ---- communication and fp8 ----------------------------------------------------------------------------------

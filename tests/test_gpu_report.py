@@ -14,7 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_report.py"
-SECTIONS = ["environment", "build", "tests", "kernels", "attention", "comm", "fp8", "training", "training-compiled"]
+SECTIONS = ["environment", "build", "tests", "kernels", "attention", "comm", "fp8", "training", "training-compiled",
+            "moe", "context"]  # fmt: skip
 
 
 def _report(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict, str]:
