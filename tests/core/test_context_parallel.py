@@ -101,3 +101,23 @@ def test_sequence_not_divisible_by_two_cp_is_named():
         shard_sequence(torch.zeros(1, 12), 4, 0)
     with pytest.raises(ValueError, match=r"cp_comm must be one of ring, allgather, got 'p2p'"):
         ParallelConfig(cp=2, cp_comm="p2p")
+
+
+def _decode_refusal(rank, world):
+    from megalith.core.models import KVCache
+
+    parallel = ParallelConfig(cp=2)
+    (model,) = build_model_chunks(llama_config(max_seq_len=S), ParallelDims.from_config(parallel, world),
+                                  parallel=parallel)  # fmt: skip
+    model.eval()
+    try:
+        with torch.no_grad():
+            KVCache(model, 1, 8).run(model, torch.zeros(1, 4, dtype=torch.int64))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_context_parallel_model_refuses_to_decode_with_a_cache():
+    for message in run_distributed(_decode_refusal, 2, timeout=300):
+        assert message == "context-parallel attention does not decode with a KV cache; generate with cp=1"

@@ -80,6 +80,10 @@ def test_explicit_positions_and_errors():
     model.train()
     with pytest.raises(RuntimeError, match=r"call model\.eval\(\)"):
         KVCache(model, 1, 5).run(model, ids)
+    model.eval()
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with torch.no_grad(), pytest.raises(ValueError, match="position_ids and cu_seqlens are for training and scoring"):
+        model(ids, cu_seqlens=cu, cache=KVCache(model, 1, 6))
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
