@@ -113,16 +113,16 @@ def apply_fp8(model: nn.Module, config: Fp8Config | None, dims=None, *, device=N
             k_sharded=group is not None and isinstance(module, RowParallelLinear),
             n_sharded=group is not None and isinstance(module, ColumnParallelLinear),
         )  # fmt: skip
-        _swap_class(module, parallel)
+        _swap_class(module, Fp8Matmul if parallel else Fp8PlainLinear)
         module.fp8_casts = casts
     model.fp8_scaling = state
     return model
 
 
-def _swap_class(module: nn.Module, parallel: bool) -> None:
+def _swap_class(module: nn.Module, mixin: type) -> None:
+    """Makes `module` an instance of a subclass of its class with `mixin` first (one subclass per class)."""
     cls = type(module)
     if cls not in _CLASSES:
-        mixin = Fp8Matmul if parallel else Fp8PlainLinear
         _CLASSES[cls] = type(f"Fp8{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
     module.__class__ = _CLASSES[cls]
 
@@ -140,7 +140,4 @@ def _fp8_experts(moe: MoE, name: str, state: ChunkScaling, first: int) -> None:
         LinearCasts(f"{name}.fc1", state, first, group=group, k_sharded=False, n_sharded=group is not None),
         LinearCasts(f"{name}.fc2", state, first + 1, group=group, k_sharded=group is not None, n_sharded=False),
     )
-    cls = type(experts)
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Fp8{cls.__name__}", (Fp8GroupedExperts, cls), {"__module__": cls.__module__})
-    experts.__class__ = _CLASSES[cls]
+    _swap_class(experts, Fp8GroupedExperts)
