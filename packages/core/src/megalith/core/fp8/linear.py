@@ -132,10 +132,10 @@ def fp8_grouped_linear(x_NK: torch.Tensor, w_EMK: torch.Tensor, counts_E: torch.
     """Row group e of `x_NK` (`counts_E[e]` rows, in order) times `w_EMK[e]^T`, each group an fp8 linear: [N, M].
 
     The MoE experts' projections: every expert is its own fp8 matmul, so a tensorwise scale covers one expert's
-    weight and the rows routed to it here (and its output gradient), a rowwise one a row of either; both match
-    one process whatever the expert-parallel layout when the same rows reach the expert together (rowwise
-    always: its scales never span rows). An expert with no rows multiplies in the parameter dtype (nothing to
-    scale; its weight still gets its zero gradient).
+    weight, the rows routed to it here or their output gradient, a rowwise one a row of those (and, for the
+    weight gradient, a column over the rows). Scales thus span the tokens that meet in one matmul: results match
+    one process when the same tokens reach the expert together. An expert with no rows multiplies in the
+    parameter dtype (nothing to scale; its weight still gets its zero gradient).
     """
     casts.state.follow(x_NK.device)
     record = training and torch.is_grad_enabled()
