@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -77,6 +78,18 @@ def _run(cmd: list[str], *, timeout: float, env: dict | None = None) -> subproce
         lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}: {lines[-1][:300]}")
     return proc
+
+
+def sibling(name: str):
+    """benchmarks/<name>.py as a module, loaded by path: an installed package of the same name (transformers
+    brings one called `kernels`) may already be imported under the plain name."""
+    key = f"_megalith_benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -277,7 +290,7 @@ def section_kernels(rec: Record, opts) -> None:
     """The copy and matmul ceilings, then each fused op forward and backward against the torch computation it
     replaces (kernels="torch") at llama3-8b training sizes, with the choice runtime.kernels="auto" would record."""
     torch = _need_gpu()
-    import kernels
+    kernels = sibling("kernels")
 
     ceilings = {"copy_gbs": kernels.copy_bandwidth("cuda", opts.repeats) / 1e9,
                 "bf16_matmul_tflops": kernels.matmul_tflops("cuda", opts.repeats)}  # fmt: skip
@@ -308,7 +321,7 @@ def write_cuda_auto_table(out: Path, by_dtype: dict, run_conditions: dict) -> Pa
     """`out/auto_table.json`: the packaged kernel auto table with these CUDA rows merged in. Committing it over
     python/megalith/kernels/auto_table.json makes runtime.kernels='auto' choose from these measurements on CUDA
     (until then every CUDA op is "torch")."""
-    import kernels
+    kernels = sibling("kernels")
 
     out.mkdir(parents=True, exist_ok=True)
     table = out / "auto_table.json"
@@ -320,7 +333,7 @@ def write_cuda_auto_table(out: Path, by_dtype: dict, run_conditions: dict) -> Pa
 def section_attention(rec: Record, opts) -> None:
     """Megalith attention against SDPA flash, cuDNN and memory-efficient at llama3-8b shapes."""
     _need_gpu()
-    import attention
+    attention = sibling("attention")
 
     rows = attention.llama_shapes(opts.repeats)
     rec.data("attention", rows)
@@ -335,7 +348,7 @@ def section_moe(rec: Record, opts) -> None:
     """Mixture of experts on one GPU (benchmarks/moe.py table 3): the grouped GEMM (torch._grouped_mm) against one
     matmul per expert at Mixtral-like and fine-grained shapes, and tiny-moe training tokens/s."""
     _need_gpu()
-    import moe
+    moe = sibling("moe")
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -347,7 +360,7 @@ def section_context(rec: Record, opts) -> None:
     """Long context on one GPU (benchmarks/context.py table 3): llama3-1b at 32k tokens, full recompute, causal
     attention over the whole sequence against 8 packed documents (cu_seqlens)."""
     _need_gpu()
-    import context
+    context = sibling("context")
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -379,7 +392,7 @@ def section_fp8(rec: Record, opts) -> None:
 def _build_trainer(name: str, tmp: str, *, device: str, micro_batch: int, compile_blocks: bool):
     import dataclasses
 
-    import peer
+    peer = sibling("peer")
 
     from megalith.training.trainer import Trainer
 
@@ -437,7 +450,7 @@ def compare_training(name: str, *, device: str, steps: int, micro_batch: int | N
     """
     import gc
 
-    import peer
+    peer = sibling("peer")
     import torch
 
     from megalith.core import flops_per_token
